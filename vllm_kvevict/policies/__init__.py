@@ -1,0 +1,70 @@
+"""Eviction policies: one module per method, registered by name.
+
+``get_policy(name, options)`` builds a policy with validated options; unknown names or bad
+options raise ``ValueError`` naming the field and the valid choices.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pydantic import ValidationError
+
+from vllm_kvevict.policies.base import REGISTRY, EvictionPolicy
+
+# Modules that register policies on import. A module listed here that is not yet written is
+# skipped, so the registry always reflects what actually exists.
+_POLICY_MODULES = (
+    "attention",
+    "streamingllm",
+    "snapkv",
+    "h2o",
+    "laprox",
+    "hae",
+    "hybridkv",
+)
+
+for _module in _POLICY_MODULES:
+    try:
+        importlib.import_module(f"vllm_kvevict.policies.{_module}")
+    except ModuleNotFoundError as exc:  # pragma: no cover - only while a method is unwritten
+        if exc.name != f"vllm_kvevict.policies.{_module}":
+            raise
+
+NONE = "none"
+
+
+def available_policies() -> list[str]:
+    """Valid values of ``kv_eviction.policy`` (``none`` disables eviction)."""
+    return [NONE, *sorted(REGISTRY.classes)]
+
+
+def get_policy_class(name: str) -> type[EvictionPolicy]:
+    if name not in REGISTRY.classes:
+        raise ValueError(
+            f"kv_eviction.policy: unknown policy {name!r}; valid policies: {available_policies()}"
+        )
+    return REGISTRY.classes[name]
+
+
+def get_policy(name: str, options: dict[str, Any] | None = None) -> EvictionPolicy:
+    cls = get_policy_class(name)
+    try:
+        config = cls.Config(**(options or {}))
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, prefix=f"kv_eviction.options ({name})")) from None
+    return cls(config)
+
+
+def format_validation_error(exc: ValidationError, prefix: str) -> str:
+    """One line per bad field: ``prefix.field: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"{prefix}.{loc}" if loc else prefix
+        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+__all__ = ["available_policies", "get_policy", "get_policy_class", "format_validation_error"]

@@ -1,0 +1,189 @@
+"""The policy contract: statistics in, per-block scores out, then a keep/park/release split.
+
+A policy runs in two places. On the worker, ``block_scores`` turns the statistics measured
+during attention for one request into one score per *resident* block (kept or parked).
+On the scheduler, ``select`` turns those scores and the request's budget into a
+``Decision``. Both are pure functions of tensors (plus a small per-request ``state`` dict the
+engine owns and clears on preemption/finish), so every policy is testable without vLLM.
+
+Scores of one policy must be comparable across requests: pool-pressure mode ranks blocks of
+all running requests together. Convention: a block's score is a non-negative importance where
+the scores of one request sum to about 1 (a probability-like mass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+# Names of the statistics a policy may ask the worker for (``EvictionPolicy.needs``).
+WINDOW_ATTN = "window_attn"  # softmax attention of the last W prompt queries (prefill)
+DECODE_ATTN = "decode_attn"  # softmax attention of the newest query (decode)
+VALUE_PROJ_NORM = "value_proj_norm"  # ‖v_j W_O^h‖₂ per query head
+KEY_BOUNDS = "key_bounds"  # per-block min/max keys (Quest bounds)
+QUERY = "query"  # the newest query vector per layer/head
+STATISTICS = frozenset({WINDOW_ATTN, DECODE_ATTN, VALUE_PROJ_NORM, KEY_BOUNDS, QUERY})
+
+
+@dataclass
+class RequestStats:
+    """Statistics of one request over its resident tokens (kept + parked blocks).
+
+    Token axis ``T``: the tokens of the resident blocks in positional order; the last block may
+    be partial. ``block_index[b]`` is the positional index of resident block ``b`` (sorted), so
+    token ``t`` belongs to resident block ``t // block_size``.
+
+    Shapes: L layers, Hq query heads, Hkv KV heads, W window queries, D head dim,
+    nb resident blocks. Optional fields are ``None`` unless the policy listed them in ``needs``.
+    """
+
+    block_size: int
+    block_index: torch.Tensor  # [nb] int64, positional block indices of resident blocks
+    num_tokens: int  # T
+    num_kv_heads: int
+    parked: torch.Tensor  # [nb] bool, parked blocks (held in memory, excluded from attention)
+    phase: str = "decode"  # "prefill" (right after the last prompt chunk) or "decode"
+    window_attn: torch.Tensor | None = None  # [L, Hq, W, T] float32, rows sum to 1
+    decode_attn: torch.Tensor | None = None  # [L, Hq, T] float32, rows sum to 1
+    value_proj_norm: torch.Tensor | None = None  # [L, Hq, T] float32
+    key_min: torch.Tensor | None = None  # [L, Hkv, nb, D]
+    key_max: torch.Tensor | None = None  # [L, Hkv, nb, D]
+    query: torch.Tensor | None = None  # [L, Hq, D] newest query (pre-scaled by 1/sqrt(D))
+    visual: torch.Tensor | None = None  # [T] bool, multimodal placeholder tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.block_index.numel())
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Positional block indices, disjoint, covering every resident block."""
+
+    keep: torch.Tensor
+    park: torch.Tensor
+    release: torch.Tensor
+
+
+class PolicyConfig(BaseModel):
+    """Base of every policy's options (``kv_eviction.options``); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def tokens_to_blocks(values: torch.Tensor, block_size: int, num_blocks: int, reduce: str = "sum") -> torch.Tensor:
+    """Reduce a per-token tensor ``[..., T]`` to per-block ``[..., nb]`` (``sum`` or ``max``).
+
+    A block holds ``block_size`` tokens of every layer and head, so a paged engine can only
+    free whole blocks; this is where token scores become block scores.
+    """
+    *lead, t = values.shape
+    pad = num_blocks * block_size - t
+    if pad < 0:
+        raise ValueError(f"{t} tokens do not fit in {num_blocks} blocks of {block_size}")
+    fill = 0.0 if reduce == "sum" else float("-inf")
+    padded = torch.nn.functional.pad(values, (0, pad), value=fill)
+    blocks = padded.reshape(*lead, num_blocks, block_size)
+    if reduce == "sum":
+        return blocks.sum(-1)
+    if reduce == "max":
+        return blocks.amax(-1)
+    raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+
+
+def normalize_mass(scores: torch.Tensor) -> torch.Tensor:
+    """Scale non-negative scores to sum to 1 (uniform if all zero), for cross-request ranking."""
+    scores = scores.clamp_min(0).to(torch.float32)
+    total = scores.sum()
+    if total <= 0:
+        return torch.full_like(scores, 1.0 / max(scores.numel(), 1))
+    return scores / total
+
+
+def select_blocks(
+    scores: torch.Tensor,
+    *,
+    block_index: torch.Tensor,
+    keep_blocks: int,
+    protected: torch.Tensor,
+    bin_blocks: int = 0,
+) -> Decision:
+    """Keep the protected blocks plus the best-scored others up to ``keep_blocks`` in total.
+
+    Of the rest, the ``bin_blocks`` best-scored are parked (recycle bin: out of attention, still
+    in memory, restorable) and the others released. Currently parked blocks compete like any
+    other, so a parked block that scores into the top is restored. Ties keep the older block.
+    """
+    nb = scores.numel()
+    order_key = scores.to(torch.float64).clone()
+    order_key[protected] = float("inf")
+    # stable descending sort: equal scores keep positional order (older first)
+    ranked = torch.sort(order_key, descending=True, stable=True).indices
+    n_keep = max(int(keep_blocks), int(protected.sum()))
+    n_keep = min(n_keep, nb)
+    keep_sel = ranked[:n_keep]
+    rest = ranked[n_keep:]
+    park_sel = rest[: max(int(bin_blocks), 0)]
+    release_sel = rest[max(int(bin_blocks), 0):]
+    return Decision(
+        keep=torch.sort(block_index[keep_sel]).values,
+        park=torch.sort(block_index[park_sel]).values,
+        release=torch.sort(block_index[release_sel]).values,
+    )
+
+
+class EvictionPolicy:
+    """Base of every method: one subclass per method, registered by name.
+
+    Subclasses set ``name``, ``Config`` (a ``PolicyConfig``) and ``needs`` and implement
+    ``block_scores``. ``select`` defaults to :func:`select_blocks`; override it when a method
+    decides more than a top-K (e.g. HAE parks visual blocks first).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: observation window (prompt queries) wanted at prefill; 0 = no prefill scoring
+    window: ClassVar[int] = 0
+
+    def __init__(self, config: PolicyConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+        """One score per resident block ``[nb]``; ``state`` persists per request."""
+        raise NotImplementedError
+
+    def select(
+        self,
+        scores: torch.Tensor,
+        *,
+        block_index: torch.Tensor,
+        keep_blocks: int,
+        protected: torch.Tensor,
+        bin_blocks: int,
+        visual_blocks: torch.Tensor | None = None,
+    ) -> Decision:
+        return select_blocks(
+            scores, block_index=block_index, keep_blocks=keep_blocks,
+            protected=protected, bin_blocks=bin_blocks,
+        )
+
+
+@dataclass
+class _Registry:
+    classes: dict[str, type[EvictionPolicy]] = field(default_factory=dict)
+
+
+REGISTRY = _Registry()
+
+
+def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+    """Class decorator: make a policy available under ``cls.name``."""
+    unknown = set(cls.needs) - STATISTICS
+    if unknown:
+        raise ValueError(f"policy {cls.name!r} needs unknown statistics {sorted(unknown)}")
+    REGISTRY.classes[cls.name] = cls
+    return cls

@@ -62,8 +62,11 @@ def format_validation_error(exc: ValidationError, prefix: str) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        where = f"{prefix}.{loc}" if loc else prefix
-        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if loc:
+            lines.append(f"{prefix}.{loc}: {msg} (got {err.get('input')!r})")
+        else:
+            lines.append(f"{prefix}: {msg}")
     return "; ".join(lines)
 
 

@@ -1,0 +1,138 @@
+"""``kv_eviction`` configuration: the server default and per-request overrides.
+
+One pydantic model validates every entry point (``additional_config``, ``--kv-eviction*``
+flags, ``SamplingParams.extra_args`` / ``vllm_xargs``). Errors name the field and the valid
+values, e.g. ``kv_eviction.budget: must be > 0 and <= 1 (got 1.5)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vllm_kvevict.policies import available_policies, format_validation_error, get_policy
+
+CONFIG_KEY = "kv_eviction"
+#: budget used when a policy is set but neither ``budget`` nor ``budget_tokens`` is
+DEFAULT_BUDGET = 0.5
+
+
+class EvictionConfig(BaseModel):
+    """What to evict, how much to keep, and what is never evicted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field("none", description="scorer name, or 'none' to evict nothing")
+    budget: float | None = Field(
+        None, description="fraction of the sequence's KV kept, 0 < budget <= 1 (default 0.5)"
+    )
+    budget_tokens: int | None = Field(None, description="tokens of KV kept (instead of budget)")
+    sink_tokens: int = Field(4, ge=0, description="first tokens never evicted (whole blocks)")
+    recent_tokens: int = Field(64, ge=0, description="most recent tokens never evicted")
+    interval: int = Field(16, ge=1, description="decode steps between eviction checks")
+    recycle_bin_blocks: int = Field(
+        0, ge=0, description="per request: evicted blocks parked (restorable) before release"
+    )
+    recycle_bin_total_blocks: int = Field(
+        4096, ge=0, description="all requests together: parked blocks held at most"
+    )
+    pool_pressure: bool = Field(
+        False, description="evict globally least important blocks instead of preempting"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="policy-specific options")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in available_policies():
+            raise ValueError(f"unknown policy {value!r}; valid policies: {available_policies()}")
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_range(cls, value: float | None) -> float | None:
+        if value is not None and not (0.0 < value <= 1.0):
+            raise ValueError("must be > 0 and <= 1")
+        return value
+
+    @field_validator("budget_tokens")
+    @classmethod
+    def _budget_tokens_range(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _one_budget_and_valid_options(self) -> EvictionConfig:
+        if self.budget is not None and self.budget_tokens is not None:
+            raise ValueError("give either budget or budget_tokens, not both")
+        if self.policy != "none":
+            get_policy(self.policy, self.options)  # raises ValueError naming the option
+        elif self.options:
+            raise ValueError("options given but policy is 'none'")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+    def keep_tokens(self, seq_len: int) -> int:
+        """Tokens of KV a sequence of ``seq_len`` tokens may keep under this budget."""
+        if self.budget_tokens is not None:
+            return self.budget_tokens
+        fraction = DEFAULT_BUDGET if self.budget is None else self.budget
+        return math.ceil(fraction * seq_len)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> EvictionConfig:
+        """A per-request config: the server default with ``overrides`` applied and validated."""
+        if not isinstance(overrides, dict):
+            raise ValueError(
+                f"{CONFIG_KEY}: per-request options must be a JSON object, got {type(overrides).__name__}"
+            )
+        allowed = set(PER_REQUEST_FIELDS)
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise ValueError(
+                f"{CONFIG_KEY}.{unknown[0]}: not a per-request option; valid: {sorted(allowed)}"
+            )
+        merged = self.model_dump()
+        if "policy" in overrides and overrides["policy"] != self.policy:
+            merged["options"] = {}
+        if "budget" in overrides:
+            merged["budget_tokens"] = None
+        if "budget_tokens" in overrides:
+            merged["budget"] = None
+        merged.update(overrides)
+        return parse_config(merged)
+
+
+PER_REQUEST_FIELDS = ("policy", "budget", "budget_tokens", "sink_tokens", "recent_tokens", "options")
+
+
+def parse_config(raw: Any) -> EvictionConfig:
+    """Validate a ``kv_eviction`` value (dict, JSON string or None) into ``EvictionConfig``."""
+    if raw is None:
+        return EvictionConfig()
+    if isinstance(raw, EvictionConfig):
+        return raw
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{CONFIG_KEY}: not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{CONFIG_KEY}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        return EvictionConfig(**raw)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, prefix=CONFIG_KEY)) from None
+
+
+def config_from_additional(additional_config: Any) -> EvictionConfig | None:
+    """The engine's eviction config, or None when ``kv_eviction`` is absent (plugin inert)."""
+    if not isinstance(additional_config, dict) or CONFIG_KEY not in additional_config:
+        return None
+    return parse_config(additional_config[CONFIG_KEY])

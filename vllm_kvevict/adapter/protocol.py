@@ -1,0 +1,39 @@
+"""What travels between the scheduler and the workers each step (plain picklable data).
+
+Scheduler → worker: ``SchedulerOutput.kv_eviction`` (a ``StepPlan``).
+Worker → scheduler: ``ModelRunnerOutput.kv_eviction_scores`` (``{req_id: BlockScores}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PLAN_ATTR = "kv_eviction"
+SCORES_ATTR = "kv_eviction_scores"
+
+
+@dataclass
+class ScoreTask:
+    """Score one request's resident blocks during this step's forward pass."""
+
+    policy: str
+    options: dict
+    phase: str  # "prefill" (this step finishes the prompt) or "decode"
+    generation: int  # bumps on preemption: late scores of an old generation are dropped
+    kept_positions: list[int]  # positional index of each block of the compacted row
+    parked: list[tuple[int, int]]  # (position, block id) of parked blocks
+    visual_spans: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
+
+
+@dataclass
+class StepPlan:
+    rows: dict[str, list[int]] = field(default_factory=dict)  # compacted rows that changed
+    offsets: dict[str, int] = field(default_factory=dict)  # E tokens per request (absent = 0)
+    score: dict[str, ScoreTask] = field(default_factory=dict)
+
+
+@dataclass
+class BlockScores:
+    generation: int
+    positions: list[int]
+    scores: list[float]

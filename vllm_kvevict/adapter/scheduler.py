@@ -1,0 +1,291 @@
+"""``EvictingScheduler``: vLLM's scheduler plus mid-sequence block eviction.
+
+Each step: (1) apply decisions from the scores the workers sent last step — release, park
+or restore blocks through the ``BlockLedger``; (2) let vLLM schedule as usual (with
+pool-pressure eviction instead of preemption when enabled); (3) attach a ``StepPlan`` to the
+``SchedulerOutput``: new compacted rows, per-request offsets E, and which requests the
+workers must score during this step's forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_kvevict.adapter.ledger import BlockLedger
+from vllm_kvevict.adapter.protocol import PLAN_ATTR, SCORES_ATTR, ScoreTask, StepPlan
+from vllm_kvevict.adapter.vllm_internals import check_kv_cache_config
+from vllm_kvevict.config import CONFIG_KEY, EvictionConfig, config_from_additional
+from vllm_kvevict.policies import get_policy
+
+logger = logging.getLogger("vllm_kvevict")
+
+
+@dataclass
+class RequestEviction:
+    config: EvictionConfig
+    policy: Any  # EvictionPolicy | None
+    generation: int = 0
+    scores: dict[int, float] = field(default_factory=dict)  # position -> latest score
+    fresh: bool = False  # scores arrived since the last decision
+    decode_steps: int = 0  # decode steps since the last scoring
+    evicted_tokens: int = 0  # released, cumulative (for reporting)
+
+
+@dataclass
+class EvictionCounters:
+    """Cumulative counts (exported as metrics)."""
+
+    released: int = 0
+    parked: int = 0
+    restored: int = 0
+    pool_pressure_released: int = 0
+    decisions: int = 0
+    decision_seconds: float = 0.0
+    preemptions_avoided: int = 0
+
+
+def request_config(default: EvictionConfig, request) -> EvictionConfig:
+    """The request's config: the server default with its ``extra_args.kv_eviction`` applied."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    if CONFIG_KEY not in extra:
+        return default
+    return default.with_overrides(extra[CONFIG_KEY])
+
+
+class EvictingScheduler(Scheduler):
+    def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
+        check_kv_cache_config(kv_cache_config)
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
+        self.kv_default = config_from_additional(vllm_config.additional_config) or EvictionConfig()
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        self.ledger = BlockLedger(manager, bin_capacity=self.kv_default.recycle_bin_total_blocks)
+        self.kv_block_size = manager.block_size
+        self.kv_requests: dict[str, RequestEviction] = {}
+        self.kv_counters = EvictionCounters()
+        self._install_guards()
+
+    # -- vLLM instance hooks -------------------------------------------------------------------
+    def _install_guards(self) -> None:
+        coordinator = self.kv_cache_manager.coordinator
+        original_cache_blocks = coordinator.cache_blocks
+        ledger = self.ledger
+
+        def cache_blocks(request, num_computed_tokens):
+            # Hazard 1 (prefix-cache poisoning): never publish blocks computed after an eviction.
+            num = ledger.cacheable_tokens(request.request_id, num_computed_tokens)
+            return original_cache_blocks(request, num)
+
+        coordinator.cache_blocks = cache_blocks
+
+        original_allocate = self.kv_cache_manager.allocate_slots
+
+        def allocate_slots(request, num_new_tokens, *args, **kwargs):
+            blocks = original_allocate(request, num_new_tokens, *args, **kwargs)
+            if blocks is not None or not self.kv_default.pool_pressure:
+                return blocks
+            need = math.ceil(max(num_new_tokens, 1) / self.kv_block_size) + 1
+            while blocks is None and self._free_under_pressure(need, exclude=request.request_id):
+                blocks = original_allocate(request, num_new_tokens, *args, **kwargs)
+            if blocks is not None:
+                self.kv_counters.preemptions_avoided += 1
+            return blocks
+
+        self.kv_cache_manager.allocate_slots = allocate_slots
+
+    # -- request lifecycle ---------------------------------------------------------------------
+    def add_request(self, request) -> None:
+        try:
+            config = request_config(self.kv_default, request)
+        except ValueError as exc:
+            # The front end validates per-request options; this is a last line of defence.
+            logger.warning("request %s: %s; using the server default", request.request_id, exc)
+            config = self.kv_default
+        if config.enabled:
+            self.kv_requests[request.request_id] = RequestEviction(
+                config=config, policy=get_policy(config.policy, config.options)
+            )
+        super().add_request(request)
+
+    def _free_request_blocks(self, request) -> None:
+        # Finish, abort and preemption all pass here. vLLM frees every non-null block in the
+        # list (parked ones included); a preempted request restarts with full attention.
+        super()._free_request_blocks(request)
+        self.ledger.forget(request.request_id)
+        state = self.kv_requests.get(request.request_id)
+        if state is None:
+            return
+        if request.is_finished():
+            del self.kv_requests[request.request_id]
+        else:
+            state.generation += 1
+            state.scores.clear()
+            state.fresh = False
+            state.decode_steps = 0
+
+    # -- the step ------------------------------------------------------------------------------
+    def schedule(self, *args, **kwargs):
+        if self.kv_requests:
+            self._apply_decisions()
+        output = super().schedule(*args, **kwargs)
+        setattr(output, PLAN_ATTR, self._step_plan(output) if self.kv_requests else None)
+        return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        scores = getattr(model_runner_output, SCORES_ATTR, None)
+        if scores:
+            for req_id, block_scores in scores.items():
+                state = self.kv_requests.get(req_id)
+                if state is None or state.generation != block_scores.generation:
+                    continue  # finished or preempted since: the scores describe old blocks
+                state.scores = dict(zip(block_scores.positions, block_scores.scores))
+                state.fresh = True
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    # -- decisions -----------------------------------------------------------------------------
+    def _committed_tokens(self, request) -> int:
+        return request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
+
+    def _protected(self, config: EvictionConfig, positions: list[int], committed: int,
+                   scores: dict[int, float]) -> torch.Tensor:
+        bs = self.kv_block_size
+        sink_blocks = math.ceil(config.sink_tokens / bs)
+        recent_start = max(committed - config.recent_tokens, 0) // bs
+        full_blocks = committed // bs
+        return torch.tensor(
+            [p < sink_blocks or p >= recent_start or p >= full_blocks or p not in scores
+             for p in positions],
+            dtype=torch.bool,
+        )
+
+    def _apply_decisions(self) -> None:
+        for request in self.running:
+            state = self.kv_requests.get(request.request_id)
+            if state is None or not state.fresh:
+                continue
+            state.fresh = False
+            started = time.perf_counter()
+            self._decide(request, state)
+            self.kv_counters.decisions += 1
+            self.kv_counters.decision_seconds += time.perf_counter() - started
+
+    def _decide(self, request, state: RequestEviction) -> None:
+        req_id, bs = request.request_id, self.kv_block_size
+        committed = self._committed_tokens(request)
+        positions = self.ledger.resident_positions(req_id)
+        if not positions:
+            return
+        config = state.config
+        keep_blocks = math.ceil(config.keep_tokens(committed) / bs)
+        parked = self.ledger.excluded_positions(req_id) - set(
+            self.ledger.requests.get(req_id).released if req_id in self.ledger.requests else ()
+        )
+        if len(positions) - len(parked) <= keep_blocks and not parked:
+            return
+        protected = self._protected(config, positions, committed, state.scores)
+        scores = torch.tensor([state.scores.get(p, 0.0) for p in positions], dtype=torch.float32)
+        room = self.ledger.bin_capacity - self.ledger.num_parked_total() + len(parked)
+        decision = state.policy.select(
+            scores,
+            block_index=torch.tensor(positions, dtype=torch.int64),
+            keep_blocks=keep_blocks,
+            protected=protected,
+            bin_blocks=max(0, min(config.recycle_bin_blocks, room)),
+        )
+        restore = parked & set(decision.keep.tolist())
+        self.kv_counters.restored += self.ledger.restore(req_id, restore)
+        released = self.ledger.release(req_id, decision.release.tolist(), committed)
+        self.kv_counters.released += released
+        state.evicted_tokens += released * bs
+        self.kv_counters.parked += self.ledger.park(
+            req_id, [p for p in decision.park.tolist() if p not in parked], committed
+        )
+
+    def _free_under_pressure(self, need: int, exclude: str) -> bool:
+        """Pool-pressure mode: release parked blocks first, then the globally least important
+        evictable blocks of running requests. Returns False if nothing could be freed."""
+        candidates = []  # (is_kept, score, req_id, position)
+        for request in self.running:
+            req_id = request.request_id
+            state = self.kv_requests.get(req_id)
+            if state is None:
+                continue
+            committed = self._committed_tokens(request)
+            positions = self.ledger.resident_positions(req_id)
+            protected = self._protected(state.config, positions, committed, state.scores)
+            parked = self.ledger.requests[req_id].parked if req_id in self.ledger.requests else set()
+            for pos, prot in zip(positions, protected.tolist()):
+                if not prot:
+                    candidates.append((pos not in parked, state.scores[pos], req_id, pos, committed))
+        if not candidates:
+            return False
+        candidates.sort()
+        freed = 0
+        for _, _, req_id, pos, committed in candidates[:need]:
+            freed += self.ledger.release(req_id, [pos], committed)
+            self.kv_requests[req_id].evicted_tokens += self.kv_block_size
+        self.kv_counters.pool_pressure_released += freed
+        self.kv_counters.released += freed
+        return freed > 0
+
+    # -- the plan for the workers --------------------------------------------------------------
+    def _step_plan(self, output) -> StepPlan:
+        plan = StepPlan()
+        for req_id, num_tokens in output.num_scheduled_tokens.items():
+            state = self.kv_requests.get(req_id)
+            if state is None:
+                continue
+            request = self.requests[req_id]
+            offset = self.ledger.offset_tokens(req_id)
+            if offset:
+                plan.offsets[req_id] = offset
+            if self.ledger.take_changed(req_id):
+                plan.rows[req_id] = self.ledger.compacted_row(req_id)[0]
+            task = self._score_task(request, state, num_tokens)
+            if task is not None:
+                plan.score[req_id] = task
+        return plan
+
+    def _score_task(self, request, state: RequestEviction, num_tokens: int) -> ScoreTask | None:
+        """Score right after prefill, then every ``interval`` decode steps while over budget
+        (or while blocks sit in the recycle bin, which may need restoring)."""
+        done = request.num_computed_tokens  # already advanced by this step's tokens
+        before = done - num_tokens
+        prompt = request.num_prompt_tokens
+        if before < prompt <= done:
+            phase = "prefill"
+        elif before >= prompt:
+            state.decode_steps += 1
+            if state.decode_steps < state.config.interval:
+                return None
+            phase = "decode"
+        else:
+            return None  # a middle prefill chunk
+        req_id = request.request_id
+        rb = self.ledger.requests.get(req_id)
+        kept = len(self.ledger.resident_positions(req_id)) - (len(rb.parked) if rb else 0)
+        over = kept * self.kv_block_size > state.config.keep_tokens(done)
+        if not over and not (rb and rb.parked):
+            return None
+        state.decode_steps = 0
+        _, kept_positions = self.ledger.compacted_row(req_id)
+        spans = [
+            (f.mm_position.offset, f.mm_position.length)
+            for f in (getattr(request, "mm_features", None) or [])
+        ]
+        return ScoreTask(
+            policy=state.config.policy,
+            options=dict(state.config.options),
+            phase=phase,
+            generation=state.generation,
+            kept_positions=kept_positions,
+            parked=self.ledger.parked_blocks(req_id),
+            visual_spans=spans,
+        )

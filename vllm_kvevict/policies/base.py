@@ -141,6 +141,9 @@ class EvictionPolicy:
     Subclasses set ``name``, ``Config`` (a ``PolicyConfig``) and ``needs`` and implement
     ``block_scores``. ``select`` defaults to :func:`select_blocks`; override it when a method
     decides more than a top-K (e.g. HAE parks visual blocks first).
+
+    Options may change the observation window: ``window`` (like ``needs``) is then set per
+    instance in ``__init__``, so read both from the instance; the class values are defaults.
     """
 
     name: ClassVar[str]
@@ -148,6 +151,14 @@ class EvictionPolicy:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: observation window (prompt queries) wanted at prefill; 0 = no prefill scoring
     window: ClassVar[int] = 0
+    #: the method is defined per decode step (H2O accumulates every query's attention,
+    #: HybridKV retrieves chunks per step): call ``block_scores`` at every decode step, not
+    #: only when eviction is due. Works, less faithfully, when called less often.
+    score_every_step: ClassVar[bool] = False
+    #: the method evicts by threshold, not only by budget (HAE's prefill pruning): run
+    #: ``select`` right after prefill even when the request is within budget. Its Decision may
+    #: then keep fewer blocks than ``keep_blocks``.
+    select_after_prefill: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig | None = None):
         self.config = config if config is not None else self.Config()

@@ -1,0 +1,76 @@
+"""``h2o``: keep the heavy hitters — tokens that have received the most attention (arXiv 2306.14048).
+
+Why: attention is sparse and a small set of tokens collects most of it throughout generation;
+the attention a token has accumulated so far predicts the attention it will get. Score of a
+block = attention its tokens received, summed over every scored query so far, per (layer, KV
+head), then merged over layers/heads. The accumulation lives in ``state`` under positional block
+indices, so it survives blocks being released around it.
+
+Readings we had to choose:
+
+* initial accumulation: H2O sums the attention of *all* prompt queries; an engine only
+  recomputes the observation window, so the last ``window`` prompt queries stand in for them.
+* steps: H2O adds every decode query. The policy asks to be scored every decode step
+  (``score_every_step``); if the engine scores less often, only the scored steps accumulate.
+* GQA: mean over the group; one block serves all heads, so per-head heavy-hitter sets become
+  ``head_reduce`` (``mean`` share of accumulated mass, or ``max`` over heads).
+* no decay: H2O's plain sum (older tokens have been seen by more queries; the engine's recent
+  protection is what keeps young tokens alive, as H2O's recent window does).
+* parked blocks accumulate whatever the engine reports for them (0 if it excludes them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from vllm_kvevict.policies.base import (
+    DECODE_ATTN,
+    WINDOW_ATTN,
+    EvictionPolicy,
+    PolicyConfig,
+    RequestStats,
+    normalize_mass,
+    register_policy,
+    tokens_to_blocks,
+)
+from vllm_kvevict.policies.common import head_mix, load_blocks, recency, save_blocks
+from vllm_kvevict.stats import group_heads
+
+
+@register_policy
+class H2OPolicy(EvictionPolicy):
+    name = "h2o"
+    needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
+    window = 32
+    score_every_step = True
+
+    class Config(PolicyConfig):
+        window: int = Field(
+            32, ge=1, description="prompt queries whose attention seeds the accumulation"
+        )
+        head_reduce: Literal["mean", "max"] = Field(
+            "mean", description="merge of per-(layer, KV head) accumulated block scores"
+        )
+
+    def __init__(self, config: PolicyConfig | None = None):
+        super().__init__(config)
+        self.window = self.config.window
+
+    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+        received = None  # [L, Hq, T] attention received this step
+        if stats.phase == "prefill" and stats.window_attn is not None:
+            received = stats.window_attn.sum(2)
+        elif stats.decode_attn is not None:
+            received = stats.decode_attn
+        acc = load_blocks(state, "h2o", stats.block_index)
+        if received is not None:
+            per_kv = group_heads(received.float(), stats.num_kv_heads, "mean", dim=1)
+            step = tokens_to_blocks(per_kv, stats.block_size, stats.num_blocks)
+            acc = step if acc is None or acc.shape != step.shape else acc.nan_to_num(0.0) + step
+            save_blocks(state, "h2o", stats.block_index, acc)
+        if acc is None:
+            return normalize_mass(recency(stats.block_index))
+        return normalize_mass(head_mix(acc.nan_to_num(0.0), self.config.head_reduce))

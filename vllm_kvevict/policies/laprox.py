@@ -1,0 +1,117 @@
+"""``laprox``: output-aware, layer-wise, model-wide ranking (LaProx, arXiv 2605.07234).
+
+Why: attention weight alone ignores how much a token can change the output. A layer's output
+is a sum of rank-1 terms, one per (head h, token j): ``A_h[:, j] ⊗ (v_j W_O^h)``. Dropping
+token j drops its terms, so the norm of the term bounds the damage; column-row sampling gives
+``s(l, h, j) = ‖A_W[:, j]‖₂ · ‖v_j W_O^h‖₂`` with ``A_W`` the observation-window attention.
+Normalising each layer's scores to sum 1 makes them comparable across layers, so one
+model-wide ranking replaces per-layer/per-head budgets.
+
+Readings we had to choose (the method section was not available; see algorithms.md):
+
+* window 32 queries, average pooling kernel 7 [S]. Pooling smooths the attention factor
+  ``‖A_W[:, j]‖₂`` along tokens (SnapKV's reason: attended phrases, not single tokens); the
+  value factor is exact per token and is not pooled.
+* GQA: ``group_reduce`` over the query heads sharing a KV head. ``sum`` (default) is the
+  triangle-inequality bound on the removed group's term; ``mean`` ranks identically after
+  the per-layer normalisation (equal group sizes); ``max`` is the single most affected head.
+* blocks: a paged block holds its tokens for every layer and KV head, so the model-wide
+  ranking over (layer, KV head, token) must become one score per block. ``block_reduce``:
+  ``max`` (default) = the block's best entry; keeping the top-K blocks by it is exactly
+  walking the global ranking and keeping each block at its first hit until K blocks are held,
+  i.e. the paper's global top-K lifted to blocks. ``sum`` = the block's total normalised
+  contribution over all layers (favours blocks that matter a little everywhere).
+* the observation window is always kept (``protect_window``) [S].
+* decode: the paper scores once after prefill; the ranking is stored in ``state`` and reused
+  (``unscored`` fills blocks generated later). ``decode_refresh`` > 0 blends in the same score
+  with the newest query in place of the window (``‖A[:, j]‖₂`` of one query is its weight).
+  If the prefill was never scored, the decode-time score is used alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from vllm_kvevict.policies.base import (
+    DECODE_ATTN,
+    VALUE_PROJ_NORM,
+    WINDOW_ATTN,
+    EvictionPolicy,
+    PolicyConfig,
+    RequestStats,
+    register_policy,
+    tokens_to_blocks,
+)
+from vllm_kvevict.policies.common import PoolKernel, carry_scores, window_blocks
+from vllm_kvevict.stats import group_heads, pool_tokens
+
+
+def laprox_token_scores(
+    attn_norm: torch.Tensor,
+    value_norm: torch.Tensor,
+    num_kv_heads: int,
+    pool_kernel: int,
+    group_reduce: str,
+) -> torch.Tensor:
+    """``[L, Hq, T]`` attention column norms x projected-value norms -> ``[L, Hkv, T]``,
+    each layer normalised to sum 1 (zero layers stay zero)."""
+    s = pool_tokens(attn_norm, pool_kernel) * value_norm.float()
+    s = group_heads(s, num_kv_heads, group_reduce, dim=1)
+    return s / s.sum(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+@register_policy
+class LaProxPolicy(EvictionPolicy):
+    name = "laprox"
+    needs = frozenset({WINDOW_ATTN, VALUE_PROJ_NORM, DECODE_ATTN})
+    window = 32
+
+    class Config(PolicyConfig):
+        window: int = Field(32, ge=1, description="observation window: last prompt queries")
+        pool_kernel: PoolKernel = Field(7, description="average pooling of ‖A[:, j]‖ (odd)")
+        group_reduce: Literal["sum", "mean", "max"] = Field(
+            "sum", description="merge of the query heads of one KV group"
+        )
+        block_reduce: Literal["max", "sum"] = Field(
+            "max", description="reduction over (layer, KV head, tokens of the block)"
+        )
+        protect_window: bool = Field(True, description="observation-window blocks score highest")
+        decode_refresh: float = Field(
+            0.0, ge=0.0, le=1.0,
+            description="weight of the decode-time score blended in at each decode scoring; "
+            "0 = the paper (prefill only)",
+        )
+        unscored: Literal["max", "mean"] = Field(
+            "max", description="score of blocks generated after the prefill scoring (refresh 0)"
+        )
+
+    def __init__(self, config: PolicyConfig | None = None):
+        super().__init__(config)
+        self.window = self.config.window
+
+    def _block_scores(self, attn_norm: torch.Tensor, stats: RequestStats) -> torch.Tensor:
+        c = self.config
+        vnorm = stats.value_proj_norm
+        if vnorm is None:  # engine could not provide it: attention factor alone
+            vnorm = torch.ones_like(attn_norm)
+        s = laprox_token_scores(attn_norm, vnorm, stats.num_kv_heads, c.pool_kernel, c.group_reduce)
+        blocks = tokens_to_blocks(s, stats.block_size, stats.num_blocks, c.block_reduce)
+        return blocks.amax(dim=(0, 1)) if c.block_reduce == "max" else blocks.sum(dim=(0, 1))
+
+    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+        prefill = decode = None
+        if stats.phase == "prefill" and stats.window_attn is not None:
+            prefill = self._block_scores(stats.window_attn.float().norm(dim=2), stats)
+            if self.config.protect_window:
+                w = stats.window_attn.shape[2]
+                win = window_blocks(stats.num_tokens, w, stats.block_size, stats.num_blocks)
+                prefill = torch.where(win, prefill.max(), prefill)
+        elif stats.decode_attn is not None:
+            decode = self._block_scores(stats.decode_attn.float(), stats)
+        return carry_scores(
+            state, "laprox", stats.block_index, prefill=prefill, decode=decode,
+            refresh=self.config.decode_refresh, unscored=self.config.unscored,
+        )

@@ -11,9 +11,9 @@ usual online softmax and is stored unnormalised with its split's max and denomin
 Optionally the raw logits are stored too (for per-token probabilities).
 
 Phase 2, grid ``(request, KV head)``: merges the splits into the output and the final row max
-``m`` and denominator ``l``, then rescales each block's partials:
-``mass = l_b · e^(m_b - m) / l`` and ``sq = q_b · e^(2(m_b - m)) / l²``, which are exactly the
-block's Σp and Σp² (p = the final softmax). Logits become probabilities ``e^(s - m) / l``.
+``m`` and denominator ``den``, then rescales each block's partials:
+``mass = l_b · e^(m_b - m) / den`` and ``sq = q_b · e^(2(m_b - m)) / den²``, which are exactly the
+block's Σp and Σp² (p = the final softmax). Logits become probabilities ``e^(s - m) / den``.
 
 With ``stats=False`` the same kernels compute plain paged attention (the benchmark baseline).
 """
@@ -63,7 +63,7 @@ def _decode_phase1(
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
+    den = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for b in range(b_start, b_end):
         blk = tl.load(bt_ptr + r * s_btr + b).to(tl.int64)
@@ -91,13 +91,13 @@ def _decode_phase1(
         alpha = tl.exp(m - m_new)
         beta = tl.exp(m_b - m_new)
         acc = acc * alpha[:, None] + tl.dot(p * beta[:, None], v, input_precision="ieee")
-        l = l * alpha + l_b * beta
+        den = den * alpha + l_b * beta
         m = m_new
 
     row = (r * HQ + heads) * num_splits + split
     tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
     tl.store(ms_ptr + row, m, mask=g_ok)
-    tl.store(ls_ptr + row, l, mask=g_ok)
+    tl.store(ls_ptr + row, den, mask=g_ok)
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _decode_phase2(
 
     # merge the splits (online softmax over split maxima)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
+    den = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for sp in range(0, n_splits):
         row = (r * HQ + heads) * num_splits + sp
@@ -134,10 +134,10 @@ def _decode_phase2(
         alpha = tl.exp(m - m_new)
         beta = tl.exp(m_s - m_new)
         acc = acc * alpha[:, None] + a_s * beta[:, None]
-        l = l * alpha + l_s * beta
+        den = den * alpha + l_s * beta
         m = m_new
-    has = l > 0  # false only for empty requests (seq_len 0)
-    inv_l = tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)
+    has = den > 0  # false only for empty requests (seq_len 0)
+    inv_l = tl.where(has, 1.0 / tl.where(has, den, 1.0), 0.0)
     m_safe = tl.where(has, m, 0.0)
     out = acc * inv_l[:, None]
     tl.store(out_ptr + r * s_or + heads[:, None] * s_oh + offs_d[None, :] * s_od,

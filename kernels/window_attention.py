@@ -1,0 +1,114 @@
+"""Observation-window attention at prefill: softmax(q_window · Kᵀ) against the paged keys.
+
+FlashAttention-style prefill never materialises probabilities, so SnapKV/LaProx/HAE scores
+recompute them for the last W prompt queries. Grid ``(request, query head)``; all W window
+queries are one tile, and only one ``[W, block_size]`` logit tile exists at a time:
+
+pass 1 walks the request's blocks computing the row max ``m`` and denominator ``den``
+(online softmax); pass 2 walks them again, writes ``p = e^(s - m) / den`` and adds the
+tile's sum into that block's total. Window query i sits at position ``seq_len - W + i``
+(causal); rows before the prompt start are all zero.
+
+The GQA group re-reads its keys once per query head (G times): fine for a one-off prefill
+statistic and it keeps the tile ``[W, block_size]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged import WindowStats
+
+
+@triton.jit
+def _window_kernel(
+    q_ptr, k_ptr, bt_ptr, sl_ptr, probs_ptr, bsum_ptr,
+    scale, max_blocks,
+    s_qr, s_qh, s_qw, s_qd,
+    s_kb, s_kt, s_kh, s_kd,
+    s_btr,
+    W: tl.constexpr, G: tl.constexpr, HQ: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, PROBS: tl.constexpr,
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // G
+    seq_len = tl.load(sl_ptr + r)
+    n_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_t = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    pos = seq_len - W + offs_w  # absolute position of each window query
+    w_ok = (offs_w < W) & (pos >= 0)
+    q = tl.load(q_ptr + r * s_qr + h * s_qh + offs_w[:, None] * s_qw + offs_d[None, :] * s_qd,
+                mask=w_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
+
+    # pass 1: row max and denominator
+    m = tl.full([BLOCK_W], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_W], tl.float32)
+    for b in range(0, n_blocks):
+        blk = tl.load(bt_ptr + r * s_btr + b).to(tl.int64)
+        tok = b * BLOCK_SIZE + offs_t
+        k = tl.load(k_ptr + blk * s_kb + offs_t[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd,
+                    mask=(tok < seq_len)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        visible = w_ok[:, None] & (tok[None, :] <= pos[:, None])  # causal (implies tok < seq_len)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        den = den * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m = m_new
+
+    # pass 2: normalised probabilities and per-block sums
+    has = den > 0
+    m_safe = tl.where(has, m, 0.0)
+    inv = tl.where(has, 1.0 / tl.where(has, den, 1.0), 0.0)
+    for b in range(0, n_blocks):
+        blk = tl.load(bt_ptr + r * s_btr + b).to(tl.int64)
+        tok = b * BLOCK_SIZE + offs_t
+        k = tl.load(k_ptr + blk * s_kb + offs_t[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd,
+                    mask=(tok < seq_len)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        visible = w_ok[:, None] & (tok[None, :] <= pos[:, None])
+        p = tl.where(visible, tl.exp(s - m_safe[:, None]) * inv[:, None], 0.0)
+        if PROBS:
+            row = (r * HQ + h) * W + offs_w
+            tl.store(probs_ptr + row[:, None] * (max_blocks * BLOCK_SIZE) + tok[None, :], p,
+                     mask=(offs_w < W)[:, None] & (tok < seq_len)[None, :])
+        tl.store(bsum_ptr + (r * max_blocks + b) * HQ + h, tl.sum(tl.sum(p, 1), 0))
+
+
+def paged_window_attention(
+    q_window: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    probs: bool = True,
+) -> WindowStats:
+    """Window attention for ``q_window [R, Hq, W, D]`` over paged ``[num_blocks, bs, Hkv, D]`` keys.
+
+    ``probs=False`` skips the ``[R, Hq, W, max_T]`` probability tensor and returns only the
+    per-block sums.
+    """
+    r_n, hq, w, d = q_window.shape
+    _, bs, hkv, _ = key_cache.shape
+    max_blocks = block_table.shape[1]
+    scale = d**-0.5 if scale is None else float(scale)
+    dev = q_window.device
+    # zeros: entries past a request's length are never written
+    prob_buf = torch.zeros(r_n, hq, w, max_blocks * bs if probs else 0, device=dev, dtype=torch.float32)
+    bsum = torch.zeros(r_n, max_blocks, hq, device=dev, dtype=torch.float32)
+    _window_kernel[(r_n, hq)](
+        q_window, key_cache, block_table, seq_lens, prob_buf, bsum,
+        scale, max_blocks,
+        *q_window.stride(), *key_cache.stride(), block_table.stride(0),
+        W=w, G=hq // hkv, HQ=hq, BLOCK_SIZE=bs, HEAD_DIM=d,
+        BLOCK_W=max(16, triton.next_power_of_2(w)), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        PROBS=probs,
+    )
+    return WindowStats(prob_buf if probs else None, bsum)

@@ -1,0 +1,163 @@
+"""Shared builder of realistic ``RequestStats`` (from raw q/k/v via the reference statistics)
+plus tests of the helpers in ``vllm_kvevict.policies.common``."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvevict import stats as S
+from vllm_kvevict.policies.base import STATISTICS, RequestStats, select_blocks
+from vllm_kvevict.policies.common import (
+    carry_scores,
+    fill_unscored,
+    head_mix,
+    load_blocks,
+    save_blocks,
+    select_tiered,
+    window_blocks,
+)
+
+
+def make_stats(
+    *,
+    layers: int = 2,
+    hq: int = 6,
+    hkv: int = 2,
+    d: int = 4,
+    tokens: int = 21,
+    block_size: int = 4,
+    window: int = 5,
+    phase: str = "prefill",
+    visual: torch.Tensor | None = None,
+    block_index: torch.Tensor | None = None,
+    needs=STATISTICS,
+    seed: int = 0,
+) -> tuple[RequestStats, dict]:
+    """Random q/k/v/o_proj per layer turned into the statistics a worker would measure."""
+    g = torch.Generator().manual_seed(seed)
+    window = max(1, min(window, tokens))
+    nb = -(-tokens // block_size)
+    if block_index is None:
+        block_index = torch.arange(nb)
+    raw = {"keys": [], "values": [], "q": [], "o_proj": []}
+    fields = {k: [] for k in ("window_attn", "decode_attn", "value_proj_norm", "key_min",
+                              "key_max", "query")}
+    scale = d ** -0.5
+    for _ in range(layers):
+        keys = torch.randn(tokens, hkv, d, generator=g) * 2
+        values = torch.randn(tokens, hkv, d, generator=g)
+        q = torch.randn(window, hq, d, generator=g) * 2
+        o_proj = torch.randn(8, hq * d, generator=g)
+        for name, x in zip(("keys", "values", "q", "o_proj"), (keys, values, q, o_proj)):
+            raw[name].append(x)
+        fields["window_attn"].append(S.window_attention(q, keys, scale))
+        fields["decode_attn"].append(S.decode_attention(q[-1], keys, scale))
+        fields["value_proj_norm"].append(S.value_proj_norm(values, S.wo_gram(o_proj, hq)))
+        kmin, kmax = S.key_bounds(keys, block_size)
+        fields["key_min"].append(kmin)
+        fields["key_max"].append(kmax)
+        fields["query"].append(q[-1] * scale)
+    wanted = {
+        "window_attn": "window_attn" in needs and phase == "prefill",
+        "decode_attn": "decode_attn" in needs,  # the engine measures the newest query always
+        "value_proj_norm": "value_proj_norm" in needs,
+        "key_min": "key_bounds" in needs,
+        "key_max": "key_bounds" in needs,
+        "query": "query" in needs,
+    }
+    st = RequestStats(
+        block_size=block_size,
+        block_index=block_index,
+        num_tokens=tokens,
+        num_kv_heads=hkv,
+        parked=torch.zeros(nb, dtype=torch.bool),
+        phase=phase,
+        visual=visual,
+        **{k: torch.stack(v) for k, v in fields.items() if wanted[k]},
+    )
+    return st, raw
+
+
+def test_window_blocks():
+    # 10 tokens in blocks of 4: the last 3 tokens (7, 8, 9) live in blocks 1 and 2
+    assert window_blocks(10, 3, 4, 3).tolist() == [False, True, True]
+    assert window_blocks(10, 2, 4, 3).tolist() == [False, False, True]
+    assert window_blocks(3, 8, 4, 1).tolist() == [True]
+
+
+def test_head_mix_brute_force():
+    x = torch.rand(2, 3, 5)
+    for how in ("mean", "max"):
+        out = head_mix(x, how)
+        rows = [x[li, h] / x[li, h].sum() for li in range(2) for h in range(3)]
+        expect = torch.stack(rows).mean(0) if how == "mean" else torch.stack(rows).amax(0)
+        assert torch.allclose(out, expect)
+
+
+def test_block_store_grows_and_reports_unknown():
+    state = {}
+    save_blocks(state, "k", torch.tensor([0, 2]), torch.tensor([[1.0, 2.0]]))
+    save_blocks(state, "k", torch.tensor([5]), torch.tensor([[3.0]]))
+    out = load_blocks(state, "k", torch.tensor([2, 5, 9, 1]))
+    assert out[0, :2].tolist() == [2.0, 3.0]
+    assert out[0, 2:].isnan().all()
+    assert load_blocks(state, "missing", torch.tensor([0])) is None
+
+
+def test_fill_unscored():
+    x = torch.tensor([1.0, float("nan"), 3.0])
+    assert fill_unscored(x, "max").tolist() == [1.0, 3.0, 3.0]
+    assert fill_unscored(x, "mean").tolist() == [1.0, 2.0, 3.0]
+
+
+def test_carry_scores_prefill_then_decode():
+    state = {}
+    idx = torch.tensor([0, 1, 2])
+    first = carry_scores(state, "s", idx, prefill=torch.tensor([1.0, 2.0, 1.0]), decode=None,
+                         refresh=0.0, unscored="max")
+    assert torch.allclose(first, torch.tensor([0.25, 0.5, 0.25]))
+    # block 1 released, block 3 new: stored scores reused, new block gets the max
+    later = carry_scores(state, "s", torch.tensor([0, 2, 3]), prefill=None,
+                         decode=torch.tensor([9.0, 0.0, 1.0]), refresh=0.0, unscored="max")
+    assert torch.allclose(later, torch.tensor([0.25, 0.25, 0.25]) / 0.75)
+    # refresh: old blocks move towards the decode score, the new block takes it
+    fresh = torch.tensor([0.0, 1.0, 1.0])
+    blended = carry_scores(state, "s", torch.tensor([0, 2, 3]), prefill=None, decode=fresh,
+                           refresh=0.5, unscored="max")
+    assert torch.allclose(blended, torch.tensor([0.25, 0.5, 0.5]) / 1.25)
+    # never scored at prefill: decode score alone, else recency
+    assert torch.allclose(
+        carry_scores({}, "s", idx, prefill=None, decode=torch.tensor([1.0, 0.0, 1.0]),
+                     refresh=0.0, unscored="max"),
+        torch.tensor([0.5, 0.0, 0.5]),
+    )
+    assert carry_scores({}, "s", idx, prefill=None, decode=None, refresh=0.0,
+                        unscored="max").argmax() == 2
+
+
+def test_select_tiered_releases_zero_and_orders_tiers():
+    idx = torch.tensor([0, 1, 2, 3, 4, 5])
+    scores = torch.tensor([0.3, 0.0, 0.2, 0.1, 0.4, 0.0])
+    protected = torch.tensor([True, False, False, False, False, True])
+    d = select_tiered(scores, block_index=idx, keep_blocks=5, protected=protected, bin_blocks=3)
+    assert d.keep.tolist() == [0, 2, 3, 4, 5]  # zero-scored protected 5 kept, 1 released
+    assert d.park.tolist() == [] and d.release.tolist() == [1]
+    tier = torch.tensor([1, 1, 0, 1, 0, 1])  # blocks 2 and 4 are the lower tier
+    d = select_tiered(scores, block_index=idx, keep_blocks=3, protected=protected,
+                      bin_blocks=1, tier=tier)
+    assert d.keep.tolist() == [0, 3, 5]  # 3 outranks the better-scored lower-tier 4
+    assert d.park.tolist() == [4] and d.release.tolist() == [1, 2]
+    # without zeros and tiers it is exactly select_blocks
+    s = torch.rand(6) + 0.1
+    a = select_tiered(s, block_index=idx, keep_blocks=2, protected=protected, bin_blocks=2)
+    b = select_blocks(s, block_index=idx, keep_blocks=2, protected=protected, bin_blocks=2)
+    assert all(torch.equal(x, y) for x, y in zip((a.keep, a.park, a.release),
+                                                 (b.keep, b.park, b.release)))
+
+
+def test_make_stats_shapes():
+    st, _ = make_stats(tokens=10, block_size=4)
+    assert st.window_attn.shape == (2, 6, 5, 10)
+    assert st.key_min.shape == (2, 2, 3, 4)
+    st, _ = make_stats(tokens=10, block_size=4, needs={"key_bounds"})
+    assert st.window_attn is None and st.decode_attn is None and st.query is None

@@ -1,0 +1,146 @@
+"""``hae``: Hierarchical Adaptive Eviction for multimodal requests (arXiv 2602.02197).
+
+Why: visual tokens are many and mostly ignored by the text, while text tokens carry the task.
+At prefill, HAE drops visual tokens that the text hardly attends to, judged once at the first
+layer and applied to every layer ("index broadcasting": important tokens overlap 80-90% across
+layers). During decoding, eviction candidates go to a bounded recycle bin before they are
+released, so a mistaken eviction can be undone, and visual tokens leave before text tokens.
+
+Readings we had to choose (no public code; [U] in algorithms.md):
+
+* dual-attention pruning (MustDrop's filter, whose thresholds HAE reuses): ``A`` = softmax
+  attention from the *text* queries of the observation window (the last ``window`` prompt
+  queries that are not visual) to the visual keys, averaged over heads (and over layers if
+  ``layers="all"``); probabilities stay normalised over all keys. ``g_j = Σ_t A[t, j]``
+  (global), ``m_j = max_t A[t, j]`` (individual). Visual token j is prunable iff
+  ``g_j < global_threshold · Σ_k g_k`` AND ``m_j < individual_threshold``: it is neither
+  important on average nor to any single text query. Defaults 0.001 (paper tests 0.001-0.0015).
+* paged blocks: a block is pruned at prefill only if *all* its tokens are prunable visual
+  tokens; any text token protects its block. Pruned blocks score exactly 0, which ``select``
+  reads as "release now" (scores are all that reach the scheduler). Pruning is threshold-driven,
+  so the policy asks the engine to run ``select`` after prefill even within budget.
+* decode score ("dynamically reweighted attention"): attention mass per block, mean over
+  layers and heads, accumulated with the past down-weighted by ``decay`` at each scoring
+  (``decay=1``: H2O's plain sum; ``0``: the latest query only). The prefill window's attention
+  seeds it. Text and visual blocks share this score; ``visual_first`` makes ``select`` move
+  every visual block out (bin, then release) before any text block.
+* text-only requests (``visual`` None or all False): no prefill pruning; decode eviction is the
+  decayed attention score with the recycle bin — HAE's decode half alone. Never an error.
+* the prompt ending with visual tokens (no text query in the window): no prefill pruning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from vllm_kvevict.policies.base import (
+    DECODE_ATTN,
+    WINDOW_ATTN,
+    Decision,
+    EvictionPolicy,
+    PolicyConfig,
+    RequestStats,
+    normalize_mass,
+    register_policy,
+    tokens_to_blocks,
+)
+from vllm_kvevict.policies.common import load_blocks, recency, save_blocks, select_tiered
+
+#: score floor of live blocks, so that exactly 0 unambiguously means "pruned"
+LIVE_FLOOR = 1e-12
+
+
+@register_policy
+class HAEPolicy(EvictionPolicy):
+    name = "hae"
+    needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
+    window = 32
+    select_after_prefill = True
+
+    class Config(PolicyConfig):
+        window: int = Field(32, ge=1, description="observation window: last prompt queries")
+        layers: Literal["first", "all"] = Field(
+            "first", description="layers whose text-to-visual attention decides the pruning"
+        )
+        global_threshold: float = Field(
+            0.001, ge=0.0, le=1.0, description="θ_g: prunable if g_j < θ_g · Σ g"
+        )
+        individual_threshold: float = Field(
+            0.001, ge=0.0, le=1.0, description="θ_i: prunable if max_t A[t, j] < θ_i"
+        )
+        decay: float = Field(
+            0.5, ge=0.0, le=1.0,
+            description="weight kept by the accumulated decode score at each scoring",
+        )
+        visual_first: bool = Field(
+            True, description="select: visual blocks leave (bin, then release) before text"
+        )
+
+    def __init__(self, config: PolicyConfig | None = None):
+        super().__init__(config)
+        self.window = self.config.window
+
+    def prunable_tokens(self, stats: RequestStats) -> torch.Tensor | None:
+        """[T] bool: visual tokens passing both thresholds; None when nothing can be pruned."""
+        visual = stats.visual
+        if visual is None or not visual.any() or stats.window_attn is None:
+            return None
+        attn = stats.window_attn[:1] if self.config.layers == "first" else stats.window_attn
+        w, t = attn.shape[2], stats.num_tokens
+        text_queries = ~visual[t - w:]
+        if not text_queries.any():
+            return None
+        a = attn.float().mean(dim=(0, 1))[text_queries][:, visual]  # [W_text, N_visual]
+        g, m = a.sum(0), a.amax(0)
+        prunable = (g < self.config.global_threshold * g.sum()) & (
+            m < self.config.individual_threshold
+        )
+        tokens = torch.zeros(t, dtype=torch.bool)
+        tokens[visual.nonzero().squeeze(1)[prunable]] = True
+        return tokens
+
+    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+        bs, nb = stats.block_size, stats.num_blocks
+        step = None
+        if stats.phase == "prefill" and stats.window_attn is not None:
+            tokens = self.prunable_tokens(stats)
+            if tokens is not None:
+                full = tokens_to_blocks(torch.ones(stats.num_tokens), bs, nb)
+                pruned = tokens_to_blocks(tokens.float(), bs, nb) == full
+                state["pruned"] = stats.block_index[pruned]
+            step = stats.window_attn.float().sum(2).mean(dim=(0, 1))
+        elif stats.decode_attn is not None:
+            step = stats.decode_attn.float().mean(dim=(0, 1))
+        acc = load_blocks(state, "hae", stats.block_index)
+        if step is not None:
+            step = tokens_to_blocks(step, bs, nb)
+            acc = step if acc is None else self.config.decay * acc.nan_to_num(0.0) + step
+            save_blocks(state, "hae", stats.block_index, acc)
+        base = recency(stats.block_index) if acc is None else acc.nan_to_num(0.0)
+        scores = normalize_mass(base).clamp_min(LIVE_FLOOR)
+        pruned = torch.isin(stats.block_index, state.get("pruned", torch.empty(0, dtype=torch.long)))
+        return scores.masked_fill(pruned, 0.0)
+
+    def select(
+        self,
+        scores: torch.Tensor,
+        *,
+        block_index: torch.Tensor,
+        keep_blocks: int,
+        protected: torch.Tensor,
+        bin_blocks: int,
+        visual_blocks: torch.Tensor | None = None,
+    ) -> Decision:
+        """Zero-scored (pruned) blocks are released; the rest fill keep, then the bin, in
+        priority order; with ``visual_first``, ``visual_blocks`` [nb] (True iff every token of
+        the block is visual) rank below every text block."""
+        tier = None
+        if self.config.visual_first and visual_blocks is not None:
+            tier = (~visual_blocks.bool()).long()
+        return select_tiered(
+            scores, block_index=block_index, keep_blocks=keep_blocks, protected=protected,
+            bin_blocks=bin_blocks, tier=tier,
+        )

@@ -1,0 +1,231 @@
+"""``hybridkv``: static heads pruned by text prior, dynamic heads served by chunk retrieval
+(HybridKV, arXiv 2604.05887).
+
+Why: attention heads of a multimodal model behave differently. Some ("static") look mostly at
+text and a fixed few visual tokens — a one-off prefill pruning serves them. Others ("dynamic")
+look at different image regions at every step — they need the whole image available and pick
+chunks per query. HybridKV classifies heads once, splits the budget top-down (model -> layer ->
+head) and compresses each head type its own way.
+
+Readings we had to choose (no public code; [S]/[U] in algorithms.md):
+
+* classification statistic, per (layer, KV head), from the observation window's text queries
+  (group-averaged attention, mean over those queries), over the *evictable* context only (not
+  the first ``sink_tokens`` nor the window itself, whose attention says nothing about content):
+  ``text_mass`` = share of that attention on text tokens; ``concentration`` = share held by the
+  top ``concentration_top`` fraction of tokens. A head is static iff the statistic reaches its
+  threshold. ``auto`` uses text_mass when the request has visual tokens, else concentration:
+  on text-only requests every token is text, so "text-centric" degenerates and a concentrated,
+  stable pattern is what a one-off pruning can serve.
+* budget: a paged block serves every head, so per-head budgets become weights of a mixture.
+  Each head has a need distribution over blocks; a block's score is ``Σ w[l,h] · need[l,h,b]``
+  and the top-K blocks by it are kept. ``budget="entropy"``: layer share ∝ its heads' mean
+  normalised attention entropy (diffuse layers need more KV), head share within the layer ∝ its
+  entropy, each mixed with a uniform floor ``budget_floor`` (Ada-KV's safeguard) so the
+  hierarchy does not collapse to one flat ranking. ``uniform``: equal weights.
+* static heads, text prior (LOOK-M): need = window attention on every text token plus the top
+  ``static_visual_keep`` fraction of visual tokens (by that head's attention); other visual
+  tokens get 0. Fixed at prefill; blocks generated later count as text of average need.
+* dynamic heads, chunk retrieval (Quest): at each decode step, the Quest upper bound from the
+  newest query and per-block key min/max picks the top ``retrieval_fraction`` of resident blocks
+  (query heads of a group: max bound); need = softmax of the bounds over those blocks. At
+  prefill their need is the window attention (nothing pruned: the "cold copy").
+* decisions: a block no head needs scores exactly 0 and ``select`` releases it; if the request
+  has dynamic heads, any block they might retrieve later keeps a tiny positive score, so blocks
+  outside the budget go to the recycle bin (parked, restorable) before being released.
+* no prefill classification in ``state`` (prefill never scored): all heads dynamic, uniform.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from vllm_kvevict.policies.base import (
+    KEY_BOUNDS,
+    QUERY,
+    WINDOW_ATTN,
+    Decision,
+    EvictionPolicy,
+    PolicyConfig,
+    RequestStats,
+    normalize_mass,
+    register_policy,
+    tokens_to_blocks,
+)
+from vllm_kvevict.policies.common import load_blocks, recency, save_blocks, select_tiered
+from vllm_kvevict.stats import group_heads, quest_block_bounds
+
+#: score floor of blocks a dynamic head may still retrieve (parked, not released)
+LIVE_FLOOR = 1e-12
+TINY = torch.finfo(torch.float32).tiny
+
+
+def _rownorm(x: torch.Tensor) -> torch.Tensor:
+    return x / x.sum(-1, keepdim=True).clamp_min(TINY)
+
+
+def head_statistic(a: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor | None,
+                   top: float) -> torch.Tensor:
+    """[L, H, T] attention -> [L, H] text-mass share (``text`` given) or top-``top`` concentration,
+    over ``candidates`` tokens; 1 (static) where the head has no mass there."""
+    ac = a[..., candidates]
+    total = ac.sum(-1)
+    if text is not None:
+        part = ac[..., text[candidates]].sum(-1)
+    else:
+        k = max(1, math.ceil(top * ac.shape[-1])) if ac.shape[-1] else 0
+        part = ac.topk(k, dim=-1).values.sum(-1) if k else total
+    return torch.where(total > 0, part / total.clamp_min(TINY), torch.ones_like(total))
+
+
+def budget_weights(a: torch.Tensor, how: str, floor: float) -> torch.Tensor:
+    """[L, H, T] attention rows -> [L, H] mixture weights (sum 1), model -> layer -> head."""
+    n_layers, n_heads, t = a.shape
+    if how == "uniform" or t < 2:
+        return torch.full((n_layers, n_heads), 1.0 / (n_layers * n_heads))
+    p = _rownorm(a.clamp_min(0))
+    ent = -(p * p.clamp_min(TINY).log()).sum(-1) / math.log(t)  # [L, H] in [0, 1]
+    layer = (1 - floor) * _rownorm(ent.mean(-1)[None])[0] + floor / n_layers
+    head = (1 - floor) * _rownorm(ent) + floor / n_heads
+    return layer[:, None] * head
+
+
+@register_policy
+class HybridKVPolicy(EvictionPolicy):
+    name = "hybridkv"
+    needs = frozenset({WINDOW_ATTN, QUERY, KEY_BOUNDS})
+    window = 32
+    score_every_step = True
+
+    class Config(PolicyConfig):
+        window: int = Field(32, ge=1, description="observation window: last prompt queries")
+        classify_by: Literal["auto", "text_mass", "concentration"] = Field(
+            "auto", description="head statistic; auto = text_mass if visual tokens, else concentration"
+        )
+        text_mass_threshold: float = Field(
+            0.5, ge=0.0, le=1.0, description="static iff text share of attention >= this"
+        )
+        concentration_threshold: float = Field(
+            0.5, ge=0.0, le=1.0, description="static iff top-token share of attention >= this"
+        )
+        concentration_top: float = Field(
+            0.1, gt=0.0, le=1.0, description="fraction of tokens whose mass is 'concentration'"
+        )
+        sink_tokens: int = Field(4, ge=0, description="first tokens left out of the statistic")
+        budget: Literal["entropy", "uniform"] = Field(
+            "entropy", description="hierarchical head weights (see module docstring)"
+        )
+        budget_floor: float = Field(
+            0.2, ge=0.0, le=1.0, description="uniform share mixed into layer and head weights"
+        )
+        static_visual_keep: float = Field(
+            0.25, ge=0.0, le=1.0, description="fraction of visual tokens static heads keep"
+        )
+        retrieval_fraction: float = Field(
+            0.25, gt=0.0, le=1.0, description="resident blocks each dynamic head retrieves per step"
+        )
+
+    def __init__(self, config: PolicyConfig | None = None):
+        super().__init__(config)
+        self.window = self.config.window
+
+    # -- prefill: classify heads, weigh them, fix the static heads' needs ----------------------
+    def classify(self, stats: RequestStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(static [L, Hkv] bool, weights [L, Hkv], per-head token attention [L, Hkv, T])."""
+        c, t = self.config, stats.num_tokens
+        attn = stats.window_attn.float()
+        w = attn.shape[2]
+        visual = stats.visual if stats.visual is not None and stats.visual.any() else None
+        rows = torch.ones(w, dtype=torch.bool) if visual is None else ~visual[t - w:]
+        if not rows.any():
+            rows = torch.ones(w, dtype=torch.bool)
+        a = group_heads(attn[:, :, rows].mean(2), stats.num_kv_heads, "mean", dim=1)
+        candidates = torch.arange(t) >= c.sink_tokens
+        candidates &= torch.arange(t) < t - w
+        by = c.classify_by
+        if by == "auto":
+            by = "text_mass" if visual is not None else "concentration"
+        if by == "text_mass":
+            text = ~visual if visual is not None else torch.ones(t, dtype=torch.bool)
+            stat = head_statistic(a, candidates, text, c.concentration_top)
+            static = stat >= c.text_mass_threshold
+        else:
+            stat = head_statistic(a, candidates, None, c.concentration_top)
+            static = stat >= c.concentration_threshold
+        return static, budget_weights(a, c.budget, c.budget_floor), a
+
+    def static_token_need(self, a: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """Text prior: [L, H, T] attention kept on text and on each head's top visual tokens."""
+        if visual is None or not visual.any():
+            return a
+        n_keep = math.ceil(self.config.static_visual_keep * int(visual.sum()))
+        keep = (~visual).expand_as(a).clone()
+        if n_keep:
+            vis_idx = visual.nonzero().squeeze(1)
+            top = a[..., vis_idx].topk(n_keep, dim=-1).indices
+            keep.scatter_(-1, vis_idx[top], True)
+        return a * keep
+
+    # -- decode: chunk retrieval for dynamic heads ---------------------------------------------
+    def retrieval_need(self, stats: RequestStats) -> torch.Tensor | None:
+        """[L, Hkv, nb] softmax of Quest bounds over each head's top blocks, else 0."""
+        if stats.query is None or stats.key_min is None or stats.key_max is None:
+            return None
+        bounds = torch.stack([
+            quest_block_bounds(q, lo, hi)
+            for q, lo, hi in zip(stats.query, stats.key_min, stats.key_max)
+        ])  # [L, Hq, nb]
+        bounds = group_heads(bounds, stats.num_kv_heads, "max", dim=1)
+        k = max(1, math.ceil(self.config.retrieval_fraction * stats.num_blocks))
+        top = bounds.topk(min(k, stats.num_blocks), dim=-1).indices
+        masked = torch.full_like(bounds, float("-inf")).scatter(-1, top, bounds.gather(-1, top))
+        return torch.softmax(masked, dim=-1)
+
+    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+        bs, nb = stats.block_size, stats.num_blocks
+        if stats.phase == "prefill" and stats.window_attn is not None:
+            static, weights, a = self.classify(stats)
+            need_tok = torch.where(static[..., None], self.static_token_need(a, stats.visual), a)
+            need = _rownorm(tokens_to_blocks(need_tok, bs, nb))
+            state.update(static=static, weights=weights)
+            save_blocks(state, "need", stats.block_index, need)
+        else:
+            need = load_blocks(state, "need", stats.block_index)
+            if need is not None:  # blocks born after prefill: average need of the needed ones
+                fill = torch.where(need > 0, need, float("nan")).nanmean(-1, keepdim=True)
+                need = _rownorm(torch.where(need.isnan(), fill, need).nan_to_num(0.0))
+            retrieved = self.retrieval_need(stats)
+            if need is None:
+                if retrieved is None:
+                    return normalize_mass(recency(stats.block_index))
+                need = retrieved
+                n = need.shape[0] * need.shape[1]
+                state.setdefault("static", torch.zeros(need.shape[:2], dtype=torch.bool))
+                state.setdefault("weights", torch.full(need.shape[:2], 1.0 / n))
+            elif retrieved is not None:
+                need = torch.where(state["static"][..., None], need, retrieved)
+        static, weights = state["static"], state["weights"]
+        scores = normalize_mass((weights[..., None] * need).sum(dim=(0, 1)))
+        if not static.all():  # dynamic heads may retrieve any block later: park, don't release
+            scores = scores.clamp_min(LIVE_FLOOR)
+        return scores
+
+    def select(
+        self,
+        scores: torch.Tensor,
+        *,
+        block_index: torch.Tensor,
+        keep_blocks: int,
+        protected: torch.Tensor,
+        bin_blocks: int,
+        visual_blocks: torch.Tensor | None = None,
+    ) -> Decision:
+        """Blocks no head needs (score 0) are released; the rest by score: keep, bin, release."""
+        return select_tiered(
+            scores, block_index=block_index, keep_blocks=keep_blocks, protected=protected,
+            bin_blocks=bin_blocks,
+        )

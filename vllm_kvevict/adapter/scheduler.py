@@ -70,6 +70,10 @@ class EvictingScheduler(Scheduler):
         self.kv_block_size = manager.block_size
         self.kv_requests: dict[str, RequestEviction] = {}
         self.kv_counters = EvictionCounters()
+        # req_id -> [(effective from token, excluded positions)], dropped at finish; kept for
+        # the last finished requests only (bounded) so tests can rebuild reference masks.
+        self.kv_log: dict[str, list[tuple[int, frozenset]]] = {}
+        self.kv_log_finished: dict[str, list[tuple[int, frozenset]]] = {}
         self._install_guards()
 
     # -- vLLM instance hooks -------------------------------------------------------------------
@@ -122,8 +126,13 @@ class EvictingScheduler(Scheduler):
         state = self.kv_requests.get(request.request_id)
         if state is None:
             return
+        log = self.kv_log.pop(request.request_id, None)
         if request.is_finished():
             del self.kv_requests[request.request_id]
+            if log:
+                self.kv_log_finished[request.request_id] = log
+                while len(self.kv_log_finished) > 64:
+                    self.kv_log_finished.pop(next(iter(self.kv_log_finished)))
         else:
             state.generation += 1
             state.scores.clear()
@@ -184,9 +193,8 @@ class EvictingScheduler(Scheduler):
             return
         config = state.config
         keep_blocks = math.ceil(config.keep_tokens(committed) / bs)
-        parked = self.ledger.excluded_positions(req_id) - set(
-            self.ledger.requests.get(req_id).released if req_id in self.ledger.requests else ()
-        )
+        rb = self.ledger.requests.get(req_id)
+        parked = set(rb.parked) if rb else set()
         if len(positions) - len(parked) <= keep_blocks and not parked:
             return
         protected = self._protected(config, positions, committed, state.scores)
@@ -207,6 +215,15 @@ class EvictingScheduler(Scheduler):
         self.kv_counters.parked += self.ledger.park(
             req_id, [p for p in decision.park.tolist() if p not in parked], committed
         )
+        self._log(req_id, committed)
+
+    def _log(self, req_id: str, committed: int) -> None:
+        """Record the excluded set and the token from which it applies (tests rebuild the
+        reference attention mask from this log)."""
+        excluded = frozenset(self.ledger.excluded_positions(req_id))
+        log = self.kv_log.setdefault(req_id, [])
+        if not log or log[-1][1] != excluded:
+            log.append((committed, excluded))
 
     def _free_under_pressure(self, need: int, exclude: str) -> bool:
         """Pool-pressure mode: release parked blocks first, then the globally least important
@@ -231,6 +248,7 @@ class EvictingScheduler(Scheduler):
         for _, _, req_id, pos, committed in candidates[:need]:
             freed += self.ledger.release(req_id, [pos], committed)
             self.kv_requests[req_id].evicted_tokens += self.kv_block_size
+            self._log(req_id, committed)
         self.kv_counters.pool_pressure_released += freed
         self.kv_counters.released += freed
         return freed > 0

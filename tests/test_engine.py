@@ -1,0 +1,209 @@
+"""The engine mechanism on a real vLLM engine and the real SmolLM2 model.
+
+One engine serves the whole module (≈30–50 s to start on 2 cores). The default config evicts
+(policy ``attention``, 25 % budget); requests override it through ``extra_args``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine_helpers import (
+    BLOCK_SIZE,
+    HFReference,
+    engine_core,
+    excluded_from_log,
+    make_llm,
+    passkey_prompt,
+    scheduler,
+    shutdown,
+    token_logprobs,
+)
+
+pytestmark = pytest.mark.engine
+
+EVICTING = {"policy": "attention", "budget": 0.25, "interval": 4}
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def llm():
+    engine = make_llm({"kv_eviction": EVICTING})
+    yield engine
+    shutdown(engine)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return HFReference()
+
+
+def eviction_log(llm, request_id):
+    """The scheduler's eviction log of a finished request (vLLM suffixes internal ids)."""
+    logs = scheduler(llm).kv_log_finished
+    matches = [v for k, v in logs.items() if k == request_id or k.startswith(f"{request_id}-")]
+    assert matches, f"no eviction recorded for request {request_id}"
+    return matches[-1]
+
+
+def params(kv=None, max_tokens=MAX_TOKENS):
+    from vllm import SamplingParams
+
+    extra = {"kv_eviction": kv} if kv is not None else None
+    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, extra_args=extra)
+
+
+def test_zero_eviction_is_identical_to_stock_vllm(llm):
+    prompts = [passkey_prompt("71432"), passkey_prompt("58213", repeats=6, depth=0.3)]
+    outs = llm.generate(prompts, params({"budget": 1.0}))
+    logged = scheduler(llm).kv_log_finished
+    assert not any(k.startswith(f"{o.request_id}-") or k == o.request_id for o in outs for k in logged)
+    stock = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "stock_run.py")],
+        input=json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS}),
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    line = [ln for ln in stock.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, stock.stderr[-3000:]
+    expected = json.loads(line[-1][len("RESULT "):])
+    for out, ref in zip(outs, expected):
+        assert list(out.outputs[0].token_ids) == ref["token_ids"]
+        assert token_logprobs(out.outputs[0]) == ref["logprobs"]  # bit-identical
+
+
+def test_evicted_output_matches_masked_reference(llm, reference):
+    out = llm.generate([passkey_prompt()], params())[0]
+    completion = out.outputs[0]
+    log = eviction_log(llm, out.request_id)
+    evicted_blocks = set().union(*(blocks for _, blocks in log))
+    assert evicted_blocks, "nothing was evicted: the test would prove nothing"
+    ids = list(out.prompt_token_ids) + list(completion.token_ids)
+    ref = reference.logprobs(ids, excluded_from_log(log))
+    full = reference.logprobs(ids, lambda p: set())
+    start = len(out.prompt_token_ids) - 1
+    got = token_logprobs(completion)
+    deltas = [abs(ref[start + i, t].item() - got[i]) for i, t in enumerate(completion.token_ids)]
+    deltas_full = [abs(full[start + i, t].item() - got[i]) for i, t in enumerate(completion.token_ids)]
+    greedy = [int(ref[start + i].argmax()) for i in range(len(completion.token_ids))]
+    print(f"max |Δlogprob| vs masked reference {max(deltas):.2e}; vs full cache {max(deltas_full):.2e}")
+    assert greedy == list(completion.token_ids)
+    assert max(deltas) <= 5e-5
+    # the reference really differs from full attention: the mask is what makes it match
+    assert max(deltas_full) > 100 * max(deltas)
+    assert "71432" in completion.text  # the needle block survived a 25 % budget
+
+
+def _run_steps(llm, request_id, prompt, sampling, until=None, max_steps=200):
+    engine = llm.llm_engine
+    engine.add_request(request_id, prompt, sampling)
+    for _ in range(max_steps):
+        engine.step()
+        if until is not None and until():
+            return True
+        if not engine.has_unfinished_requests():
+            return False
+    return False
+
+
+def _internal_id(sched, request_id):
+    ids = [k for k in sched.requests if k == request_id or k.startswith(f"{request_id}-")]
+    return ids[0] if ids else None
+
+
+def _evicted(sched, request_id) -> bool:
+    rid = _internal_id(sched, request_id)
+    return rid is not None and rid in sched.ledger.requests and bool(sched.ledger.requests[rid].released)
+
+
+def _held_blocks(sched) -> set[int]:
+    null = sched.ledger.null_block
+    manager = sched.ledger.manager
+    return {b.block_id for blocks in manager.req_to_blocks.values() for b in blocks if b is not null}
+
+
+def test_free_blocks_rise_by_evicted_blocks(llm):
+    sched = scheduler(llm)
+    pool = sched.kv_cache_manager.block_pool
+    engine = llm.llm_engine
+    engine.add_request("free-count", passkey_prompt("11111"), params(max_tokens=12))
+    before_free = None
+    while engine.has_unfinished_requests():
+        held_before = len(_held_blocks(sched))
+        free_before = pool.get_num_free_blocks()
+        released_before = sched.kv_counters.released
+        engine.step()
+        released = sched.kv_counters.released - released_before
+        if released:
+            held_after = len(_held_blocks(sched))
+            allocated = held_after - (held_before - released)
+            assert pool.get_num_free_blocks() == free_before + released - allocated
+            before_free = free_before
+    assert before_free is not None, "no eviction happened"
+
+
+def test_prefix_cache_never_serves_blocks_computed_after_eviction(llm):
+    from vllm.inputs import TokensPrompt
+
+    sched = scheduler(llm)
+    first = llm.generate([passkey_prompt("24680")], params(max_tokens=64))[0]
+    boundary = eviction_log(llm, first.request_id)[0][0]  # tokens computed before eviction
+    # a later request whose prompt extends the first one's sequence, with full attention
+    ids = list(first.prompt_token_ids) + list(first.outputs[0].token_ids)
+    second = llm.generate([TokensPrompt(prompt_token_ids=ids)], params({"budget": 1.0}, 4))[0]
+    assert second.num_cached_tokens <= boundary // BLOCK_SIZE * BLOCK_SIZE
+    assert second.num_cached_tokens > 0  # the clean prefix still hits
+
+
+def test_poison_guard_is_what_prevents_the_hit(llm):
+    """Control: with the guard disabled the same scenario does serve poisoned blocks."""
+    from vllm.inputs import TokensPrompt
+
+    sched = scheduler(llm)
+    ledger = sched.ledger
+    original = ledger.cacheable_tokens
+    ledger.cacheable_tokens = lambda req_id, n: n
+    try:
+        first = llm.generate([passkey_prompt("97531")], params(max_tokens=64))[0]
+        boundary = eviction_log(llm, first.request_id)[0][0]
+        ids = list(first.prompt_token_ids) + list(first.outputs[0].token_ids)
+        second = llm.generate([TokensPrompt(prompt_token_ids=ids)], params({"budget": 1.0}, 4))[0]
+    finally:
+        ledger.cacheable_tokens = original
+    assert second.num_cached_tokens > boundary // BLOCK_SIZE * BLOCK_SIZE
+
+
+def test_abort_and_preemption_of_evicted_requests_leak_nothing(llm):
+    sched = scheduler(llm)
+    pool = sched.kv_cache_manager.block_pool
+    llm.reset_prefix_cache()
+    initial = pool.get_num_free_blocks()
+    engine = llm.llm_engine
+
+    # abort after eviction
+    evicted = _run_steps(llm, "to-abort", passkey_prompt("13579"), params(max_tokens=200),
+                         until=lambda: _evicted(sched, "to-abort"))
+    assert evicted
+    rid = _internal_id(sched, "to-abort")
+    engine.abort_request(["to-abort"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert rid not in sched.ledger.requests
+    assert pool.get_num_free_blocks() == initial
+
+    # preemption after eviction: recompute with full attention, then finish normally
+    evicted = _run_steps(llm, "to-preempt", passkey_prompt("24680"), params(max_tokens=40),
+                         until=lambda: _evicted(sched, "to-preempt"))
+    assert evicted
+    rid = _internal_id(sched, "to-preempt")
+    assert engine_core(llm).scheduler.reset_prefix_cache(reset_running_requests=True)
+    assert rid not in sched.ledger.requests  # eviction state cleared with the blocks
+    assert sched.requests[rid].num_preemptions == 1
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert pool.get_num_free_blocks() == initial

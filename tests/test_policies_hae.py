@@ -1,0 +1,146 @@
+"""HAE on crafted attention maps: both thresholds, head averaging, first layer, text-protected
+blocks, the prefill release, visual-first recycle bin, decayed decode score, text-only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_policies_common import make_stats
+
+from vllm_kvevict.policies import get_policy
+from vllm_kvevict.policies.base import RequestStats
+
+T, BS, W = 24, 4, 4  # blocks 0..5; window queries are tokens 20..23 (text)
+VISUAL = torch.zeros(T, dtype=torch.bool)
+VISUAL[4:15] = True  # block 1 (4..7) visual, block 2 (8..11) visual, block 3: 12..14 visual + text 15
+LOW, HIGH = [4, 5, 6, 7, 12, 13, 14], [8, 9, 10, 11]
+OPTS = {"window": W, "global_threshold": 0.05, "individual_threshold": 0.05}
+
+
+def crafted(token5=None, layer1_block1: float | None = None) -> torch.Tensor:
+    """[L=2, Hq=2, W, T] window attention. Per query: 0.01 on each LOW visual token, 0.1 on each
+    HIGH one, the rest on token 0. So g_low = 0.04, g_high = 0.4, Σg = 1.88, θ_g·Σg ≈ 0.094:
+    LOW tokens are prunable, HIGH are not. ``token5`` = (head0 row, head1 row) overrides token 5."""
+    a = torch.zeros(2, 2, W, T)
+    a[..., LOW] = 0.01
+    a[..., HIGH] = 0.1
+    if token5 is not None:
+        a[:, 0, :, 5] = torch.tensor(token5[0])
+        a[:, 1, :, 5] = torch.tensor(token5[1])
+    if layer1_block1 is not None:
+        a[1, :, :, 4:8] = layer1_block1
+    a[..., 0] = 1 - a.sum(-1)
+    return a
+
+
+def stats_for(window_attn, visual=VISUAL, phase="prefill") -> RequestStats:
+    nb = -(-T // BS)
+    return RequestStats(
+        block_size=BS, block_index=torch.arange(nb), num_tokens=T, num_kv_heads=1,
+        parked=torch.zeros(nb, dtype=torch.bool), phase=phase, window_attn=window_attn,
+        visual=visual,
+    )
+
+
+def pruned_blocks(opts, window_attn, visual=VISUAL) -> list[int]:
+    policy = get_policy("hae", {**OPTS, **opts})
+    state = {}
+    scores = policy.block_scores(stats_for(window_attn, visual), state)
+    zero = (scores == 0).nonzero().squeeze(1).tolist()
+    assert zero == state.get("pruned", torch.empty(0)).tolist()
+    return zero
+
+
+def test_low_visual_block_pruned_text_protects_mixed_block():
+    # block 3 holds prunable visual tokens 12..14 but also text token 15: it stays
+    assert pruned_blocks({}, crafted()) == [1]
+
+
+def test_individual_threshold_saves_a_token_one_query_needs():
+    # token 5: 0.06 from a single query (head mean), small globally (g = 0.06 < 0.094)
+    row = [0.12, 0.0, 0.0, 0.0]
+    assert pruned_blocks({}, crafted(token5=(row, [0.0] * 4))) == []
+    # ... but with θ_i raised above 0.06 it is prunable again
+    assert pruned_blocks({"individual_threshold": 0.07}, crafted(token5=(row, [0.0] * 4))) == [1]
+
+
+def test_global_threshold_saves_a_token_all_queries_use_a_little():
+    # token 5: 0.03 from every query: m = 0.03 < θ_i, but g = 0.12 > θ_g·Σg
+    assert pruned_blocks({}, crafted(token5=([0.03] * 4, [0.03] * 4))) == []
+    assert pruned_blocks({"global_threshold": 0.07}, crafted(token5=([0.03] * 4, [0.03] * 4))) == [1]
+
+
+def test_heads_are_averaged_not_maxed():
+    # head 0 gives 0.08 (> θ_i), head 1 gives 0: the head average 0.04 is below θ_i
+    assert pruned_blocks({}, crafted(token5=([0.08, 0, 0, 0], [0.0] * 4))) == [1]
+
+
+def test_first_layer_decides_unless_all_layers():
+    attn = crafted(layer1_block1=0.2)  # layer 1 attends block 1 heavily
+    assert pruned_blocks({"layers": "first"}, attn) == [1]
+    assert pruned_blocks({"layers": "all"}, attn) == []
+
+
+def test_only_text_queries_judge():
+    visual = VISUAL.clone()
+    visual[T - 1] = True  # the last window query is visual: its attention does not count
+    assert pruned_blocks({}, crafted(token5=([0, 0, 0, 0.5], [0, 0, 0, 0.5])), visual) == [1]
+    assert pruned_blocks({}, crafted(token5=([0.5, 0, 0, 0], [0.5, 0, 0, 0])), visual) == []
+    visual[T - W:] = True  # no text query at all: nothing is pruned
+    assert pruned_blocks({}, crafted(), visual) == []
+
+
+@pytest.mark.parametrize("visual", [None, torch.zeros(T, dtype=torch.bool)])
+def test_text_only_requests_score_by_attention_without_pruning(visual):
+    policy = get_policy("hae", OPTS)
+    state = {}
+    scores = policy.block_scores(stats_for(crafted(), visual), state)
+    assert "pruned" not in state and (scores > 0).all()
+    expect = crafted().sum(2).mean((0, 1)).reshape(-1, BS).sum(-1)
+    assert torch.allclose(scores, expect / expect.sum())
+
+
+def test_prefill_decision_releases_pruned_blocks_within_budget():
+    policy = get_policy("hae", OPTS)
+    assert policy.select_after_prefill
+    scores = policy.block_scores(stats_for(crafted()), {})
+    protected = torch.tensor([True, False, False, False, False, True])
+    d = policy.select(scores, block_index=torch.arange(6), keep_blocks=6, protected=protected,
+                      bin_blocks=2)
+    assert d.keep.tolist() == [0, 2, 3, 4, 5]
+    assert d.park.tolist() == [] and d.release.tolist() == [1]
+
+
+def test_decode_select_parks_and_releases_visual_before_text():
+    policy = get_policy("hae", OPTS)
+    scores = torch.tensor([0.1, 0.4, 0.3, 0.05, 0.1, 0.05])
+    visual_blocks = torch.tensor([False, True, True, False, False, False])
+    protected = torch.tensor([True, False, False, False, False, True])
+    kw = dict(block_index=torch.arange(6), protected=protected, visual_blocks=visual_blocks)
+    d = policy.select(scores, keep_blocks=4, bin_blocks=1, **kw)
+    assert d.keep.tolist() == [0, 3, 4, 5]  # text kept although visual scored higher
+    assert d.park.tolist() == [1] and d.release.tolist() == [2]  # best visual to the bin
+    plain = get_policy("hae", {**OPTS, "visual_first": False})
+    d = plain.select(scores, keep_blocks=4, bin_blocks=1, **kw)
+    assert d.keep.tolist() == [0, 1, 2, 5] and d.park.tolist() == [4]
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
+def test_decode_score_is_decayed_attention_and_pruned_stay_zero(decay):
+    policy = get_policy("hae", {**OPTS, "decay": decay})
+    state = {}
+    prefill = crafted()
+    policy.block_scores(stats_for(prefill), state)
+    steps = []
+    for seed in (1, 2):
+        st, _ = make_stats(layers=2, hq=2, hkv=1, tokens=T, block_size=BS, phase="decode",
+                           needs=policy.needs, seed=seed)
+        st.visual = VISUAL
+        steps.append(st.decode_attn)
+        scores = policy.block_scores(st, state)
+    blocks = [prefill.sum(2).mean((0, 1))] + [a.mean((0, 1)) for a in steps]
+    blocks = [b.reshape(-1, BS).sum(-1) for b in blocks]
+    expect = decay ** 2 * blocks[0] + decay * blocks[1] + blocks[2]
+    expect = (expect / expect.sum()).clamp_min(1e-12)
+    expect[1] = 0.0
+    assert torch.allclose(scores, expect, atol=1e-7)

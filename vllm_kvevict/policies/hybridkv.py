@@ -61,6 +61,8 @@ from vllm_kvevict.stats import group_heads, quest_block_bounds
 
 #: score floor of blocks a dynamic head may still retrieve (parked, not released)
 LIVE_FLOOR = 1e-12
+#: need floor of tokens a static head keeps (a text token with underflowed attention stays)
+KEPT_FLOOR = 1e-9
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -159,7 +161,9 @@ class HybridKVPolicy(EvictionPolicy):
         return static, budget_weights(a, c.budget, c.budget_floor), a
 
     def static_token_need(self, a: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
-        """Text prior: [L, H, T] attention kept on text and on each head's top visual tokens."""
+        """Text prior: [L, H, T] attention kept on text and on each head's top visual tokens.
+        Kept tokens get at least ``KEPT_FLOOR``: a static head never gives up text."""
+        a = a.clamp_min(KEPT_FLOOR)
         if visual is None or not visual.any():
             return a
         n_keep = math.ceil(self.config.static_visual_keep * int(visual.sum()))

@@ -1,0 +1,175 @@
+"""HybridKV: head classification on crafted static/dynamic patterns, budget weights, text-prior
+needs and Quest retrieval against brute force, and the release/park split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_policies_common import make_stats
+
+from vllm_kvevict.policies import get_policy
+from vllm_kvevict.policies.base import RequestStats
+
+T, BS, W = 24, 4, 4  # blocks 0..5; window = tokens 20..23; sink_tokens 4 -> candidates 4..19
+VISUAL = torch.zeros(T, dtype=torch.bool)
+VISUAL[8:16] = True  # blocks 2 and 3
+TEXT_CAND = [4, 5, 6, 7, 16, 17, 18, 19]
+VIS = list(range(8, 16))
+
+
+def static_row() -> torch.Tensor:
+    """Looks at text: 0.08 per text candidate, a little (distinct) on visual tokens."""
+    r = torch.zeros(T)
+    r[TEXT_CAND] = 0.08
+    r[VIS] = 0.01 + 0.001 * torch.arange(8)
+    r[0] = 1 - r.sum()
+    return r
+
+
+def dynamic_row() -> torch.Tensor:
+    """Looks at the image; most mass on the sink, which must not count as 'text'."""
+    r = torch.zeros(T)
+    r[VIS] = 0.03
+    r[TEXT_CAND] = 0.005
+    r[0] = 1 - r.sum()
+    return r
+
+
+def crafted_stats(rows, visual=VISUAL) -> RequestStats:
+    """rows[l][h] -> every window query of (layer l, head h) has that attention row."""
+    attn = torch.stack([torch.stack([r.expand(W, T) for r in layer]) for layer in rows])
+    nb = T // BS
+    return RequestStats(
+        block_size=BS, block_index=torch.arange(nb), num_tokens=T, num_kv_heads=len(rows[0]),
+        parked=torch.zeros(nb, dtype=torch.bool), phase="prefill", window_attn=attn,
+        visual=visual,
+    )
+
+
+def classify(opts, st):
+    policy = get_policy("hybridkv", {"window": W, **opts})
+    state = {}
+    scores = policy.block_scores(st, state)
+    return state["static"].tolist(), scores, state
+
+
+def test_text_mass_classification():
+    st = crafted_stats([[static_row(), dynamic_row()], [dynamic_row(), static_row()]])
+    assert classify({}, st)[0] == [[True, False], [False, True]]
+    # counting the sink as text would call the image-looking head static
+    assert classify({"sink_tokens": 0}, st)[0] == [[True, True], [True, True]]
+    # threshold is the knob: text share of the static head is 0.64 / 0.748 ≈ 0.86
+    assert classify({"text_mass_threshold": 0.9}, st)[0] == [[False, False], [False, False]]
+
+
+def test_text_only_uses_concentration():
+    concentrated = torch.full((T,), 0.02)
+    concentrated[9] = 0.5
+    concentrated[0] += 1 - concentrated.sum()
+    diffuse = torch.zeros(T)
+    diffuse[4:20] = 1 / 16
+    st = crafted_stats([[concentrated, diffuse]], visual=None)
+    assert classify({}, st)[0] == [[True, False]]
+    # forcing text_mass on a text-only request: everything is text, every head static
+    assert classify({"classify_by": "text_mass"}, st)[0] == [[True, True]]
+    # top-10% of 16 candidates = 2 tokens holding 0.52 / 0.8 = 0.65 of the mass
+    assert classify({"concentration_threshold": 0.7}, st)[0] == [[False, False]]
+
+
+@pytest.mark.parametrize("budget", ["entropy", "uniform"])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (6, 2)])
+def test_budget_weights_brute_force(budget, hq, hkv):
+    policy = get_policy("hybridkv", {"window": 5, "budget": budget, "budget_floor": 0.3})
+    st, _ = make_stats(layers=3, hq=hq, hkv=hkv, tokens=21, window=5, needs=policy.needs)
+    state = {}
+    policy.block_scores(st, state)
+    n_layers, g = 3, hq // hkv
+    if budget == "uniform":
+        expect = torch.full((n_layers, hkv), 1 / (n_layers * hkv))
+    else:
+        ent = torch.zeros(n_layers, hkv)
+        for li in range(n_layers):
+            for kv in range(hkv):
+                a = st.window_attn[li, kv * g:(kv + 1) * g].mean((0, 1))  # text queries = all
+                ent[li, kv] = -sum(p * math.log(p) for p in a.tolist() if p > 0) / math.log(21)
+        layer = 0.7 * ent.mean(1) / ent.mean(1).sum() + 0.3 / n_layers
+        head = 0.7 * ent / ent.sum(1, keepdim=True) + 0.3 / hkv
+        expect = layer[:, None] * head
+    assert torch.allclose(state["weights"], expect, atol=1e-6)
+    assert state["weights"].sum().item() == pytest.approx(1.0)
+
+
+def test_prefill_scores_text_prior_brute_force():
+    st = crafted_stats([[static_row(), dynamic_row()], [dynamic_row(), static_row()]])
+    _, scores, state = classify({"static_visual_keep": 0.25, "budget": "uniform"}, st)
+    # static heads keep text + the top 2 of 8 visual tokens (14, 15: distinct values)
+    keep = ~VISUAL
+    keep[[14, 15]] = True
+    static_need = (static_row() * keep).reshape(-1, BS).sum(-1)
+    dynamic_need = dynamic_row().reshape(-1, BS).sum(-1)
+    expect = static_need / static_need.sum() + dynamic_need / dynamic_need.sum()
+    assert torch.allclose(scores, expect / expect.sum(), atol=1e-6)
+
+
+def test_all_static_releases_unneeded_visual_blocks_dynamic_parks_them():
+    policy = get_policy("hybridkv", {"window": W, "static_visual_keep": 0.0})
+    protected = torch.tensor([True, False, False, False, False, True])
+    st = crafted_stats([[static_row(), static_row()]])
+    scores = policy.block_scores(st, {})
+    assert scores[[2, 3]].tolist() == [0.0, 0.0] and (scores[[0, 1, 4, 5]] > 0).all()
+    d = policy.select(scores, block_index=torch.arange(6), keep_blocks=6, protected=protected,
+                      bin_blocks=4)
+    assert d.keep.tolist() == [0, 1, 4, 5] and d.park.tolist() == [] and d.release.tolist() == [2, 3]
+    st = crafted_stats([[static_row(), dynamic_row()]])
+    scores = policy.block_scores(st, {})
+    assert (scores > 0).all()  # the dynamic head may retrieve any block later
+    d = policy.select(scores, block_index=torch.arange(6), keep_blocks=3, protected=protected,
+                      bin_blocks=2)
+    assert len(d.keep) == 3 and len(d.park) == 2 and len(d.release) == 1
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (6, 2)])
+def test_decode_retrieval_brute_force(hq, hkv):
+    frac = 0.5
+    policy = get_policy("hybridkv", {"window": 4, "retrieval_fraction": frac})
+    state = {}
+    policy.block_scores(make_stats(hq=hq, hkv=hkv, tokens=20, window=4, needs=policy.needs)[0], state)
+    state["static"] = torch.tensor([[True, False], [False, True]])
+    stored = state["need"].clone()  # [L, Hkv, 5] prefill needs
+    st, _ = make_stats(hq=hq, hkv=hkv, tokens=24, phase="decode", seed=4, needs=policy.needs)
+    scores = policy.block_scores(st, state)
+    nb, g = 6, hq // hkv
+    k = math.ceil(frac * nb)
+    need = torch.zeros(2, hkv, nb)
+    for li in range(2):
+        for kv in range(hkv):
+            if state["static"][li, kv]:
+                row = stored[li, kv].tolist()
+                row.append(sum(row) / len(row))  # new block 5: mean need (all positive here)
+                need[li, kv] = torch.tensor(row) / sum(row)
+                continue
+            bounds = []
+            for b in range(nb):
+                bounds.append(max(
+                    sum(max(st.query[li, h, e] * st.key_min[li, kv, b, e],
+                            st.query[li, h, e] * st.key_max[li, kv, b, e]).item()
+                        for e in range(st.query.shape[-1]))
+                    for h in range(kv * g, kv * g + g)))
+            top = sorted(range(nb), key=lambda b: -bounds[b])[:k]
+            z = sum(math.exp(bounds[b]) for b in top)
+            for b in top:
+                need[li, kv, b] = math.exp(bounds[b]) / z
+    expect = (state["weights"][..., None] * need).sum((0, 1))
+    expect = (expect / expect.sum()).clamp_min(1e-12)
+    assert torch.allclose(scores, expect, atol=1e-6)
+
+
+def test_decode_without_prefill_is_pure_retrieval():
+    policy = get_policy("hybridkv", {"retrieval_fraction": 0.34})
+    st, _ = make_stats(tokens=24, phase="decode", needs=policy.needs)
+    state = {}
+    scores = policy.block_scores(st, state)
+    assert not state["static"].any()
+    assert (scores > 0).all() and scores.sum().item() == pytest.approx(1.0, abs=1e-6)

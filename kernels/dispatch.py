@@ -143,7 +143,7 @@ def block_key_bounds(kv: PagedKV, block_ids, counts, *, backend=AUTO):
     return reference.block_key_bounds(kv.key, block_ids, counts)
 
 
-update_key_bounds = reference.update_key_bounds  # in-place index_reduce_: one kernel either way
+update_key_bounds = reference.update_key_bounds  # in-place scatter_reduce_: one kernel either way
 
 
 def quest_scores(query, key_min, key_max, num_blocks, *, backend=AUTO) -> torch.Tensor:

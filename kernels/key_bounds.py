@@ -4,7 +4,7 @@
 ``b``, so ranking blocks by it finds the blocks a query may attend to without reading them.
 Bounds are computed once per block (:func:`paged_block_key_bounds`) and, while the newest
 block fills, folded forward token by token (``reference.update_key_bounds``: an in-place
-``index_reduce_``, already a single kernel on GPU, so it has no Triton version).
+``scatter_reduce_``, already a single kernel on GPU, so it has no Triton version).
 """
 
 from __future__ import annotations

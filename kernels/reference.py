@@ -106,9 +106,9 @@ def update_key_bounds(key_min, key_max, rows, keys) -> None:
 
     Called as a block fills; repeated rows are fine. Works unchanged on GPU tensors.
     """
-    rows = rows.long()
-    key_min.index_reduce_(0, rows, keys.to(key_min.dtype), "amin", include_self=True)
-    key_max.index_reduce_(0, rows, keys.to(key_max.dtype), "amax", include_self=True)
+    index = rows.long().view(-1, 1, 1).expand(keys.shape)
+    key_min.scatter_reduce_(0, index, keys.to(key_min.dtype), "amin", include_self=True)
+    key_max.scatter_reduce_(0, index, keys.to(key_max.dtype), "amax", include_self=True)
 
 
 def quest_scores(query, key_min, key_max, num_blocks) -> torch.Tensor:

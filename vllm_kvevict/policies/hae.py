@@ -120,8 +120,10 @@ class HAEPolicy(EvictionPolicy):
             acc = step if acc is None else self.config.decay * acc.nan_to_num(0.0) + step
             save_blocks(state, "hae", stats.block_index, acc)
         base = recency(stats.block_index) if acc is None else acc.nan_to_num(0.0)
-        scores = normalize_mass(base).clamp_min(LIVE_FLOOR)
         pruned = torch.isin(stats.block_index, state.get("pruned", torch.empty(0, dtype=torch.long)))
+        if pruned.all():  # nothing would be left: do not prune
+            pruned = torch.zeros_like(pruned)
+        scores = normalize_mass(base.masked_fill(pruned, 0.0)).clamp_min(LIVE_FLOOR)
         return scores.masked_fill(pruned, 0.0)
 
     def select(

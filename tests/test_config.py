@@ -1,0 +1,102 @@
+"""Config validation, CLI flags and startup refusals: clear errors naming the field."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from vllm_kvevict.adapter.cli_args import add_flags, merge_into_additional_config
+from vllm_kvevict.adapter.vllm_internals import (
+    UnsupportedConfigError,
+    check_vllm_version,
+)
+from vllm_kvevict.config import EvictionConfig, config_from_additional, parse_config
+from vllm_kvevict.policies import available_policies
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"policy": "nope"}, "kv_eviction.policy"),
+        ({"policy": "attention", "budget": 0}, "kv_eviction.budget"),
+        ({"policy": "attention", "budget": 1.5}, "kv_eviction.budget"),
+        ({"policy": "attention", "budget_tokens": 0}, "kv_eviction.budget_tokens"),
+        ({"policy": "attention", "interval": 0}, "kv_eviction.interval"),
+        ({"policy": "attention", "colour": "red"}, "kv_eviction.colour"),
+        ({"policy": "attention", "budget": 0.5, "budget_tokens": 10}, "budget_tokens"),
+    ],
+)
+def test_bad_values_name_the_field(raw, field):
+    with pytest.raises(ValueError) as err:
+        parse_config(raw)
+    assert field in str(err.value)
+
+
+def test_unknown_policy_lists_valid_ones():
+    with pytest.raises(ValueError) as err:
+        parse_config({"policy": "nope"})
+    for name in available_policies():
+        assert name in str(err.value)
+
+
+def test_absent_key_means_plugin_inert_and_none_means_no_eviction():
+    assert config_from_additional({}) is None
+    assert config_from_additional({"kv_eviction": {}}).enabled is False
+
+
+def test_budget_resolution():
+    assert EvictionConfig(policy="attention").keep_tokens(1000) == 500
+    assert EvictionConfig(policy="attention", budget=0.1).keep_tokens(1001) == 101
+    assert EvictionConfig(policy="attention", budget_tokens=64).keep_tokens(1000) == 64
+
+
+def test_per_request_overrides():
+    server = parse_config({"policy": "attention", "budget": 0.25})
+    assert server.with_overrides({"budget_tokens": 128}).budget is None
+    assert server.with_overrides({"budget": 1.0}).keep_tokens(100) == 100
+    with pytest.raises(ValueError, match="kv_eviction.pool_pressure: not a per-request option"):
+        server.with_overrides({"pool_pressure": True})
+    with pytest.raises(ValueError, match="kv_eviction.budget"):
+        server.with_overrides({"budget": -1})
+    with pytest.raises(ValueError, match="JSON object"):
+        server.with_overrides(["budget"])
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--additional-config", dest="additional_config", default=None)
+    add_flags(parser)
+    args = parser.parse_args(argv)
+    merge_into_additional_config(args)
+    return args
+
+
+def test_cli_flags_become_additional_config():
+    args = _parse(["--kv-eviction", "attention", "--kv-eviction-budget", "0.25",
+                   "--kv-eviction-pool-pressure"])
+    assert args.additional_config == {
+        "kv_eviction": {"policy": "attention", "budget": 0.25, "pool_pressure": True}
+    }
+    assert not hasattr(args, "kv_eviction_budget")
+
+
+def test_cli_json_config_and_flag_override():
+    args = _parse(["--kv-eviction-config", '{"policy": "attention", "budget": 0.5}',
+                   "--kv-eviction-budget", "0.1"])
+    assert args.additional_config["kv_eviction"]["budget"] == 0.1
+
+
+def test_cli_without_flags_changes_nothing():
+    assert _parse([]).additional_config is None
+
+
+def test_cli_bad_value_fails_at_startup():
+    with pytest.raises(ValueError, match="kv_eviction.budget"):
+        _parse(["--kv-eviction", "attention", "--kv-eviction-budget", "2"])
+
+
+def test_unsupported_vllm_version_is_refused():
+    check_vllm_version("0.32.0")
+    with pytest.raises(UnsupportedConfigError, match="found vLLM 0.33.1"):
+        check_vllm_version("0.33.1")

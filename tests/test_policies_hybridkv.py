@@ -37,6 +37,15 @@ def dynamic_row() -> torch.Tensor:
     return r
 
 
+def local_row() -> torch.Tensor:
+    """Image-looking head that also attends its own neighbourhood (the window) heavily."""
+    r = dynamic_row()
+    r[20:24] = 0.1
+    r[0] = 0
+    r[0] = 1 - r.sum()
+    return r
+
+
 def crafted_stats(rows, visual=VISUAL) -> RequestStats:
     """rows[l][h] -> every window query of (layer l, head h) has that attention row."""
     attn = torch.stack([torch.stack([r.expand(W, T) for r in layer]) for layer in rows])
@@ -60,6 +69,9 @@ def test_text_mass_classification():
     assert classify({}, st)[0] == [[True, False], [False, True]]
     # counting the sink as text would call the image-looking head static
     assert classify({"sink_tokens": 0}, st)[0] == [[True, True], [True, True]]
+    # attention to the observation window itself is locality, not text-centricity
+    st_local = crafted_stats([[static_row(), local_row()]])
+    assert classify({}, st_local)[0] == [[True, False]]
     # threshold is the knob: text share of the static head is 0.64 / 0.748 ≈ 0.86
     assert classify({"text_mass_threshold": 0.9}, st)[0] == [[False, False], [False, False]]
 
@@ -138,7 +150,7 @@ def test_decode_retrieval_brute_force(hq, hkv):
     policy.block_scores(make_stats(hq=hq, hkv=hkv, tokens=20, window=4, needs=policy.needs)[0], state)
     state["static"] = torch.tensor([[True, False], [False, True]])
     stored = state["need"].clone()  # [L, Hkv, 5] prefill needs
-    st, _ = make_stats(hq=hq, hkv=hkv, tokens=24, phase="decode", seed=4, needs=policy.needs)
+    st, _ = make_stats(hq=hq, hkv=hkv, tokens=23, phase="decode", seed=4, needs=policy.needs)
     scores = policy.block_scores(st, state)
     nb, g = 6, hq // hkv
     k = math.ceil(frac * nb)

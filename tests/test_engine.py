@@ -207,3 +207,29 @@ def test_abort_and_preemption_of_evicted_requests_leak_nothing(llm):
     while engine.has_unfinished_requests():
         engine.step()
     assert pool.get_num_free_blocks() == initial
+
+
+POLICIES = ["attention", "snapkv", "h2o", "laprox", "hae", "hybridkv"]
+
+
+def _passkey_accuracy(llm, policy, budget, keys):
+    prompts = [passkey_prompt(k, repeats=12, depth=0.5) for k in keys]
+    outs = llm.generate(prompts, params({"policy": policy, "budget": budget}, max_tokens=8))
+    return sum(k in o.outputs[0].text for k, o in zip(keys, outs)) / len(keys)
+
+
+@pytest.fixture(scope="module")
+def streaming_accuracy(llm):
+    return _passkey_accuracy(llm, "streamingllm", 0.25, ["31415", "27182"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", POLICIES)
+def test_each_policy_retrieves_a_mid_context_passkey_where_streamingllm_cannot(
+    llm, policy, streaming_accuracy
+):
+    released_before = scheduler(llm).kv_counters.released
+    accuracy = _passkey_accuracy(llm, policy, 0.25, ["31415", "27182"])
+    assert scheduler(llm).kv_counters.released > released_before, "nothing was evicted"
+    assert streaming_accuracy == 0.0
+    assert accuracy == 1.0

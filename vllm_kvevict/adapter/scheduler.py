@@ -36,6 +36,7 @@ class RequestEviction:
     fresh: bool = False  # scores arrived since the last decision
     decode_steps: int = 0  # decode steps since the last scoring
     evicted_tokens: int = 0  # released, cumulative (for reporting)
+    select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
 
 
 @dataclass
@@ -195,7 +196,8 @@ class EvictingScheduler(Scheduler):
         keep_blocks = math.ceil(config.keep_tokens(committed) / bs)
         rb = self.ledger.requests.get(req_id)
         parked = set(rb.parked) if rb else set()
-        if len(positions) - len(parked) <= keep_blocks and not parked:
+        select_anyway, state.select_anyway = state.select_anyway, False
+        if len(positions) - len(parked) <= keep_blocks and not parked and not select_anyway:
             return
         protected = self._protected(config, positions, committed, state.scores)
         scores = torch.tensor([state.scores.get(p, 0.0) for p in positions], dtype=torch.float32)
@@ -281,7 +283,8 @@ class EvictingScheduler(Scheduler):
             phase = "prefill"
         elif before >= prompt:
             state.decode_steps += 1
-            if state.decode_steps < state.config.interval:
+            every_step = state.policy.score_every_step
+            if state.decode_steps < state.config.interval and not every_step:
                 return None
             phase = "decode"
         else:
@@ -290,8 +293,10 @@ class EvictingScheduler(Scheduler):
         rb = self.ledger.requests.get(req_id)
         kept = len(self.ledger.resident_positions(req_id)) - (len(rb.parked) if rb else 0)
         over = kept * self.kv_block_size > state.config.keep_tokens(done)
-        if not over and not (rb and rb.parked):
+        threshold = phase == "prefill" and state.policy.select_after_prefill
+        if not (over or threshold or state.policy.score_every_step or (rb and rb.parked)):
             return None
+        state.select_anyway = threshold
         state.decode_steps = 0
         _, kept_positions = self.ledger.compacted_row(req_id)
         spans = [

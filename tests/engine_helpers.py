@@ -92,7 +92,7 @@ class HFReference:
             str(model_path()), dtype=torch.float32, attn_implementation="eager"
         ).eval()
 
-    def logprobs(self, token_ids: list[int], excluded) -> "torch.Tensor":
+    def logprobs(self, token_ids: list[int], excluded):
         torch = self.torch
         n = len(token_ids)
         allowed = torch.ones(n, n, dtype=torch.bool).tril()

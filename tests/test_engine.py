@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from engine_helpers import (
     BLOCK_SIZE,
     HFReference,
@@ -150,7 +149,6 @@ def test_free_blocks_rise_by_evicted_blocks(llm):
 def test_prefix_cache_never_serves_blocks_computed_after_eviction(llm):
     from vllm.inputs import TokensPrompt
 
-    sched = scheduler(llm)
     first = llm.generate([passkey_prompt("24680")], params(max_tokens=64))[0]
     boundary = eviction_log(llm, first.request_id)[0][0]  # tokens computed before eviction
     # a later request whose prompt extends the first one's sequence, with full attention

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_policies_common import make_stats
+from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
 
 from vllm_kvevict.policies import get_policy
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_policies_common import make_stats
+from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
 
 from vllm_kvevict.policies import available_policies, get_policy, get_policy_class
 from vllm_kvevict.policies.base import STATISTICS, Decision
@@ -43,7 +43,7 @@ def scenario(draw):
 
 
 @pytest.mark.parametrize("name", POLICIES)
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(sc=scenario(), data=st.data())
 def test_policy_scores_and_decisions(name, sc, data):
     policy = get_policy(name)
@@ -80,7 +80,7 @@ def test_policy_scores_and_decisions(name, sc, data):
 
 
 @pytest.mark.parametrize("name", POLICIES)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_select_on_arbitrary_scores(name, data):
     """Ties, zeros, everything protected, zero budget: the Decision is still valid."""

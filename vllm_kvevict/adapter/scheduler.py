@@ -208,6 +208,7 @@ class EvictingScheduler(Scheduler):
             keep_blocks=keep_blocks,
             protected=protected,
             bin_blocks=max(0, min(config.recycle_bin_blocks, room)),
+            visual_blocks=self._visual_blocks(request, positions),
         )
         restore = parked & set(decision.keep.tolist())
         self.kv_counters.restored += self.ledger.restore(req_id, restore)
@@ -226,6 +227,18 @@ class EvictingScheduler(Scheduler):
         log = self.kv_log.setdefault(req_id, [])
         if not log or log[-1][1] != excluded:
             log.append((committed, excluded))
+
+    def _visual_blocks(self, request, positions: list[int]) -> torch.Tensor | None:
+        """[nb] bool: blocks made only of multimodal placeholder tokens (text protects a block)."""
+        spans = [(f.mm_position.offset, f.mm_position.length)
+                 for f in (getattr(request, "mm_features", None) or [])]
+        if not spans:
+            return None
+        bs = self.kv_block_size
+        return torch.tensor([
+            any(off <= p * bs and (p + 1) * bs <= off + length for off, length in spans)
+            for p in positions
+        ], dtype=torch.bool)
 
     def _free_under_pressure(self, need: int, exclude: str) -> bool:
         """Pool-pressure mode: release parked blocks first, then the globally least important
@@ -294,7 +307,10 @@ class EvictingScheduler(Scheduler):
         kept = len(self.ledger.resident_positions(req_id)) - (len(rb.parked) if rb else 0)
         over = kept * self.kv_block_size > state.config.keep_tokens(done)
         threshold = phase == "prefill" and state.policy.select_after_prefill
-        if not (over or threshold or state.policy.score_every_step or (rb and rb.parked)):
+        # windowed methods (SnapKV, LaProx, HAE, HybridKV) only see the prompt's window now
+        windowed = phase == "prefill" and getattr(state.policy, "window", 0) > 0
+        if not (over or threshold or windowed or state.policy.score_every_step
+                or (rb and rb.parked)):
             return None
         state.select_anyway = threshold
         state.decode_steps = 0

@@ -81,15 +81,16 @@ class HFReference:
     the original positions, exactly like the plugin's compacted view.
     """
 
-    def __init__(self):
+    def __init__(self, dtype: str = "float32"):
         import torch
         from transformers import AutoModelForCausalLM
 
         from vllm_kvevict.models import model_path
 
         self.torch = torch
+        self.dtype = getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_path()), dtype=torch.float32, attn_implementation="eager"
+            str(model_path()), dtype=self.dtype, attn_implementation="eager"
         ).eval()
 
     def logprobs(self, token_ids: list[int], excluded):
@@ -100,15 +101,15 @@ class HFReference:
             hidden = excluded(q)
             if hidden:
                 allowed[q, sorted(hidden)] = False
-        mask = torch.zeros(1, 1, n, n, dtype=torch.float32)
-        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        mask = torch.zeros(1, 1, n, n, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         with torch.no_grad():
             logits = self.model(
                 input_ids=torch.tensor([token_ids]),
                 attention_mask=mask,
                 position_ids=torch.arange(n)[None],
             ).logits[0]
-        return torch.log_softmax(logits.float(), -1)
+        return torch.log_softmax(logits.to(self.dtype), -1)
 
 
 def excluded_from_log(log, block_size: int = BLOCK_SIZE):

@@ -43,6 +43,8 @@ def _resolve_model_aliases(argv: list[str]) -> list[str]:
     from vllm_kvevict.models import _GGUF, model_path
 
     if len(argv) >= 2 and argv[0] == "serve" and argv[1] in _GGUF:
+        # the embedded model is on disk: nothing may be fetched from the hub for it
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return [argv[0], str(model_path(argv[1])), *argv[2:]]
     return argv
 
@@ -52,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     if _cpu_only():
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         _alias_vllm_distribution()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = _resolve_model_aliases(argv)
     sys.argv = ["vllm", *argv]
     from vllm.entrypoints.cli.main import main as vllm_main

@@ -109,7 +109,10 @@ class EvictionConfig(BaseModel):
         return parse_config(merged)
 
 
-PER_REQUEST_FIELDS = ("policy", "budget", "budget_tokens", "sink_tokens", "recent_tokens", "options")
+PER_REQUEST_FIELDS = (
+    "policy", "budget", "budget_tokens", "sink_tokens", "recent_tokens", "recycle_bin_blocks",
+    "options",
+)
 
 
 def parse_config(raw: Any) -> EvictionConfig:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from vllm_kvevict.adapter.ledger import BlockLedger
 from vllm_kvevict.adapter.protocol import PLAN_ATTR, SCORES_ATTR, ScoreTask, StepPlan
@@ -94,10 +95,14 @@ class EvictingScheduler(Scheduler):
 
         def allocate_slots(request, num_new_tokens, *args, **kwargs):
             blocks = original_allocate(request, num_new_tokens, *args, **kwargs)
-            if blocks is not None or not self.kv_default.pool_pressure:
+            # Only where vLLM would preempt: a *running* request short of blocks. A waiting
+            # request short of blocks just waits; evicting to admit it would trade quality
+            # for concurrency nobody asked for.
+            if (blocks is not None or not self.kv_default.pool_pressure
+                    or request.status != RequestStatus.RUNNING):
                 return blocks
             need = math.ceil(max(num_new_tokens, 1) / self.kv_block_size) + 1
-            while blocks is None and self._free_under_pressure(need, exclude=request.request_id):
+            while blocks is None and self._free_under_pressure(need):
                 blocks = original_allocate(request, num_new_tokens, *args, **kwargs)
             if blocks is not None:
                 self.kv_counters.preemptions_avoided += 1
@@ -240,7 +245,7 @@ class EvictingScheduler(Scheduler):
             for p in positions
         ], dtype=torch.bool)
 
-    def _free_under_pressure(self, need: int, exclude: str) -> bool:
+    def _free_under_pressure(self, need: int) -> bool:
         """Pool-pressure mode: release parked blocks first, then the globally least important
         evictable blocks of running requests. Returns False if nothing could be freed."""
         candidates = []  # (is_kept, score, req_id, position)
@@ -253,14 +258,20 @@ class EvictingScheduler(Scheduler):
             positions = self.ledger.resident_positions(req_id)
             protected = self._protected(state.config, positions, committed, state.scores)
             parked = self.ledger.requests[req_id].parked if req_id in self.ledger.requests else set()
+            blocks = self.ledger.blocks(req_id)
             for pos, prot in zip(positions, protected.tolist()):
                 if not prot:
-                    candidates.append((pos not in parked, state.scores[pos], req_id, pos, committed))
+                    # parked first, then blocks only this request holds (releasing a block
+                    # shared through a prefix hit frees no memory), then by importance
+                    shared = blocks[pos].ref_cnt > 1
+                    candidates.append(
+                        (pos not in parked, shared, state.scores[pos], req_id, pos, committed)
+                    )
         if not candidates:
             return False
         candidates.sort()
         freed = 0
-        for _, _, req_id, pos, committed in candidates[:need]:
+        for *_, req_id, pos, committed in candidates[:need]:
             freed += self.ledger.release(req_id, [pos], committed)
             self.kv_requests[req_id].evicted_tokens += self.kv_block_size
             self._log(req_id, committed)
@@ -309,7 +320,9 @@ class EvictingScheduler(Scheduler):
         threshold = phase == "prefill" and state.policy.select_after_prefill
         # windowed methods (SnapKV, LaProx, HAE, HybridKV) only see the prompt's window now
         windowed = phase == "prefill" and getattr(state.policy, "window", 0) > 0
-        if not (over or threshold or windowed or state.policy.score_every_step
+        # pool-pressure mode ranks every running request's blocks: keep scores fresh
+        pressure = phase == "decode" and self.kv_default.pool_pressure
+        if not (over or threshold or windowed or pressure or state.policy.score_every_step
                 or (rb and rb.parked)):
             return None
         state.select_anyway = threshold

@@ -21,7 +21,8 @@ TOUCHED_INTERNALS = (
     ("vllm.v1.outputs.ModelRunnerOutput", "extra attribute kv_eviction_scores (pickled as-is)"),
     ("KVCacheManager.coordinator.single_type_managers[0].req_to_blocks", "positional block lists; "
      "evicted entries replaced by block_pool.null_block"),
-    ("KVCacheManager.allocate_slots", "wrapped on the instance: pool-pressure eviction"),
+    ("KVCacheManager.allocate_slots", "wrapped on the instance: pool-pressure eviction, only for "
+     "requests with status RequestStatus.RUNNING (vllm.v1.request)"),
     ("KVCacheCoordinator.cache_blocks", "wrapped on the instance: prefix-cache poison guard"),
     ("BlockPool.free_blocks / get_num_free_blocks / null_block", "return evicted blocks"),
     ("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states", "wrapped: compacted block rows"),

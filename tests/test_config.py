@@ -11,7 +11,12 @@ from vllm_kvevict.adapter.vllm_internals import (
     UnsupportedConfigError,
     check_vllm_version,
 )
-from vllm_kvevict.config import EvictionConfig, config_from_additional, parse_config
+from vllm_kvevict.config import (
+    EvictionConfig,
+    config_from_additional,
+    parse_config,
+    request_overrides,
+)
 from vllm_kvevict.policies import available_policies
 
 
@@ -61,6 +66,48 @@ def test_per_request_overrides():
         server.with_overrides({"budget": -1})
     with pytest.raises(ValueError, match="JSON object"):
         server.with_overrides(["budget"])
+
+
+def test_request_overrides_accept_the_http_forms():
+    """Over HTTP, vllm_xargs values cannot be objects: a JSON string and flat keys work too."""
+    assert request_overrides(None) is None
+    assert request_overrides({"other_extension": 1}) is None
+    assert request_overrides({"kv_eviction": {"budget": 0.5}}) == {"budget": 0.5}
+    assert request_overrides({"kv_eviction": '{"budget": 0.5}'}) == {"budget": 0.5}
+    flat = {"kv_eviction.policy": "snapkv", "kv_eviction.options": '{"window": 8}'}
+    assert request_overrides(flat) == {"policy": "snapkv", "options": {"window": 8}}
+    with pytest.raises(ValueError, match="kv_eviction: not valid JSON"):
+        request_overrides({"kv_eviction": "{budget"})
+    with pytest.raises(ValueError, match="kv_eviction.options: not valid JSON"):
+        request_overrides({"kv_eviction.options": "{"})
+    with pytest.raises(ValueError, match="JSON object, got list"):
+        request_overrides({"kv_eviction": [1]})
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"kv_eviction.budget": 2}, "kv_eviction.budget: must be > 0 and <= 1"),
+        ({"kv_eviction.policy": "lru"}, "valid policies: "),
+        ({"kv_eviction.pool_pressure": True}, "not a per-request option; valid: "),
+        ({"kv_eviction": "[]"}, "JSON object"),
+    ],
+)
+def test_front_end_rejects_bad_request_options_with_a_client_error(extra, message):
+    from types import SimpleNamespace
+
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_kvevict.adapter import validate_request
+
+    server = SimpleNamespace(additional_config={"kv_eviction": {"policy": "attention"}})
+    validate_request(server, SimpleNamespace(extra_args={"kv_eviction.budget": 0.5}))  # fine
+    with pytest.raises(VLLMValidationError, match=message):
+        validate_request(server, SimpleNamespace(extra_args=extra))
+    inert = SimpleNamespace(additional_config=None)
+    validate_request(inert, SimpleNamespace(extra_args=None))
+    with pytest.raises(VLLMValidationError, match="runs without KV eviction"):
+        validate_request(inert, SimpleNamespace(extra_args={"kv_eviction.budget": 0.5}))
 
 
 def _parse(argv):

@@ -313,3 +313,35 @@ def test_parked_blocks_leave_attention_and_come_back_exactly(llm, reference, par
     print(f"park/restore: max |Δlogprob| vs time-masked reference {delta:.2e}; vs full {delta_full:.2e}")
     assert delta <= 5e-5 and delta_full > 100 * delta
     assert pool.get_num_free_blocks() == initial  # parked blocks went back at finish
+
+
+def test_each_request_reports_its_eviction_and_metrics_reach_the_registry(llm):
+    from prometheus_client import REGISTRY, generate_latest
+
+    evicting, full = llm.generate(
+        [passkey_prompt("31337"), passkey_prompt("31338")],
+        [params(max_tokens=8), params({"budget": 1.0}, max_tokens=8)],
+    )
+    report = evicting.kv_transfer_params["kv_eviction"]
+    n = len(evicting.prompt_token_ids) + 8 - 1  # the last sampled token has no KV yet
+    assert report["policy"] == "attention" and report["total_tokens"] == n
+    assert report["evicted_tokens"] > 0
+    assert report["attended_tokens"] == n - report["evicted_tokens"] - report["parked_tokens"]
+    assert full.kv_transfer_params["kv_eviction"]["evicted_tokens"] == 0
+    text = generate_latest(REGISTRY).decode()
+    released = [ln for ln in text.splitlines()
+                if ln.startswith('vllm_kvevict_released_blocks_total{policy="attention"}')]
+    assert released and float(released[0].split()[-1]) >= scheduler(llm).kv_counters.released > 0
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"budget": 3}, "kv_eviction.budget"),
+    ({"policy": "fifo"}, "kv_eviction.policy"),
+    ({"recent_tokens": -1}, "kv_eviction.recent_tokens"),
+])
+def test_bad_request_options_are_refused_and_the_engine_keeps_serving(llm, bad, field):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=field):
+        llm.generate([passkey_prompt()], params(bad, max_tokens=2))
+    assert llm.generate(["The sky is"], params(max_tokens=2))[0].outputs[0].token_ids

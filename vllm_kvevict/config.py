@@ -115,6 +115,38 @@ PER_REQUEST_FIELDS = (
 )
 
 
+def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The per-request ``kv_eviction`` overrides in a request's ``extra_args``, or None.
+
+    Accepted forms (over HTTP ``vllm_xargs`` values cannot be objects, hence the last two):
+    ``{"kv_eviction": {...}}``, ``{"kv_eviction": "<JSON object>"}`` and flat keys
+    ``{"kv_eviction.budget": 0.25, "kv_eviction.policy": "snapkv"}`` (``kv_eviction.options``
+    as a JSON string). Raises ``ValueError`` naming the offending field.
+    """
+    if not extra_args:
+        return None
+    prefix = CONFIG_KEY + "."
+    flat = {k[len(prefix):]: v for k, v in extra_args.items() if k.startswith(prefix)}
+    if CONFIG_KEY not in extra_args and not flat:
+        return None
+    raw = extra_args.get(CONFIG_KEY, {})
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{CONFIG_KEY}: not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{CONFIG_KEY}: per-request options must be a JSON object, got {type(raw).__name__}"
+        )
+    if isinstance(flat.get("options"), str):
+        try:
+            flat["options"] = json.loads(flat["options"])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{CONFIG_KEY}.options: not valid JSON ({exc.msg})") from None
+    return {**raw, **flat}
+
+
 def parse_config(raw: Any) -> EvictionConfig:
     """Validate a ``kv_eviction`` value (dict, JSON string or None) into ``EvictionConfig``."""
     if raw is None:

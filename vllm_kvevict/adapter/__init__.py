@@ -24,6 +24,7 @@ def install() -> None:
 
     install_cli()
     _install_engine_config_hook()
+    _install_request_validation()
     install_runner_hooks()
 
 
@@ -53,7 +54,45 @@ def _install_engine_config_hook() -> None:
         vllm_config = original(self, *args, **kwargs)
         if config is not None:
             check_engine_config(vllm_config)
+            from vllm_kvevict.metrics import register_collector
+
+            register_collector()  # before the engine core starts: it inherits the directory
             logger.info("kv_eviction enabled: %s", config.model_dump())
         return vllm_config
 
     EngineArgs.create_engine_config = create_engine_config
+
+
+def validate_request(vllm_config, params) -> None:
+    """Front-end check of a request's ``kv_eviction`` options; raises ``VLLMValidationError``
+    (HTTP 400 naming the field) so a bad request never reaches the engine core."""
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_kvevict.config import CONFIG_KEY, config_from_additional, request_overrides
+
+    try:
+        overrides = request_overrides(getattr(params, "extra_args", None))
+        if overrides is None:
+            return
+        default = config_from_additional(getattr(vllm_config, "additional_config", None))
+        if default is None:
+            raise ValueError(
+                f"{CONFIG_KEY}: this server runs without KV eviction (start it with "
+                "--kv-eviction POLICY); per-request kv_eviction options are not accepted"
+            )
+        default.with_overrides(overrides)
+    except ValueError as exc:
+        raise VLLMValidationError(str(exc), parameter=CONFIG_KEY) from None
+
+
+def _install_request_validation() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor._validate_params
+
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        validate_request(self.vllm_config, params)
+        return result
+
+    InputProcessor._validate_params = _validate_params

@@ -22,7 +22,13 @@ from vllm.v1.request import RequestStatus
 from vllm_kvevict.adapter.ledger import BlockLedger
 from vllm_kvevict.adapter.protocol import PLAN_ATTR, SCORES_ATTR, ScoreTask, StepPlan
 from vllm_kvevict.adapter.vllm_internals import check_kv_cache_config
-from vllm_kvevict.config import CONFIG_KEY, EvictionConfig, config_from_additional
+from vllm_kvevict.config import (
+    CONFIG_KEY,
+    EvictionConfig,
+    config_from_additional,
+    request_overrides,
+)
+from vllm_kvevict.metrics import EvictionMetrics
 from vllm_kvevict.policies import get_policy
 
 logger = logging.getLogger("vllm_kvevict")
@@ -36,13 +42,14 @@ class RequestEviction:
     scores: dict[int, float] = field(default_factory=dict)  # position -> latest score
     fresh: bool = False  # scores arrived since the last decision
     decode_steps: int = 0  # decode steps since the last scoring
-    evicted_tokens: int = 0  # released, cumulative (for reporting)
+    evicted_tokens: int = 0  # released to the pool, cumulative (for reporting)
+    evicted_blocks: int = 0  # taken out of attention (parked or released), cumulative
     select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
 
 
 @dataclass
 class EvictionCounters:
-    """Cumulative counts (exported as metrics)."""
+    """Engine-wide cumulative counts (tests and logs; per-policy metrics: ``kv_metrics``)."""
 
     released: int = 0
     parked: int = 0
@@ -56,10 +63,8 @@ class EvictionCounters:
 def request_config(default: EvictionConfig, request) -> EvictionConfig:
     """The request's config: the server default with its ``extra_args.kv_eviction`` applied."""
     params = getattr(request, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
-    if CONFIG_KEY not in extra:
-        return default
-    return default.with_overrides(extra[CONFIG_KEY])
+    overrides = request_overrides(getattr(params, "extra_args", None))
+    return default if overrides is None else default.with_overrides(overrides)
 
 
 class EvictingScheduler(Scheduler):
@@ -72,6 +77,10 @@ class EvictingScheduler(Scheduler):
         self.kv_block_size = manager.block_size
         self.kv_requests: dict[str, RequestEviction] = {}
         self.kv_counters = EvictionCounters()
+        group = kv_cache_config.kv_cache_groups[0]
+        self.kv_metrics = EvictionMetrics(
+            block_bytes=group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+        )
         # req_id -> [(effective from token, excluded positions)], dropped at finish; kept for
         # the last finished requests only (bounded) so tests can rebuild reference masks.
         self.kv_log: dict[str, list[tuple[int, frozenset]]] = {}
@@ -106,6 +115,8 @@ class EvictingScheduler(Scheduler):
                 blocks = original_allocate(request, num_new_tokens, *args, **kwargs)
             if blocks is not None:
                 self.kv_counters.preemptions_avoided += 1
+                self.kv_metrics.preemptions_avoided += 1
+                self.kv_metrics.dirty = True
             return blocks
 
         self.kv_cache_manager.allocate_slots = allocate_slots
@@ -123,6 +134,32 @@ class EvictingScheduler(Scheduler):
                 config=config, policy=get_policy(config.policy, config.options)
             )
         super().add_request(request)
+
+    def _free_request(self, request, *args, **kwargs):
+        """Finish: report what was evicted for this request on its final output (vLLM carries
+        ``kv_transfer_params`` to ``RequestOutput`` and to non-streaming OpenAI responses)."""
+        report = self._eviction_report(request)
+        kv_params, *rest = super()._free_request(request, *args, **kwargs)
+        if report is not None:
+            kv_params = {**(kv_params or {}), CONFIG_KEY: report}
+        return (kv_params, *rest)
+
+    def _eviction_report(self, request) -> dict | None:
+        state = self.kv_requests.get(request.request_id)
+        if state is None:
+            return None
+        bs = self.kv_block_size
+        rb = self.ledger.requests.get(request.request_id)
+        total = request.num_computed_tokens
+        excluded = (len(rb.parked) + len(rb.released)) * bs if rb else 0
+        return {
+            "policy": state.config.policy,
+            "total_tokens": total,
+            "attended_tokens": total - excluded,  # in attention at the end
+            "evicted_tokens": state.evicted_tokens,  # returned to the pool
+            "parked_tokens": len(rb.parked) * bs if rb else 0,
+            "evicted_blocks": state.evicted_blocks,  # ever taken out of attention
+        }
 
     def _free_request_blocks(self, request) -> None:
         # Finish, abort and preemption all pass here. vLLM frees every non-null block in the
@@ -151,6 +188,7 @@ class EvictingScheduler(Scheduler):
             self._apply_decisions()
         output = super().schedule(*args, **kwargs)
         setattr(output, PLAN_ATTR, self._step_plan(output) if self.kv_requests else None)
+        self.kv_metrics.publish()
         return output
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -188,8 +226,10 @@ class EvictingScheduler(Scheduler):
             state.fresh = False
             started = time.perf_counter()
             self._decide(request, state)
+            elapsed = time.perf_counter() - started
             self.kv_counters.decisions += 1
-            self.kv_counters.decision_seconds += time.perf_counter() - started
+            self.kv_counters.decision_seconds += elapsed
+            self.kv_metrics.policy(state.config.policy).observe_decision(elapsed)
 
     def _decide(self, request, state: RequestEviction) -> None:
         req_id, bs = request.request_id, self.kv_block_size
@@ -215,15 +255,38 @@ class EvictingScheduler(Scheduler):
             bin_blocks=max(0, min(config.recycle_bin_blocks, room)),
             visual_blocks=self._visual_blocks(request, positions),
         )
-        restore = parked & set(decision.keep.tolist())
-        self.kv_counters.restored += self.ledger.restore(req_id, restore)
-        released = self.ledger.release(req_id, decision.release.tolist(), committed)
-        self.kv_counters.released += released
-        state.evicted_tokens += released * bs
-        self.kv_counters.parked += self.ledger.park(
+        restored = self.ledger.restore(req_id, parked & set(decision.keep.tolist()))
+        to_release = decision.release.tolist()
+        from_bin = len(parked & set(to_release))
+        released = self.ledger.release(req_id, to_release, committed)
+        newly_parked = self.ledger.park(
             req_id, [p for p in decision.park.tolist() if p not in parked], committed
         )
+        self._count(state, restored=restored, released=released, parked=newly_parked,
+                    evicted=released - from_bin + newly_parked)
         self._log(req_id, committed)
+
+    def _count(self, state: RequestEviction, *, restored: int = 0, released: int = 0,
+               parked: int = 0, evicted: int = 0, pressure: int = 0) -> None:
+        """Update the engine totals, the per-policy metrics and the request's own report."""
+        totals, metrics = self.kv_counters, self.kv_metrics
+        totals.restored += restored
+        totals.released += released
+        totals.parked += parked
+        totals.pool_pressure_released += pressure
+        if evicted and not state.evicted_blocks:
+            metrics.policy(state.config.policy).requests_with_eviction += 1
+        state.evicted_tokens += released * self.kv_block_size
+        state.evicted_blocks += evicted
+        if restored or released or parked or evicted:
+            counters = metrics.policy(state.config.policy)
+            counters.restored_blocks += restored
+            counters.released_blocks += released
+            counters.parked_blocks += parked
+            counters.evicted_blocks += evicted
+            counters.pool_pressure_released_blocks += pressure
+            counters.bytes_freed += released * metrics.block_bytes
+            metrics.parked_blocks_now = self.ledger.num_parked_total()
 
     def _log(self, req_id: str, committed: int) -> None:
         """Record the excluded set and the token from which it applies (tests rebuild the
@@ -271,12 +334,12 @@ class EvictingScheduler(Scheduler):
             return False
         candidates.sort()
         freed = 0
-        for *_, req_id, pos, committed in candidates[:need]:
-            freed += self.ledger.release(req_id, [pos], committed)
-            self.kv_requests[req_id].evicted_tokens += self.kv_block_size
+        for is_kept, _, _, req_id, pos, committed in candidates[:need]:
+            released = self.ledger.release(req_id, [pos], committed)
+            freed += released
+            self._count(self.kv_requests[req_id], released=released, pressure=released,
+                        evicted=released if is_kept else 0)
             self._log(req_id, committed)
-        self.kv_counters.pool_pressure_released += freed
-        self.kv_counters.released += freed
         return freed > 0
 
     # -- the plan for the workers --------------------------------------------------------------

@@ -17,6 +17,11 @@ TOUCHED_INTERNALS = (
     ("vllm.engine.arg_utils.AsyncEngineArgs.add_cli_args", "wrapped: adds --kv-eviction flags"),
     ("vllm.v1.core.sched.scheduler.Scheduler", "subclassed: schedule, update_from_output, "
      "_free_request_blocks, add_request"),
+    ("vllm.v1.engine.input_processor.InputProcessor._validate_params", "wrapped: per-request "
+     "kv_eviction options -> VLLMValidationError (HTTP 400)"),
+    ("Scheduler._free_request", "overridden: returns kv_transfer_params with a kv_eviction "
+     "report (reaches RequestOutput and non-streaming OpenAI responses)"),
+    ("vllm.v1.metrics.prometheus.get_prometheus_registry", "our collector registered in it"),
     ("vllm.v1.core.sched.output.SchedulerOutput", "extra attribute kv_eviction (pickled as-is)"),
     ("vllm.v1.outputs.ModelRunnerOutput", "extra attribute kv_eviction_scores (pickled as-is)"),
     ("KVCacheManager.coordinator.single_type_managers[0].req_to_blocks", "positional block lists; "

@@ -1,0 +1,243 @@
+"""The OpenAI server with eviction on: per-request control, 400s, metrics, and a bounded soak.
+
+One ``vllm serve smollm2 --kv-eviction attention`` process (loopback) for the module, started
+through our CLI exactly as the README does. The soak's size comes from
+``KVEVICT_SOAK_REQUESTS`` (default 96, the CI version; the README gives the long manual run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from engine_helpers import passkey_prompt
+
+pytestmark = pytest.mark.engine
+
+SOAK_REQUESTS = int(os.environ.get("KVEVICT_SOAK_REQUESTS", "96"))
+CONCURRENCY = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="kvevict-serve-", suffix=".log", delete=False)
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server: engine core in its own process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_kvevict.cli", "serve", "smollm2",
+             "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(self.port),
+             "--block-size", "32", "--max-model-len", "2048", "--dtype", "float32",
+             "--enforce-eager", "--max-num-seqs", "16",
+             "--kv-eviction", "attention", "--kv-eviction-budget", "0.25",
+             "--kv-eviction-interval", "4"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                urllib.request.urlopen(f"{self.base}/health", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return "".join(f.readlines()[-n:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(f"{self.base}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled-or-summed samples by name (labels dropped, values summed)."""
+        text = urllib.request.urlopen(f"{self.base}/metrics", timeout=10).read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name = line.split("{")[0].split(" ")[0]
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[-1])
+        return values
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server()
+    yield srv
+    srv.stop()
+
+
+def _completion(prompt: str, xargs: dict | None = None, max_tokens: int = 8) -> dict:
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    return body
+
+
+def test_per_request_options_and_the_eviction_report(server):
+    status, body = server.post("/v1/completions", _completion(passkey_prompt()))
+    assert status == 200, body
+    report = body["kv_transfer_params"]["kv_eviction"]
+    assert report["policy"] == "attention" and report["evicted_tokens"] > 0
+    assert "71432" in body["choices"][0]["text"]
+    # the same prompt with the budget lifted for this request only: nothing evicted
+    status, body = server.post("/v1/completions", _completion(passkey_prompt(), {"kv_eviction.budget": 1.0}))
+    assert status == 200 and body["kv_transfer_params"]["kv_eviction"]["evicted_tokens"] == 0
+    # the JSON-string form and another policy
+    status, body = server.post("/v1/completions", _completion(
+        passkey_prompt(), {"kv_eviction": json.dumps({"policy": "streamingllm", "budget": 0.25})}))
+    assert status == 200 and body["kv_transfer_params"]["kv_eviction"]["policy"] == "streamingllm"
+
+
+@pytest.mark.parametrize("xargs, field", [
+    ({"kv_eviction.budget": 1.5}, "kv_eviction.budget"),
+    ({"kv_eviction.policy": "lru"}, "kv_eviction.policy"),
+    ({"kv_eviction": "{not json"}, "kv_eviction"),
+    ({"kv_eviction.colour": "red"}, "kv_eviction.colour"),
+])
+def test_bad_request_options_get_a_400_naming_the_field(server, xargs, field):
+    status, body = server.post("/v1/completions", _completion("The sky is", xargs))
+    assert status == 400, body
+    assert field in body["error"]["message"]
+    status, _ = server.post("/v1/completions", _completion("The sky is"))
+    assert status == 200  # the server keeps serving
+
+
+def test_metrics_endpoint_exports_eviction_counters(server):
+    server.post("/v1/completions", _completion(passkey_prompt("55555")))
+    m = server.metrics()
+    assert m["vllm_kvevict_released_blocks_total"] > 0
+    assert m["vllm_kvevict_evicted_blocks_total"] >= m["vllm_kvevict_released_blocks_total"]
+    assert m["vllm_kvevict_bytes_freed_total"] > 0
+    assert m["vllm_kvevict_decisions_total"] > 0
+    assert m["vllm_kvevict_decision_seconds_count"] == m["vllm_kvevict_decisions_total"]
+
+
+async def _soak(server, n: int) -> dict:
+    from openai import AsyncOpenAI, BadRequestError
+
+    client = AsyncOpenAI(base_url=f"{server.base}/v1", api_key="none", max_retries=0, timeout=600)
+    rng = random.Random(0)
+    gate = asyncio.Semaphore(CONCURRENCY)
+    outcome = {"ok": 0, "bad_400": 0, "aborted": 0, "errors": []}
+
+    async def one(i: int) -> None:
+        kind = rng.choice(["plain", "plain", "stream", "abort", "bad", "chat"])
+        repeats = rng.choice([1, 3, 6, 12, 18])
+        prompt = passkey_prompt(str(10000 + i), repeats=repeats, depth=rng.random())
+        budget = rng.choice([0.1, 0.25, 0.5, 1.0])
+        extra = {"vllm_xargs": {"kv_eviction.budget": budget}}
+        async with gate:
+            try:
+                if kind == "bad":
+                    try:
+                        await client.completions.create(
+                            model="smollm2", prompt=prompt, max_tokens=4,
+                            extra_body={"vllm_xargs": {"kv_eviction.budget": -budget}})
+                    except BadRequestError:
+                        outcome["bad_400"] += 1
+                    else:
+                        outcome["errors"].append(f"{i}: bad options accepted")
+                    return
+                if kind == "chat":
+                    r = await client.chat.completions.create(
+                        model="smollm2", max_tokens=16, messages=[{"role": "user", "content": prompt}],
+                        extra_body=extra)
+                    assert r.choices[0].message.content is not None
+                elif kind == "plain":
+                    r = await client.completions.create(
+                        model="smollm2", prompt=prompt, max_tokens=rng.choice([8, 32, 64]),
+                        extra_body=extra)
+                    assert r.choices[0].text is not None
+                else:
+                    stream = await client.completions.create(
+                        model="smollm2", prompt=prompt, max_tokens=48, stream=True,
+                        extra_body=extra)
+                    chunks = 0
+                    async for _ in stream:
+                        chunks += 1
+                        if kind == "abort" and chunks == 3:
+                            await stream.close()  # client goes away mid-stream
+                            outcome["aborted"] += 1
+                            return
+                    assert chunks > 0
+                outcome["ok"] += 1
+            except Exception as exc:  # noqa: BLE001 — every failure of a valid request is a finding
+                outcome["errors"].append(f"{i} ({kind}): {type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    await client.close()
+    return outcome
+
+
+def _wait_idle(server, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        m = server.metrics()
+        if m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0:
+            return m
+        if time.time() > deadline:
+            raise AssertionError(f"requests still running: {m.get('vllm:num_requests_running')}")
+        time.sleep(0.5)
+
+
+def test_soak_mixed_traffic_leaves_no_blocks_behind(server):
+    warm = asyncio.run(_soak(server, 16))
+    assert not warm["errors"], warm["errors"][:5]
+    _wait_idle(server)
+    rss_before = server.rss_mb()
+    started = time.time()
+    outcome = asyncio.run(_soak(server, SOAK_REQUESTS))
+    elapsed = time.time() - started
+    m = _wait_idle(server)
+    rss_after = server.rss_mb()
+    print(f"soak: {SOAK_REQUESTS} requests at concurrency {CONCURRENCY} in {elapsed:.0f} s: "
+          f"{outcome['ok']} ok, {outcome['aborted']} aborted mid-stream, {outcome['bad_400']} "
+          f"rejected (400); RSS {rss_before:.0f} -> {rss_after:.0f} MB; "
+          f"released {m['vllm_kvevict_released_blocks_total']:.0f} blocks")
+    assert not outcome["errors"], outcome["errors"][:5]
+    assert outcome["bad_400"] > 0 and outcome["aborted"] > 0 and outcome["ok"] > 0
+    assert m["vllm:kv_cache_usage_perc"] == 0.0  # every block back in the pool
+    assert m["vllm_kvevict_parked_blocks_now"] == 0
+    assert rss_after - rss_before < 0.05 * rss_before + 64  # flat: no per-request growth
+    assert "Traceback" not in server.tail(400)

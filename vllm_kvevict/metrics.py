@@ -1,0 +1,177 @@
+"""Eviction metrics: counted in the scheduler, exported on vLLM's Prometheus endpoint.
+
+The scheduler runs in the engine-core process, ``/metrics`` is served by the API-server
+process, and vLLM's ``SchedulerStats`` has no field a plugin may extend (it is serialised by
+its declared fields). So the scheduler publishes a small JSON snapshot of its cumulative
+counters to a directory shared through the environment (``VLLM_KVEVICT_METRICS_DIR``, created
+by the front end before it starts the engine core), and a Prometheus collector registered in
+vLLM's registry reads the snapshots at scrape time. Cumulative counters make a lost or
+late snapshot harmless: the next scrape sees the totals.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+METRICS_DIR_ENV = "VLLM_KVEVICT_METRICS_DIR"
+PREFIX = "vllm_kvevict"
+#: decision latency histogram buckets, seconds
+LATENCY_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+@dataclass
+class PolicyCounters:
+    """Cumulative counts for one policy."""
+
+    evicted_blocks: int = 0  # blocks that left attention (parked or released while kept)
+    parked_blocks: int = 0
+    restored_blocks: int = 0
+    released_blocks: int = 0  # blocks returned to the pool (from attention or the bin)
+    pool_pressure_released_blocks: int = 0
+    bytes_freed: int = 0
+    decisions: int = 0
+    decision_seconds_sum: float = 0.0
+    decision_seconds_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    requests_with_eviction: int = 0
+
+    def observe_decision(self, seconds: float) -> None:
+        self.decisions += 1
+        self.decision_seconds_sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.decision_seconds_buckets[i] += 1
+
+
+@dataclass
+class EvictionMetrics:
+    """What one scheduler counts, per policy, plus engine-wide numbers."""
+
+    block_bytes: int = 0  # bytes of one KV block over all layers (for bytes_freed)
+    policies: dict[str, PolicyCounters] = field(default_factory=dict)
+    preemptions_avoided: int = 0
+    parked_blocks_now: int = 0
+    dirty: bool = False
+
+    def policy(self, name: str) -> PolicyCounters:
+        self.dirty = True
+        return self.policies.setdefault(name, PolicyCounters())
+
+    def total(self, counter: str) -> float:
+        return sum(getattr(c, counter) for c in self.policies.values())
+
+    def snapshot(self) -> dict:
+        return {
+            "policies": {name: asdict(c) for name, c in self.policies.items()},
+            "preemptions_avoided": self.preemptions_avoided,
+            "parked_blocks_now": self.parked_blocks_now,
+        }
+
+    def publish(self, engine_index: int = 0) -> None:
+        """Write the snapshot if anything changed (atomic rename; a reader never sees half)."""
+        directory = os.environ.get(METRICS_DIR_ENV)
+        if not self.dirty or not directory or not os.path.isdir(directory):
+            return
+        self.dirty = False
+        path = os.path.join(directory, f"engine-{engine_index}-{os.getpid()}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.snapshot(), f)
+        os.replace(tmp, path)
+
+
+# -- front end --------------------------------------------------------------------------------
+_COUNTERS = {
+    "evicted_blocks": "KV blocks taken out of attention (parked or released)",
+    "parked_blocks": "KV blocks parked in the recycle bin",
+    "restored_blocks": "parked KV blocks restored into attention",
+    "released_blocks": "KV blocks returned to the block pool",
+    "pool_pressure_released_blocks": "KV blocks released by pool-pressure mode instead of preempting",
+    "bytes_freed": "KV-cache bytes returned to the block pool",
+    "decisions": "eviction decisions taken",
+    "requests_with_eviction": "requests that had at least one block evicted",
+}
+
+
+def read_snapshots(directory: str) -> list[dict]:
+    snapshots = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    snapshots.append(json.load(f))
+            except (OSError, ValueError):
+                continue  # being replaced right now; the next scrape reads it
+    return snapshots
+
+
+class EvictionCollector:
+    """Prometheus collector: sums the engines' snapshots at scrape time."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def collect(self):
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        snapshots = read_snapshots(self.directory) if os.path.isdir(self.directory) else []
+        per_policy: dict[str, dict] = {}
+        for snap in snapshots:
+            for name, counters in snap["policies"].items():
+                merged = per_policy.setdefault(name, {k: 0 for k in counters if k != "decision_seconds_buckets"}
+                                               | {"decision_seconds_buckets": [0] * len(LATENCY_BUCKETS)})
+                for key, value in counters.items():
+                    if key == "decision_seconds_buckets":
+                        merged[key] = [a + b for a, b in zip(merged[key], value)]
+                    else:
+                        merged[key] += value
+        for counter, doc in _COUNTERS.items():
+            family = CounterMetricFamily(f"{PREFIX}_{counter}", doc, labels=["policy"])
+            for policy, values in sorted(per_policy.items()):
+                family.add_metric([policy], values.get(counter, 0))
+            yield family
+        hist = HistogramMetricFamily(
+            f"{PREFIX}_decision_seconds", "time of one eviction decision (policy + bookkeeping)",
+            labels=["policy"],
+        )
+        for policy, values in sorted(per_policy.items()):
+            buckets = [(str(b), c) for b, c in zip(LATENCY_BUCKETS, values["decision_seconds_buckets"])]
+            buckets.append(("+Inf", values["decisions"]))
+            hist.add_metric([policy], buckets, values["decision_seconds_sum"])
+        yield hist
+        avoided = CounterMetricFamily(
+            f"{PREFIX}_preemptions_avoided", "preemptions avoided by pool-pressure eviction"
+        )
+        avoided.add_metric([], sum(s["preemptions_avoided"] for s in snapshots))
+        yield avoided
+        parked = GaugeMetricFamily(f"{PREFIX}_parked_blocks_now", "KV blocks in the recycle bin now")
+        parked.add_metric([], sum(s["parked_blocks_now"] for s in snapshots))
+        yield parked
+
+
+_registered = False
+
+
+def register_collector() -> None:
+    """In the front end: create the snapshot directory (inherited by the engine core it
+    spawns) and register the collector in vLLM's Prometheus registry. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="vllm-kvevict-metrics-")
+        os.environ[METRICS_DIR_ENV] = directory
+        atexit.register(shutil.rmtree, directory, True)
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    get_prometheus_registry().register(EvictionCollector(directory))

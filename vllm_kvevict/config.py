@@ -129,22 +129,22 @@ def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any] | Non
     flat = {k[len(prefix):]: v for k, v in extra_args.items() if k.startswith(prefix)}
     if CONFIG_KEY not in extra_args and not flat:
         return None
-    raw = extra_args.get(CONFIG_KEY, {})
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{CONFIG_KEY}: not valid JSON ({exc.msg})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(
-            f"{CONFIG_KEY}: per-request options must be a JSON object, got {type(raw).__name__}"
-        )
-    if isinstance(flat.get("options"), str):
-        try:
-            flat["options"] = json.loads(flat["options"])
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{CONFIG_KEY}.options: not valid JSON ({exc.msg})") from None
+    raw = _json_object(extra_args.get(CONFIG_KEY, {}), CONFIG_KEY, "per-request options must be")
+    if "options" in flat:
+        flat["options"] = _json_object(flat["options"], f"{CONFIG_KEY}.options", "must be")
     return {**raw, **flat}
+
+
+def _json_object(value: Any, field: str, what: str) -> dict:
+    """``value`` as a dict: a dict as is, a string parsed as a JSON object; else ValueError."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{field}: not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{field}: {what} a JSON object, got {type(value).__name__}")
+    return value
 
 
 def parse_config(raw: Any) -> EvictionConfig:
@@ -153,13 +153,7 @@ def parse_config(raw: Any) -> EvictionConfig:
         return EvictionConfig()
     if isinstance(raw, EvictionConfig):
         return raw
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{CONFIG_KEY}: not valid JSON ({exc.msg})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{CONFIG_KEY}: expected a JSON object, got {type(raw).__name__}")
+    raw = _json_object(raw, CONFIG_KEY, "expected")
     try:
         return EvictionConfig(**raw)
     except ValidationError as exc:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import request_block_counts
+from . import reference
 
 
 @triton.jit
@@ -82,10 +82,7 @@ def paged_block_key_bounds(key_cache, block_ids, counts) -> tuple[torch.Tensor, 
 
 def paged_key_bounds(key_cache, block_table, seq_lens) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of every entry of the block table ``[R, max_blocks, Hkv, D]`` (+inf/-inf past end)."""
-    r_n, nb = block_table.shape
-    counts = request_block_counts(block_table, seq_lens, key_cache.shape[1])
-    kmin, kmax = paged_block_key_bounds(key_cache, block_table.reshape(-1), counts.reshape(-1))
-    return kmin.view(r_n, nb, *kmin.shape[1:]), kmax.view(r_n, nb, *kmax.shape[1:])
+    return reference.key_bounds(key_cache, block_table, seq_lens, paged_block_key_bounds)
 
 
 def paged_quest_scores(query, key_min, key_max, num_blocks) -> torch.Tensor:

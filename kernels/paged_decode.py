@@ -62,6 +62,10 @@ def _decode_phase1(
     q = tl.load(q_ptr + r * s_qr + heads[:, None] * s_qh + offs_d[None, :] * s_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
 
+    # this KV head's [BLOCK_SIZE, BLOCK_D] tile of a block, less the block offset
+    k_tile = k_ptr + offs_t[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd
+    v_tile = v_ptr + offs_t[:, None] * s_vt + kvh * s_vh + offs_d[None, :] * s_vd
+
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -70,8 +74,7 @@ def _decode_phase1(
         tok = b * BLOCK_SIZE + offs_t
         t_ok = tok < seq_len
         kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + blk * s_kb + offs_t[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd,
-                    mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_tile + blk * s_kb, mask=kv_mask, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, BLOCK_SIZE]
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_b = tl.max(s, 1)  # finite: every visited block holds >= 1 token
@@ -85,8 +88,7 @@ def _decode_phase1(
         if LOGITS:
             tl.store(logit_ptr + (r * HQ + heads[:, None]) * (max_blocks * BLOCK_SIZE) + tok[None, :],
                      s, mask=g_ok[:, None] & t_ok[None, :])
-        v = tl.load(v_ptr + blk * s_vb + offs_t[:, None] * s_vt + kvh * s_vh + offs_d[None, :] * s_vd,
-                    mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_tile + blk * s_vb, mask=kv_mask, other=0.0).to(tl.float32)
         m_new = tl.maximum(m, m_b)
         alpha = tl.exp(m - m_new)
         beta = tl.exp(m_b - m_new)

@@ -1,7 +1,8 @@
 """Torch references over the paged layout: the spec each Triton kernel is tested against.
 
 They are also the serving path where Triton cannot run (the CPU backend): they gather each
-request's blocks into a dense copy and compute in float32. Caches are logical
+request's blocks into a dense copy and compute in float32, scaling the query before the
+product as the kernels do. Caches are logical
 ``[num_blocks, block_size, Hkv, D]`` views (:class:`PagedKV` makes them for every vLLM
 layout); ``block_table`` rows hold only a request's real blocks (the compacted row) and
 ``seq_lens`` its compacted length. Token axes have length ``max_blocks * block_size`` so the
@@ -41,7 +42,7 @@ def decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale
         if n == 0:
             continue
         k, v = _dense_kv(key_cache, value_cache, block_table[r], n, hq // hkv)
-        p = torch.softmax(torch.einsum("hd,thd->ht", query[r].float(), k) * scale, dim=-1)
+        p = torch.softmax(torch.einsum("hd,thd->ht", query[r].float() * scale, k), dim=-1)
         out[r] = torch.einsum("ht,thd->hd", p, v)
         probs[r, :, :n] = p
     mass_q, sq_q = _per_block(probs, bs), _per_block(probs * probs, bs)
@@ -65,7 +66,7 @@ def window_attention(q_window, key_cache, block_table, seq_lens, scale=None) -> 
         if n == 0:
             continue
         k = _gather(key_cache, block_table[r], n).float().repeat_interleave(hq // hkv, dim=1)
-        s = torch.einsum("hwd,thd->hwt", q_window[r].float(), k) * scale
+        s = torch.einsum("hwd,thd->hwt", q_window[r].float() * scale, k)
         pos = torch.arange(n - w, n, device=s.device)
         visible = torch.arange(n, device=s.device)[None, :] <= pos[:, None]  # [W, n]
         p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
@@ -93,11 +94,16 @@ def request_block_counts(block_table, seq_lens, block_size) -> torch.Tensor:
     return (seq_lens.to(block_table.device)[:, None].long() - starts[None, :]).clamp(0, block_size)
 
 
-def key_bounds(key_cache, block_table, seq_lens) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quest bounds of every block of every request: ``[R, max_blocks, Hkv, D]`` min and max."""
+def key_bounds(key_cache, block_table, seq_lens,
+               bounds_of_blocks=block_key_bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest bounds of every block of every request: ``[R, max_blocks, Hkv, D]`` min and max.
+
+    ``bounds_of_blocks`` computes the bounds of a flat list of blocks: :func:`block_key_bounds`
+    by default, the Triton kernel on the GPU path (``key_bounds.paged_key_bounds``).
+    """
     r_n, nb = block_table.shape
     counts = request_block_counts(block_table, seq_lens, key_cache.shape[1])
-    kmin, kmax = block_key_bounds(key_cache, block_table.reshape(-1), counts.reshape(-1))
+    kmin, kmax = bounds_of_blocks(key_cache, block_table.reshape(-1), counts.reshape(-1))
     return kmin.view(r_n, nb, *kmin.shape[1:]), kmax.view(r_n, nb, *kmax.shape[1:])
 
 
@@ -132,7 +138,7 @@ def wo_gram(o_proj_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     ``o_proj.weight`` is ``[hidden, Hq * D]`` (out, in), so ``W_O^h`` (maps a head's D-vector
     to hidden) is ``weight[:, h*D:(h+1)*D]ᵀ``. Then ``‖v W_O^h‖² = vᵀ G_h v``.
     """
-    w = o_proj_weight.float().view(o_proj_weight.shape[0], num_heads, -1)
+    w = o_proj_weight.float().reshape(o_proj_weight.shape[0], num_heads, -1)
     return torch.einsum("xhd,xhe->hde", w, w)
 
 

@@ -23,6 +23,19 @@ from .paged import WindowStats
 
 
 @triton.jit
+def _window_logits(q, k_tile, bt_row, b, seq_len, pos, w_ok, d_ok, s_kb, BLOCK_SIZE: tl.constexpr):
+    """Logits ``[BLOCK_W, BLOCK_SIZE]`` of the window queries on the row's block ``b``, -inf where
+    causally hidden (a key after the query; that includes a partial block's unused tail)."""
+    blk = tl.load(bt_row + b).to(tl.int64)
+    tok = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    k = tl.load(k_tile + blk * s_kb, mask=(tok < seq_len)[:, None] & d_ok[None, :],
+                other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    visible = w_ok[:, None] & (tok[None, :] <= pos[:, None])
+    return tl.where(visible, s, float("-inf")), tok
+
+
+@triton.jit
 def _window_kernel(
     q_ptr, k_ptr, bt_ptr, sl_ptr, probs_ptr, bsum_ptr,
     scale, max_blocks,
@@ -45,35 +58,26 @@ def _window_kernel(
     w_ok = (offs_w < W) & (pos >= 0)
     q = tl.load(q_ptr + r * s_qr + h * s_qh + offs_w[:, None] * s_qw + offs_d[None, :] * s_qd,
                 mask=w_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
+    bt_row = bt_ptr + r * s_btr
+    k_tile = k_ptr + offs_t[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd  # + block offset
 
     # pass 1: row max and denominator
     m = tl.full([BLOCK_W], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_W], tl.float32)
     for b in range(0, n_blocks):
-        blk = tl.load(bt_ptr + r * s_btr + b).to(tl.int64)
-        tok = b * BLOCK_SIZE + offs_t
-        k = tl.load(k_ptr + blk * s_kb + offs_t[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd,
-                    mask=(tok < seq_len)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        visible = w_ok[:, None] & (tok[None, :] <= pos[:, None])  # causal (implies tok < seq_len)
-        s = tl.where(visible, s, float("-inf"))
+        s, _ = _window_logits(q, k_tile, bt_row, b, seq_len, pos, w_ok, d_ok, s_kb, BLOCK_SIZE)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         den = den * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m = m_new
 
-    # pass 2: normalised probabilities and per-block sums
+    # pass 2: normalised probabilities (hidden logits give 0) and per-block sums
     has = den > 0
     m_safe = tl.where(has, m, 0.0)
     inv = tl.where(has, 1.0 / tl.where(has, den, 1.0), 0.0)
     for b in range(0, n_blocks):
-        blk = tl.load(bt_ptr + r * s_btr + b).to(tl.int64)
-        tok = b * BLOCK_SIZE + offs_t
-        k = tl.load(k_ptr + blk * s_kb + offs_t[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd,
-                    mask=(tok < seq_len)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        visible = w_ok[:, None] & (tok[None, :] <= pos[:, None])
-        p = tl.where(visible, tl.exp(s - m_safe[:, None]) * inv[:, None], 0.0)
+        s, tok = _window_logits(q, k_tile, bt_row, b, seq_len, pos, w_ok, d_ok, s_kb, BLOCK_SIZE)
+        p = tl.exp(s - m_safe[:, None]) * inv[:, None]
         if PROBS:
             row = (r * HQ + h) * W + offs_w
             tl.store(probs_ptr + row[:, None] * (max_blocks * BLOCK_SIZE) + tok[None, :], p,

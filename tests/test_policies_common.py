@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from vllm_kvevict import stats as S
-from vllm_kvevict.policies.base import STATISTICS, RequestStats, select_blocks
+from vllm_kvevict.policies.base import STATISTICS, RequestStats, select_blocks, select_tiered
 from vllm_kvevict.policies.common import (
+    accumulate_blocks,
     carry_scores,
     fill_unscored,
     head_mix,
     load_blocks,
     save_blocks,
-    select_tiered,
     window_blocks,
 )
 
@@ -113,6 +113,18 @@ def test_block_store_grows_and_reports_unknown():
     assert out[0, :2].tolist() == [2.0, 3.0]
     assert out[0, 2:].isnan().all()
     assert load_blocks(state, "missing", torch.tensor([0])) is None
+
+
+def test_accumulate_blocks_decays_and_starts_new_blocks_at_zero():
+    state = {}
+    assert accumulate_blocks(state, "a", torch.tensor([0, 1]), None) is None
+    first = accumulate_blocks(state, "a", torch.tensor([0, 1]), torch.tensor([1.0, 2.0]), decay=0.5)
+    assert first.tolist() == [1.0, 2.0]
+    # block 0 released, block 3 new: it starts from 0
+    later = accumulate_blocks(state, "a", torch.tensor([1, 3]), torch.tensor([1.0, 4.0]), decay=0.5)
+    assert later.tolist() == [2.0, 4.0]
+    stored = accumulate_blocks(state, "a", torch.tensor([1, 2, 3]), None)  # no step: as stored
+    assert stored[0] == 2.0 and stored[1].isnan() and stored[2] == 4.0
 
 
 def test_fill_unscored():

@@ -1,4 +1,4 @@
-"""Hazard 4: the CPU backend may store keys transposed per block; reading must detect it."""
+"""Hazard 4: the CPU backend may store keys transposed per block; the worker must detect it."""
 
 from __future__ import annotations
 
@@ -20,13 +20,23 @@ def _request(block_ids, tokens):
 
 
 def _cache(keys_by_block: dict[int, torch.Tensor], transposed: bool) -> torch.Tensor:
-    cache = torch.zeros(6, HKV, BS, D)
+    """vLLM's CPU allocation [num_blocks, Hkv, bs, 2*D]: per (block, head) the key tile (stored
+    as [D, bs] when ``transposed``) followed by the value tile."""
+    cache = torch.zeros(6, HKV, BS, 2 * D)
+    tiles = cache.view(6, HKV, 2 * BS, D)
     for bid, k in keys_by_block.items():  # k: [BS, HKV, D]
         per_head = k.transpose(0, 1)  # [HKV, BS, D]
         if transposed:
             per_head = per_head.transpose(1, 2).reshape(HKV, BS, D)  # memory holds [D, BS]
-        cache[bid] = per_head
+        tiles[bid, :, :BS] = per_head
+        tiles[bid, :, BS:] = -per_head  # values: anything but the keys
     return cache
+
+
+def _worker(sr: ScoredRequest) -> WorkerEviction:
+    worker = WorkerEviction.__new__(WorkerEviction)
+    worker.key_layout, worker.scored = None, [sr]
+    return worker
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -35,20 +45,27 @@ def test_layout_detected_and_gather_exact(transposed):
     keys = {3: torch.randn(BS, HKV, D), 5: torch.randn(BS, HKV, D)}
     cache = _cache(keys, transposed)
     sr = _request([3, 5], [BS, 3])
-    worker = WorkerEviction.__new__(WorkerEviction)
-    newest = keys[5][2]  # the last real token of the last block
-    layout = worker._detect_layout(cache, sr, newest)
-    assert layout == ("transposed" if transposed else "plain")
-    dense = worker._gather(cache, sr, layout)
+    worker = _worker(sr)
+    newest = keys[5][2]  # the last real token of the last block: what the forward just wrote
+    kv = worker._paged_kv(cache, newest[None])
+    assert worker.key_layout == ("cpu_t" if transposed else "cpu")
+    dense, _ = kv.gather(sr.block_table[0], sr.num_tokens)
     assert torch.equal(dense, torch.cat([keys[3], keys[5][:3]]))
     # reading with the other layout silently gives different keys: detection is what prevents it
-    other = "plain" if transposed else "transposed"
-    assert not torch.equal(worker._gather(cache, sr, other), dense)
+    other = _worker(sr)
+    other.key_layout = "cpu" if transposed else "cpu_t"
+    assert not torch.equal(other._paged_kv(cache, newest[None]).gather(sr.block_table[0], 7)[0], dense)
 
 
 def test_unknown_layout_refuses_instead_of_scoring_garbage():
-    cache = torch.randn(6, HKV, BS, D)
-    sr = _request([1], [2])
-    worker = WorkerEviction.__new__(WorkerEviction)
-    with pytest.raises(KeyLayoutError):
-        worker._detect_layout(cache, sr, torch.randn(HKV, D))
+    cache = torch.randn(6, HKV, BS, 2 * D)
+    worker = _worker(_request([1], [2]))
+    with pytest.raises(KeyLayoutError, match="matches neither"):
+        worker._paged_kv(cache, torch.randn(1, HKV, D))
+    assert worker.key_layout is None
+
+
+def test_unsupported_cache_shape_is_refused():
+    worker = _worker(_request([1], [2]))
+    with pytest.raises(KeyLayoutError, match="unsupported KV cache shape"):
+        worker._paged_kv(torch.zeros(6, HKV * BS * 2 * D), torch.randn(1, HKV, D))

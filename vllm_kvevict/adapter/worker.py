@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,8 @@ import torch
 
 from vllm_kvevict.adapter.protocol import PLAN_ATTR, SCORES_ATTR, BlockScores, ScoreTask, StepPlan
 from vllm_kvevict.config import config_from_additional
+from vllm_kvevict.kernels import dispatch
+from vllm_kvevict.kernels.paged import PagedKV, cpu_kv_view, detect_cpu_key_layout
 from vllm_kvevict.policies import get_policy
 from vllm_kvevict.policies.base import (
     DECODE_ATTN,
@@ -35,7 +37,11 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 @dataclass
 class ScoredRequest:
-    """One request being scored this step, resolved against the worker's batch."""
+    """One request being scored this step, resolved against the worker's batch.
+
+    Its resident blocks (kept and parked, positional order) form one block-table row whose
+    only partial block is the last: the statistics read it like any paged request.
+    """
 
     req_id: str
     task: ScoreTask
@@ -48,6 +54,18 @@ class ScoredRequest:
     tokens_per_block: list[int]
     query_positions: torch.Tensor  # original positions of this step's query tokens
     layers: dict  # stat name -> list of per-layer tensors
+    device: torch.device | str = "cpu"  # of the KV cache
+    num_tokens: int = field(init=False)
+    block_table: torch.Tensor = field(init=False)  # [1, nb] int32 on ``device``
+    seq_lens: torch.Tensor = field(init=False)  # [1] int32 on ``device``
+
+    def __post_init__(self):
+        self.num_tokens = sum(self.tokens_per_block)
+        self.block_table = self.block_ids.to(self.device, torch.int32)[None]
+        self.seq_lens = torch.tensor([self.num_tokens], dtype=torch.int32, device=self.device)
+
+    def record(self, stat: str, value: torch.Tensor) -> None:
+        self.layers.setdefault(stat, []).append(value)
 
 
 class KeyLayoutError(RuntimeError):
@@ -64,7 +82,7 @@ class WorkerEviction:
         self.pending_scores: dict[str, BlockScores] = {}
         self.policies: dict[tuple, Any] = {}
         self.policy_state: dict[tuple[str, int], dict] = {}
-        self.key_layout: str | None = None  # "plain" | "transposed" (CPU AVX2 hosts)
+        self.key_layout: str | None = None  # CPU backend: "cpu" or "cpu_t" (AVX2 hosts)
         self.grams: dict[int, torch.Tensor] = {}
         self.hooked = False
 
@@ -133,7 +151,7 @@ class WorkerEviction:
             parked = [(p, bid, True, bs) for p, bid in task.parked]
             resident = sorted(kept + parked)
             q_start, q_end = int(qsl[row]), int(qsl[row + 1])
-            self.scored.append(ScoredRequest(
+            sr = ScoredRequest(
                 req_id=req_id,
                 task=task,
                 policy=self._policy(task),
@@ -145,7 +163,17 @@ class WorkerEviction:
                 tokens_per_block=[r[3] for r in resident],
                 query_positions=runner.positions[q_start:q_end].cpu(),
                 layers={},
-            ))
+                device=runner.device,
+            )
+            # The statistics read the resident blocks as one paged row and mask causally by row
+            # index: that is masking by original position only if the step's query tokens are
+            # the row's last tokens (then row order is position order, the queries included).
+            tail = self._token_positions(sr)[-(q_end - q_start):]
+            if not torch.equal(tail, sr.query_positions.long()):
+                logger.warning("kv_eviction: resident blocks of %s do not end with this step's "
+                               "tokens; not scored", req_id)
+                continue
+            self.scored.append(sr)
         if self.scored and not self.hooked:
             self._hook_attention()
 
@@ -175,116 +203,84 @@ class WorkerEviction:
         self.hooked = True
         self.layer_names = names
 
-    def _gather(self, cache: torch.Tensor, sr: ScoredRequest, layout: str) -> torch.Tensor:
-        """Dense [T, Hkv, D] of the resident tokens from one half (K or V) of the CPU cache."""
-        bs = cache.shape[2]
-        parts = []
-        for bid, n in zip(sr.block_ids.tolist(), sr.tokens_per_block):
-            block = cache[bid]  # [Hkv, bs, D] as stored
-            if layout == "transposed":
-                block = block.reshape(block.shape[0], block.shape[2], bs).transpose(1, 2)
-            parts.append(block[:, :n, :].transpose(0, 1))
-        return torch.cat(parts, 0).to(torch.float32)
+    def _paged_kv(self, kv_cache: torch.Tensor, key: torch.Tensor) -> PagedKV:
+        """One layer's cache as logical ``[num_blocks, block_size, Hkv, D]`` key/value views.
 
-    def _detect_layout(self, key_cache, sr: ScoredRequest, new_key: torch.Tensor) -> str:
-        """Hazard 4: the CPU backend stores keys transposed per block on some ISAs. Decide from
-        a token whose key we know (the newest one), and refuse to score if neither matches."""
-        bs = key_cache.shape[2]
-        kept = (~sr.parked).nonzero().flatten()
-        last = int(kept[-1])
-        bid, off = int(sr.block_ids[last]), sr.tokens_per_block[last] - 1
-        block = key_cache[bid]
-        plain = block[:, off, :]
-        transposed = block.reshape(block.shape[0], block.shape[2], bs)[:, :, off]
-        if torch.allclose(plain.float(), new_key.float(), atol=1e-3, rtol=1e-3):
-            return "plain"
-        if torch.allclose(transposed.float(), new_key.float(), atol=1e-3, rtol=1e-3):
-            return "transposed"
-        raise KeyLayoutError(
-            "kv_eviction: cannot read keys from the KV cache (neither the plain nor the "
-            "per-block-transposed CPU layout matches the key just written); refusing to score"
-        )
-
-    def _split_cache(self, kv_cache: torch.Tensor):
-        """(key_cache, value_cache) as [num_blocks, Hkv, bs, D] views of one layer's cache.
-
-        CPU backend: [num_blocks, Hkv, bs, 2*D] viewed as [num_blocks, Hkv, 2*bs, D] (keys
-        first, possibly transposed per block). GPU FlashAttention-style: [2, num_blocks, bs,
-        Hkv, D]. Anything else is refused rather than misread.
+        GPU FlashAttention-style: ``[2, num_blocks, bs, Hkv, D]``. CPU backend: ``[num_blocks,
+        Hkv, bs, 2*D]``, keys possibly transposed per block (hazard 4: the layout is detected
+        once, from the newest key just written). Anything else is refused rather than misread.
         """
-        bs = self.runner.input_batch.block_table[0].block_size
         if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
-            return kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
-        if kv_cache.dim() == 4:
-            kv = kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], 2 * bs, -1)
-            return kv[:, :, :bs], kv[:, :, bs:]
-        raise KeyLayoutError(f"kv_eviction: unsupported KV cache shape {tuple(kv_cache.shape)}")
+            return PagedKV(kv_cache[0], kv_cache[1])
+        if kv_cache.dim() != 4:
+            raise KeyLayoutError(f"kv_eviction: unsupported KV cache shape {tuple(kv_cache.shape)}")
+        view = cpu_kv_view(kv_cache)  # [num_blocks, Hkv, 2*bs, D]
+        if self.key_layout is None:
+            sr = self.scored[0]
+            new_key = key.view(-1, view.shape[1], view.shape[3])[sr.q_end - 1]
+            self.key_layout = self._detect_layout(view, sr, new_key)
+        return PagedKV.from_cpu(view, self.key_layout)
+
+    @staticmethod
+    def _detect_layout(kv_view: torch.Tensor, sr: ScoredRequest, new_key: torch.Tensor) -> str:
+        """``cpu`` or ``cpu_t``: the CPU layout in which the newest token's slot holds ``new_key``.
+
+        ``kv_view`` is the ``[num_blocks, Hkv, 2*bs, D]`` view. Refuses to score when neither
+        (or both) layouts match.
+        """
+        bs = kv_view.shape[2] // 2
+        slot = int(sr.block_ids[-1]) * bs + sr.tokens_per_block[-1] - 1
+        try:
+            return detect_cpu_key_layout(kv_view, new_key, slot)
+        except ValueError as exc:
+            raise KeyLayoutError(f"kv_eviction: cannot read keys from the KV cache: {exc}") from exc
 
     def _measure_layer(self, index, name, layer, query, key, kv_cache) -> None:
-        key_cache, value_cache = self._split_cache(kv_cache)
-        hkv, d = key_cache.shape[1], key_cache.shape[-1]
-        hq = layer.impl.num_heads
-        q_all = query.view(-1, hq, d)
-        scale = layer.impl.scale
+        """Record this layer's statistics of every scored request (one ``dispatch`` call each:
+        the Triton kernels on NVIDIA GPUs, their torch references elsewhere)."""
+        kv = self._paged_kv(kv_cache, key)
+        hq, scale = layer.impl.num_heads, layer.impl.scale
+        q_all = query.view(-1, hq, kv.head_dim)
         for sr in self.scored:
-            new_key = key.view(-1, hkv, d)[sr.q_end - 1]
-            if self.key_layout is None:
-                self.key_layout = self._detect_layout(key_cache, sr, new_key)
-            keys = self._gather(key_cache, sr, self.key_layout)  # [T, Hkv, D]
-            needs = sr.policy.needs
-            group = hq // hkv
-            k_q = keys.repeat_interleave(group, dim=1)  # [T, Hq, D]
-            if DECODE_ATTN in needs or QUERY in needs:
-                q = q_all[sr.q_end - 1].float() * scale  # [Hq, D]
-                if DECODE_ATTN in needs:
-                    logits = torch.einsum("hd,thd->ht", q, k_q)
-                    sr.layers.setdefault(DECODE_ATTN, []).append(torch.softmax(logits, -1))
-                if QUERY in needs:
-                    sr.layers.setdefault(QUERY, []).append(q)
+            needs, row, n = sr.policy.needs, (sr.block_table, sr.seq_lens), sr.num_tokens
+            newest = q_all[sr.q_end - 1: sr.q_end]  # [1, Hq, D]
+            if DECODE_ATTN in needs:
+                probs = dispatch.decode_attention(newest, kv, *row, scale, token_probs=True).token_probs
+                sr.record(DECODE_ATTN, probs[0, :, :n])  # [Hq, T]
+            if QUERY in needs:
+                sr.record(QUERY, newest[0].float() * scale)
             if WINDOW_ATTN in needs and sr.task.phase == "prefill":
+                # the window queries are the row's last tokens (checked in _resolve_scored)
                 w = min(sr.policy.window or 32, sr.q_end - sr.q_start)
-                qw = q_all[sr.q_end - w: sr.q_end].float() * scale  # [W, Hq, D]
-                logits = torch.einsum("whd,thd->hwt", qw, k_q)
-                key_pos = self._token_positions(sr)
-                mask = key_pos[None, :] > sr.query_positions[-w:][:, None]  # [W, T]
-                logits = logits.masked_fill(mask[None], float("-inf"))
-                sr.layers.setdefault(WINDOW_ATTN, []).append(torch.softmax(logits, -1))
+                q_window = q_all[sr.q_end - w: sr.q_end].transpose(0, 1)[None]  # [1, Hq, W, D]
+                probs = dispatch.window_attention(q_window, kv, *row, scale).probs
+                sr.record(WINDOW_ATTN, probs[0, :, :, :n])  # [Hq, W, T]
             if VALUE_PROJ_NORM in needs:
-                values = self._gather(value_cache, sr, "plain").repeat_interleave(group, dim=1)
-                gram = self._gram(index, name, hq, d)
-                norms = torch.einsum("thd,hde,the->ht", values, gram, values).clamp_min(0).sqrt()
-                sr.layers.setdefault(VALUE_PROJ_NORM, []).append(norms)
+                norms = dispatch.value_proj_norm(self._gram(index, name, hq), kv, *row)
+                sr.record(VALUE_PROJ_NORM, norms[0, :, :n])  # [Hq, T]
             if KEY_BOUNDS in needs:
-                kmin, kmax = self._key_bounds(keys, sr.tokens_per_block)
-                sr.layers.setdefault("key_min", []).append(kmin)
-                sr.layers.setdefault("key_max", []).append(kmax)
+                kmin, kmax = dispatch.key_bounds(kv, *row)  # [1, nb, Hkv, D] each
+                sr.record("key_min", kmin[0].transpose(0, 1).float())  # [Hkv, nb, D]
+                sr.record("key_max", kmax[0].transpose(0, 1).float())
 
     def _token_positions(self, sr: ScoredRequest) -> torch.Tensor:
         bs = self.runner.input_batch.block_table[0].block_size
         return torch.cat([p * bs + torch.arange(n) for p, n in zip(sr.positions.tolist(), sr.tokens_per_block)])
 
-    @staticmethod
-    def _key_bounds(keys: torch.Tensor, tokens_per_block: list[int]):
-        chunks = torch.split(keys, tokens_per_block, dim=0)
-        kmin = torch.stack([c.amin(0) for c in chunks], dim=1)  # [Hkv, nb, D]
-        kmax = torch.stack([c.amax(0) for c in chunks], dim=1)
-        return kmin, kmax
-
-    def _gram(self, index: int, name: str, hq: int, d: int) -> torch.Tensor:
+    def _gram(self, index: int, name: str, hq: int) -> torch.Tensor:
         """Per-head Gram matrices G_h = W_O^h W_O^hᵀ of this layer's output projection."""
         if index not in self.grams:
             model = self.runner.get_model()
             o_proj = model.get_submodule(name.rsplit(".", 1)[0] + ".o_proj")
-            w = o_proj.weight.detach().float()  # [hidden, Hq*D] (this rank's heads)
-            w_heads = w.t().reshape(hq, d, -1)  # W_O^h: [D, hidden]
-            self.grams[index] = torch.einsum("hdk,hek->hde", w_heads, w_heads)
+            # [hidden, Hq*D]: this rank's heads
+            self.grams[index] = dispatch.wo_gram(_linear_weight(o_proj), hq)
         return self.grams[index]
 
     # -- after the forward ---------------------------------------------------------------------
     def finish_step(self) -> None:
         for sr in self.scored:
-            if not sr.layers:
-                continue
+            if not sr.layers and sr.policy.needs:
+                continue  # the attention hooks did not run for it: nothing measured
             stats = RequestStats(
                 block_size=self.runner.input_batch.block_table[0].block_size,
                 block_index=sr.positions,
@@ -293,7 +289,7 @@ class WorkerEviction:
                 parked=sr.parked,
                 phase=sr.task.phase,
                 visual=self._visual_mask(sr),
-                **{k: torch.stack(v) for k, v in sr.layers.items()},
+                **{k: torch.stack(v).cpu() for k, v in sr.layers.items()},
             )
             state = self.policy_state.setdefault((sr.req_id, sr.task.generation), {})
             scores = sr.policy.block_scores(stats, state).to(torch.float32)
@@ -321,6 +317,21 @@ class WorkerEviction:
         if hasattr(target, "req_ids"):
             setattr(target, SCORES_ATTR, self.pending_scores)
             self.pending_scores = {}
+
+
+def _linear_weight(linear) -> torch.Tensor:
+    """``[out, in]`` weight of a vLLM linear layer (this rank's shard).
+
+    The CPU backend packs linear weights for its GEMM library and leaves ``weight`` empty; the
+    weight is then read back by applying the layer's own GEMM (no bias, no TP all-reduce) to
+    the identity: row ``i`` of ``I · Wᵀ`` is column ``i`` of ``W``, exactly.
+    """
+    weight = linear.weight.detach()
+    if weight.dim() == 2 and weight.numel():
+        return weight
+    eye = torch.eye(linear.input_size_per_partition, dtype=linear.params_dtype,
+                    device=weight.device)
+    return linear.quant_method.apply(linear, eye).t()
 
 
 def _all_reduce_mean(scores: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 # Names of the statistics a policy may ask the worker for (``EvictionPolicy.needs``).
 WINDOW_ATTN = "window_attn"  # softmax attention of the last W prompt queries (prefill)
@@ -72,6 +72,12 @@ class PolicyConfig(BaseModel):
     """Base of every policy's options (``kv_eviction.options``); unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WindowConfig(PolicyConfig):
+    """Options of a method that scores the prompt through its observation window at prefill."""
+
+    window: int = Field(32, ge=1, description="observation window: last prompt queries")
 
 
 def tokens_to_blocks(values: torch.Tensor, block_size: int, num_blocks: int, reduce: str = "sum") -> torch.Tensor:
@@ -135,15 +141,52 @@ def select_blocks(
     )
 
 
+#: score floor of blocks a method keeps alive, so that exactly 0 unambiguously means "release"
+LIVE_FLOOR = 1e-12
+
+
+def select_tiered(
+    scores: torch.Tensor,
+    *,
+    block_index: torch.Tensor,
+    keep_blocks: int,
+    protected: torch.Tensor,
+    bin_blocks: int,
+    tier: torch.Tensor | None = None,
+) -> Decision:
+    """:func:`select_blocks` with two extra rules, for methods that decide more than a top-K.
+
+    * A block scoring exactly 0 (and not protected) is released outright, never kept or parked:
+      the policy's ``block_scores`` uses 0 to say "no part of the model needs this block" (HAE's
+      prefill-pruned visual blocks, HybridKV's blocks no head keeps). Scores are the only thing
+      that travels from the worker to the scheduler, hence the in-band signal.
+    * ``tier`` [nb] int: a higher tier outranks any score of a lower tier, both for keeping and
+      for parking (HAE: text tier above visual tier, so visual blocks leave first).
+    """
+    dead = (scores <= 0) & ~protected
+    key = scores.to(torch.float64).clamp_min(0)
+    if tier is not None:
+        key = tier.to(torch.float64) * (1.0 + key.max()) + key
+    key = torch.where(dead, torch.tensor(-1.0, dtype=torch.float64), key)
+    live = int((~dead).sum())
+    n_keep = min(max(int(keep_blocks), int(protected.sum())), live)
+    decision = select_blocks(
+        key, block_index=block_index, keep_blocks=n_keep, protected=protected,
+        bin_blocks=min(max(int(bin_blocks), 0), live - n_keep),
+    )
+    return decision
+
+
 class EvictionPolicy:
     """Base of every method: one subclass per method, registered by name.
 
     Subclasses set ``name``, ``Config`` (a ``PolicyConfig``) and ``needs`` and implement
-    ``block_scores``. ``select`` defaults to :func:`select_blocks`; override it when a method
-    decides more than a top-K (e.g. HAE parks visual blocks first).
+    ``block_scores``. ``select`` is :func:`select_blocks`, or :func:`select_tiered` for a method
+    that sets ``release_zero`` (and ranks blocks by ``tier`` first).
 
-    Options may change the observation window: ``window`` (like ``needs``) is then set per
-    instance in ``__init__``, so read both from the instance; the class values are defaults.
+    A ``Config`` with a ``window`` option (:class:`WindowConfig`) sets ``window``: the class
+    value is the option's default, each instance's value its option. Read it (like ``needs``)
+    from the instance.
     """
 
     name: ClassVar[str]
@@ -159,13 +202,30 @@ class EvictionPolicy:
     #: ``select`` right after prefill even when the request is within budget. Its Decision may
     #: then keep fewer blocks than ``keep_blocks``.
     select_after_prefill: ClassVar[bool] = False
+    #: a score of exactly 0 means "no part of the model needs this block": ``select`` releases
+    #: such blocks outright (:func:`select_tiered`); live blocks score at least ``LIVE_FLOOR``
+    release_zero: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        option = cls.Config.model_fields.get("window")
+        if option is not None:
+            cls.window = option.default
 
     def __init__(self, config: PolicyConfig | None = None):
         self.config = config if config is not None else self.Config()
+        if "window" in type(self.config).model_fields:
+            self.window = self.config.window
 
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
         """One score per resident block ``[nb]``; ``state`` persists per request."""
         raise NotImplementedError
+
+    def tier(self, visual_blocks: torch.Tensor | None) -> torch.Tensor | None:
+        """[nb] int rank classes for ``select`` with ``release_zero`` (a higher tier outranks
+        any score of a lower one); ``visual_blocks`` [nb] is True iff every token of the block
+        is visual. None: one class."""
+        return None
 
     def select(
         self,
@@ -177,10 +237,11 @@ class EvictionPolicy:
         bin_blocks: int,
         visual_blocks: torch.Tensor | None = None,
     ) -> Decision:
-        return select_blocks(
-            scores, block_index=block_index, keep_blocks=keep_blocks,
-            protected=protected, bin_blocks=bin_blocks,
-        )
+        budget = dict(block_index=block_index, keep_blocks=keep_blocks, protected=protected,
+                      bin_blocks=bin_blocks)
+        if self.release_zero:
+            return select_tiered(scores, tier=self.tier(visual_blocks), **budget)
+        return select_blocks(scores, **budget)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Helpers shared by the policies: per-block memory across steps, head mixing, tiered selection.
+"""Helpers shared by the policies: per-block memory across steps, head mixing, and the base of
+the methods that rank blocks once from the prefill's observation window (SnapKV, LaProx).
 
 Not a policy module (registers nothing). Everything here is keyed by *positional* block index,
 because the resident block set changes between steps (blocks are released, new ones appear) and
@@ -7,12 +8,12 @@ the per-request ``state`` must survive that.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import AfterValidator, Field
 
-from vllm_kvevict.policies.base import Decision, normalize_mass, select_blocks
+from vllm_kvevict.policies.base import EvictionPolicy, RequestStats, WindowConfig, normalize_mass
 
 
 def _odd(value: int) -> int:
@@ -23,6 +24,8 @@ def _odd(value: int) -> int:
 
 #: an average-pooling kernel: odd (so pooling keeps the token count), 1 = no pooling
 PoolKernel = Annotated[int, Field(ge=1), AfterValidator(_odd)]
+#: a share, weight or threshold in [0, 1]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 def window_blocks(num_tokens: int, window: int, block_size: int, num_blocks: int) -> torch.Tensor:
@@ -79,6 +82,31 @@ def load_blocks(state: dict[str, Any], key: str, block_index: torch.Tensor) -> t
     return out
 
 
+def received_attention(stats: RequestStats) -> torch.Tensor | None:
+    """[L, Hq, T] float32 attention each token received this step: summed over the observation
+    window's queries at prefill, the newest query's at decode; None if neither was measured."""
+    if stats.phase == "prefill" and stats.window_attn is not None:
+        return stats.window_attn.float().sum(2)
+    return None if stats.decode_attn is None else stats.decode_attn.float()
+
+
+def accumulate_blocks(
+    state: dict[str, Any], key: str, block_index: torch.Tensor, step: torch.Tensor | None,
+    decay: float = 1.0,
+) -> torch.Tensor | None:
+    """Running per-block score ``decay · past + step`` (``[..., nb]``) kept in ``state[key]``.
+
+    Blocks the store has not seen start from 0. Without a ``step`` the stored score is returned
+    as is (NaN for unseen blocks); None if nothing was ever stored.
+    """
+    acc = load_blocks(state, key, block_index)
+    if step is None:
+        return acc
+    acc = step if acc is None or acc.shape != step.shape else decay * acc.nan_to_num(0.0) + step
+    save_blocks(state, key, block_index, acc)
+    return acc
+
+
 def fill_unscored(scores: torch.Tensor, how: str) -> torch.Tensor:
     """Give blocks without a stored score (NaN) the ``max`` or ``mean`` of the scored ones."""
     known = ~scores.isnan()
@@ -126,33 +154,55 @@ def carry_scores(
     return scores
 
 
-def select_tiered(
-    scores: torch.Tensor,
-    *,
-    block_index: torch.Tensor,
-    keep_blocks: int,
-    protected: torch.Tensor,
-    bin_blocks: int,
-    tier: torch.Tensor | None = None,
-) -> Decision:
-    """:func:`select_blocks` with two extra rules, for methods that decide more than a top-K.
+class WindowRankedConfig(WindowConfig):
+    """Options shared by the methods that rank blocks from the prefill's observation window."""
 
-    * A block scoring exactly 0 (and not protected) is released outright, never kept or parked:
-      the policy's ``block_scores`` uses 0 to say "no part of the model needs this block" (HAE's
-      prefill-pruned visual blocks, HybridKV's blocks no head keeps). Scores are the only thing
-      that travels from the worker to the scheduler, hence the in-band signal.
-    * ``tier`` [nb] int: a higher tier outranks any score of a lower tier, both for keeping and
-      for parking (HAE: text tier above visual tier, so visual blocks leave first).
-    """
-    dead = (scores <= 0) & ~protected
-    key = scores.to(torch.float64).clamp_min(0)
-    if tier is not None:
-        key = tier.to(torch.float64) * (1.0 + key.max()) + key
-    key = torch.where(dead, torch.tensor(-1.0, dtype=torch.float64), key)
-    live = int((~dead).sum())
-    n_keep = min(max(int(keep_blocks), int(protected.sum())), live)
-    decision = select_blocks(
-        key, block_index=block_index, keep_blocks=n_keep, protected=protected,
-        bin_blocks=min(max(int(bin_blocks), 0), live - n_keep),
+    pool_kernel: PoolKernel = Field(
+        7, description="average pooling of the received attention along tokens (odd; 1 = none)"
     )
-    return decision
+    protect_window: bool = Field(True, description="observation-window blocks score highest")
+    decode_refresh: Fraction = Field(
+        0.0,
+        description="weight of the decode-time score blended into the stored score at each "
+        "decode scoring; 0 = the paper (prefill only)",
+    )
+    unscored: Literal["max", "mean"] = Field(
+        "max", description="score of blocks generated after the prefill scoring (refresh 0)"
+    )
+
+
+class WindowRankedPolicy(EvictionPolicy):
+    """Base of the methods that rank blocks by the attention the prompt's observation window
+    pays them (SnapKV, LaProx), once at prefill, and carry that ranking through decoding.
+
+    A subclass says how the attention a token receives from several queries combines
+    (``received``) and how those token scores become block scores (``rank``). At prefill the
+    window's blocks are optionally ranked first (``protect_window``); at decode the newest query
+    is ranked the same way (a window of one) and blended in by ``decode_refresh``
+    (:func:`carry_scores`).
+    """
+
+    Config = WindowRankedConfig
+
+    def received(self, window_attn: torch.Tensor) -> torch.Tensor:
+        """[L, Hq, W, T] window attention -> [L, Hq, T] attention each token received."""
+        raise NotImplementedError
+
+    def rank(self, received: torch.Tensor, stats: RequestStats) -> torch.Tensor:
+        """[L, Hq, T] received attention -> [nb] block scores."""
+        raise NotImplementedError
+
+    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+        prefill = decode = None
+        if stats.phase == "prefill" and stats.window_attn is not None:
+            prefill = self.rank(self.received(stats.window_attn), stats)
+            if self.config.protect_window:
+                w = stats.window_attn.shape[2]
+                win = window_blocks(stats.num_tokens, w, stats.block_size, stats.num_blocks)
+                prefill = torch.where(win, prefill.max(), prefill)
+        elif stats.decode_attn is not None:
+            decode = self.rank(stats.decode_attn, stats)
+        return carry_scores(
+            state, self.name, stats.block_index, prefill=prefill, decode=decode,
+            refresh=self.config.decode_refresh, unscored=self.config.unscored,
+        )

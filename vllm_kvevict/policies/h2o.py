@@ -30,13 +30,13 @@ from vllm_kvevict.policies.base import (
     DECODE_ATTN,
     WINDOW_ATTN,
     EvictionPolicy,
-    PolicyConfig,
     RequestStats,
+    WindowConfig,
     normalize_mass,
     register_policy,
     tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import head_mix, load_blocks, recency, save_blocks
+from vllm_kvevict.policies.common import accumulate_blocks, head_mix, received_attention, recency
 from vllm_kvevict.stats import group_heads
 
 
@@ -44,33 +44,20 @@ from vllm_kvevict.stats import group_heads
 class H2OPolicy(EvictionPolicy):
     name = "h2o"
     needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
-    window = 32
     score_every_step = True
 
-    class Config(PolicyConfig):
-        window: int = Field(
-            32, ge=1, description="prompt queries whose attention seeds the accumulation"
-        )
+    class Config(WindowConfig):
         head_reduce: Literal["mean", "max"] = Field(
             "mean", description="merge of per-(layer, KV head) accumulated block scores"
         )
 
-    def __init__(self, config: PolicyConfig | None = None):
-        super().__init__(config)
-        self.window = self.config.window
-
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
-        received = None  # [L, Hq, T] attention received this step
-        if stats.phase == "prefill" and stats.window_attn is not None:
-            received = stats.window_attn.sum(2)
-        elif stats.decode_attn is not None:
-            received = stats.decode_attn
-        acc = load_blocks(state, "h2o", stats.block_index)
+        received = received_attention(stats)  # [L, Hq, T]
+        step = None
         if received is not None:
-            per_kv = group_heads(received.float(), stats.num_kv_heads, "mean", dim=1)
+            per_kv = group_heads(received, stats.num_kv_heads, "mean", dim=1)
             step = tokens_to_blocks(per_kv, stats.block_size, stats.num_blocks)
-            acc = step if acc is None or acc.shape != step.shape else acc.nan_to_num(0.0) + step
-            save_blocks(state, "h2o", stats.block_index, acc)
+        acc = accumulate_blocks(state, "h2o", stats.block_index, step)
         if acc is None:
             return normalize_mass(recency(stats.block_index))
         return normalize_mass(head_mix(acc.nan_to_num(0.0), self.config.head_reduce))

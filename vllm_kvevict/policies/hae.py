@@ -38,50 +38,44 @@ from pydantic import Field
 
 from vllm_kvevict.policies.base import (
     DECODE_ATTN,
+    LIVE_FLOOR,
     WINDOW_ATTN,
-    Decision,
     EvictionPolicy,
-    PolicyConfig,
     RequestStats,
+    WindowConfig,
     normalize_mass,
     register_policy,
     tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import load_blocks, recency, save_blocks, select_tiered
-
-#: score floor of live blocks, so that exactly 0 unambiguously means "pruned"
-LIVE_FLOOR = 1e-12
+from vllm_kvevict.policies.common import (
+    Fraction,
+    accumulate_blocks,
+    received_attention,
+    recency,
+)
 
 
 @register_policy
 class HAEPolicy(EvictionPolicy):
     name = "hae"
     needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
-    window = 32
     select_after_prefill = True
+    release_zero = True  # prefill-pruned blocks
 
-    class Config(PolicyConfig):
-        window: int = Field(32, ge=1, description="observation window: last prompt queries")
+    class Config(WindowConfig):
         layers: Literal["first", "all"] = Field(
             "first", description="layers whose text-to-visual attention decides the pruning"
         )
-        global_threshold: float = Field(
-            0.001, ge=0.0, le=1.0, description="θ_g: prunable if g_j < θ_g · Σ g"
+        global_threshold: Fraction = Field(0.001, description="θ_g: prunable if g_j < θ_g · Σ g")
+        individual_threshold: Fraction = Field(
+            0.001, description="θ_i: prunable if max_t A[t, j] < θ_i"
         )
-        individual_threshold: float = Field(
-            0.001, ge=0.0, le=1.0, description="θ_i: prunable if max_t A[t, j] < θ_i"
-        )
-        decay: float = Field(
-            0.5, ge=0.0, le=1.0,
-            description="weight kept by the accumulated decode score at each scoring",
+        decay: Fraction = Field(
+            0.5, description="weight kept by the accumulated decode score at each scoring"
         )
         visual_first: bool = Field(
             True, description="select: visual blocks leave (bin, then release) before text"
         )
-
-    def __init__(self, config: PolicyConfig | None = None):
-        super().__init__(config)
-        self.window = self.config.window
 
     def prunable_tokens(self, stats: RequestStats) -> torch.Tensor | None:
         """[T] bool: visual tokens passing both thresholds; None when nothing can be pruned."""
@@ -104,21 +98,15 @@ class HAEPolicy(EvictionPolicy):
 
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
         bs, nb = stats.block_size, stats.num_blocks
-        step = None
         if stats.phase == "prefill" and stats.window_attn is not None:
             tokens = self.prunable_tokens(stats)
             if tokens is not None:
                 full = tokens_to_blocks(torch.ones(stats.num_tokens), bs, nb)
                 pruned = tokens_to_blocks(tokens.float(), bs, nb) == full
                 state["pruned"] = stats.block_index[pruned]
-            step = stats.window_attn.float().sum(2).mean(dim=(0, 1))
-        elif stats.decode_attn is not None:
-            step = stats.decode_attn.float().mean(dim=(0, 1))
-        acc = load_blocks(state, "hae", stats.block_index)
-        if step is not None:
-            step = tokens_to_blocks(step, bs, nb)
-            acc = step if acc is None else self.config.decay * acc.nan_to_num(0.0) + step
-            save_blocks(state, "hae", stats.block_index, acc)
+        received = received_attention(stats)  # [L, Hq, T]
+        step = None if received is None else tokens_to_blocks(received.mean(dim=(0, 1)), bs, nb)
+        acc = accumulate_blocks(state, "hae", stats.block_index, step, self.config.decay)
         base = recency(stats.block_index) if acc is None else acc.nan_to_num(0.0)
         pruned = torch.isin(stats.block_index, state.get("pruned", torch.empty(0, dtype=torch.long)))
         if pruned.all():  # nothing would be left: do not prune
@@ -126,23 +114,9 @@ class HAEPolicy(EvictionPolicy):
         scores = normalize_mass(base.masked_fill(pruned, 0.0)).clamp_min(LIVE_FLOOR)
         return scores.masked_fill(pruned, 0.0)
 
-    def select(
-        self,
-        scores: torch.Tensor,
-        *,
-        block_index: torch.Tensor,
-        keep_blocks: int,
-        protected: torch.Tensor,
-        bin_blocks: int,
-        visual_blocks: torch.Tensor | None = None,
-    ) -> Decision:
-        """Zero-scored (pruned) blocks are released; the rest fill keep, then the bin, in
-        priority order; with ``visual_first``, ``visual_blocks`` [nb] (True iff every token of
-        the block is visual) rank below every text block."""
-        tier = None
+    def tier(self, visual_blocks: torch.Tensor | None) -> torch.Tensor | None:
+        """With ``visual_first``, every text block outranks every visual block: visual blocks
+        fill keep and the bin only after all text blocks (pruned blocks are released)."""
         if self.config.visual_first and visual_blocks is not None:
-            tier = (~visual_blocks.bool()).long()
-        return select_tiered(
-            scores, block_index=block_index, keep_blocks=keep_blocks, protected=protected,
-            bin_blocks=bin_blocks, tier=tier,
-        )
+            return (~visual_blocks.bool()).long()
+        return None

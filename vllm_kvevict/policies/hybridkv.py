@@ -46,21 +46,19 @@ from pydantic import Field
 
 from vllm_kvevict.policies.base import (
     KEY_BOUNDS,
+    LIVE_FLOOR,
     QUERY,
     WINDOW_ATTN,
-    Decision,
     EvictionPolicy,
-    PolicyConfig,
     RequestStats,
+    WindowConfig,
     normalize_mass,
     register_policy,
     tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import load_blocks, recency, save_blocks, select_tiered
+from vllm_kvevict.policies.common import Fraction, load_blocks, recency, save_blocks
 from vllm_kvevict.stats import group_heads, quest_block_bounds
 
-#: score floor of blocks a dynamic head may still retrieve (parked, not released)
-LIVE_FLOOR = 1e-12
 #: need floor of tokens a static head keeps (a text token with underflowed attention stays)
 KEPT_FLOOR = 1e-9
 TINY = torch.finfo(torch.float32).tiny
@@ -100,40 +98,35 @@ def budget_weights(a: torch.Tensor, how: str, floor: float) -> torch.Tensor:
 class HybridKVPolicy(EvictionPolicy):
     name = "hybridkv"
     needs = frozenset({WINDOW_ATTN, QUERY, KEY_BOUNDS})
-    window = 32
     score_every_step = True
+    release_zero = True  # blocks no head needs; LIVE_FLOOR: blocks a dynamic head may retrieve
 
-    class Config(PolicyConfig):
-        window: int = Field(32, ge=1, description="observation window: last prompt queries")
+    class Config(WindowConfig):
         classify_by: Literal["auto", "text_mass", "concentration"] = Field(
             "auto", description="head statistic; auto = text_mass if visual tokens, else concentration"
         )
-        text_mass_threshold: float = Field(
-            0.5, ge=0.0, le=1.0, description="static iff text share of attention >= this"
+        text_mass_threshold: Fraction = Field(
+            0.5, description="static iff text share of attention >= this"
         )
-        concentration_threshold: float = Field(
-            0.5, ge=0.0, le=1.0, description="static iff top-token share of attention >= this"
+        concentration_threshold: Fraction = Field(
+            0.5, description="static iff top-token share of attention >= this"
         )
-        concentration_top: float = Field(
-            0.1, gt=0.0, le=1.0, description="fraction of tokens whose mass is 'concentration'"
+        concentration_top: Fraction = Field(
+            0.1, gt=0.0, description="fraction of tokens whose mass is 'concentration'"
         )
         sink_tokens: int = Field(4, ge=0, description="first tokens left out of the statistic")
         budget: Literal["entropy", "uniform"] = Field(
             "entropy", description="hierarchical head weights (see module docstring)"
         )
-        budget_floor: float = Field(
-            0.2, ge=0.0, le=1.0, description="uniform share mixed into layer and head weights"
+        budget_floor: Fraction = Field(
+            0.2, description="uniform share mixed into layer and head weights"
         )
-        static_visual_keep: float = Field(
-            0.25, ge=0.0, le=1.0, description="fraction of visual tokens static heads keep"
+        static_visual_keep: Fraction = Field(
+            0.25, description="fraction of visual tokens static heads keep"
         )
-        retrieval_fraction: float = Field(
-            0.25, gt=0.0, le=1.0, description="resident blocks each dynamic head retrieves per step"
+        retrieval_fraction: Fraction = Field(
+            0.25, gt=0.0, description="resident blocks each dynamic head retrieves per step"
         )
-
-    def __init__(self, config: PolicyConfig | None = None):
-        super().__init__(config)
-        self.window = self.config.window
 
     # -- prefill: classify heads, weigh them, fix the static heads' needs ----------------------
     def classify(self, stats: RequestStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,19 +210,3 @@ class HybridKVPolicy(EvictionPolicy):
         if not static.all():  # dynamic heads may retrieve any block later: park, don't release
             scores = scores.clamp_min(LIVE_FLOOR)
         return scores
-
-    def select(
-        self,
-        scores: torch.Tensor,
-        *,
-        block_index: torch.Tensor,
-        keep_blocks: int,
-        protected: torch.Tensor,
-        bin_blocks: int,
-        visual_blocks: torch.Tensor | None = None,
-    ) -> Decision:
-        """Blocks no head needs (score 0) are released; the rest by score: keep, bin, release."""
-        return select_tiered(
-            scores, block_index=block_index, keep_blocks=keep_blocks, protected=protected,
-            bin_blocks=bin_blocks,
-        )

@@ -30,7 +30,7 @@ Readings we had to choose (the method section was not available; see algorithms.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -39,13 +39,11 @@ from vllm_kvevict.policies.base import (
     DECODE_ATTN,
     VALUE_PROJ_NORM,
     WINDOW_ATTN,
-    EvictionPolicy,
-    PolicyConfig,
     RequestStats,
     register_policy,
     tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import PoolKernel, carry_scores, window_blocks
+from vllm_kvevict.policies.common import WindowRankedConfig, WindowRankedPolicy
 from vllm_kvevict.stats import group_heads, pool_tokens
 
 
@@ -64,54 +62,26 @@ def laprox_token_scores(
 
 
 @register_policy
-class LaProxPolicy(EvictionPolicy):
+class LaProxPolicy(WindowRankedPolicy):
     name = "laprox"
     needs = frozenset({WINDOW_ATTN, VALUE_PROJ_NORM, DECODE_ATTN})
-    window = 32
 
-    class Config(PolicyConfig):
-        window: int = Field(32, ge=1, description="observation window: last prompt queries")
-        pool_kernel: PoolKernel = Field(7, description="average pooling of ‖A[:, j]‖ (odd)")
+    class Config(WindowRankedConfig):
         group_reduce: Literal["sum", "mean", "max"] = Field(
             "sum", description="merge of the query heads of one KV group"
         )
         block_reduce: Literal["max", "sum"] = Field(
             "max", description="reduction over (layer, KV head, tokens of the block)"
         )
-        protect_window: bool = Field(True, description="observation-window blocks score highest")
-        decode_refresh: float = Field(
-            0.0, ge=0.0, le=1.0,
-            description="weight of the decode-time score blended in at each decode scoring; "
-            "0 = the paper (prefill only)",
-        )
-        unscored: Literal["max", "mean"] = Field(
-            "max", description="score of blocks generated after the prefill scoring (refresh 0)"
-        )
 
-    def __init__(self, config: PolicyConfig | None = None):
-        super().__init__(config)
-        self.window = self.config.window
+    def received(self, window_attn: torch.Tensor) -> torch.Tensor:
+        return window_attn.float().norm(dim=2)  # ‖A_W[:, j]‖₂ over the window queries
 
-    def _block_scores(self, attn_norm: torch.Tensor, stats: RequestStats) -> torch.Tensor:
+    def rank(self, received: torch.Tensor, stats: RequestStats) -> torch.Tensor:
         c = self.config
         vnorm = stats.value_proj_norm
         if vnorm is None:  # engine could not provide it: attention factor alone
-            vnorm = torch.ones_like(attn_norm)
-        s = laprox_token_scores(attn_norm, vnorm, stats.num_kv_heads, c.pool_kernel, c.group_reduce)
+            vnorm = torch.ones_like(received)
+        s = laprox_token_scores(received, vnorm, stats.num_kv_heads, c.pool_kernel, c.group_reduce)
         blocks = tokens_to_blocks(s, stats.block_size, stats.num_blocks, c.block_reduce)
         return blocks.amax(dim=(0, 1)) if c.block_reduce == "max" else blocks.sum(dim=(0, 1))
-
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
-        prefill = decode = None
-        if stats.phase == "prefill" and stats.window_attn is not None:
-            prefill = self._block_scores(stats.window_attn.float().norm(dim=2), stats)
-            if self.config.protect_window:
-                w = stats.window_attn.shape[2]
-                win = window_blocks(stats.num_tokens, w, stats.block_size, stats.num_blocks)
-                prefill = torch.where(win, prefill.max(), prefill)
-        elif stats.decode_attn is not None:
-            decode = self._block_scores(stats.decode_attn.float(), stats)
-        return carry_scores(
-            state, "laprox", stats.block_index, prefill=prefill, decode=decode,
-            refresh=self.config.decode_refresh, unscored=self.config.unscored,
-        )

@@ -24,7 +24,7 @@ Readings we had to choose (all options):
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -32,60 +32,29 @@ from pydantic import Field
 from vllm_kvevict.policies.base import (
     DECODE_ATTN,
     WINDOW_ATTN,
-    EvictionPolicy,
-    PolicyConfig,
     RequestStats,
     register_policy,
     tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import PoolKernel, carry_scores, head_mix, window_blocks
+from vllm_kvevict.policies.common import WindowRankedConfig, WindowRankedPolicy, head_mix
 from vllm_kvevict.stats import group_heads, pool_tokens
 
 
 @register_policy
-class SnapKVPolicy(EvictionPolicy):
+class SnapKVPolicy(WindowRankedPolicy):
     name = "snapkv"
     needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
-    window = 32
 
-    class Config(PolicyConfig):
-        window: int = Field(32, ge=1, description="observation window: last prompt queries")
-        pool_kernel: PoolKernel = Field(7, description="average-pooling kernel (odd; 1 = none)")
+    class Config(WindowRankedConfig):
         head_reduce: Literal["mean", "max"] = Field(
             "mean", description="merge of per-(layer, KV head) block scores"
         )
-        protect_window: bool = Field(True, description="observation-window blocks score highest")
-        decode_refresh: float = Field(
-            0.0, ge=0.0, le=1.0,
-            description="weight of the newest query's attention blended into the stored score "
-            "at each decode scoring; 0 = the paper (prefill only)",
-        )
-        unscored: Literal["max", "mean"] = Field(
-            "max", description="score of blocks generated after the prefill scoring (refresh 0)"
-        )
 
-    def __init__(self, config: PolicyConfig | None = None):
-        super().__init__(config)
-        self.window = self.config.window
+    def received(self, window_attn: torch.Tensor) -> torch.Tensor:
+        return window_attn.sum(2)  # Σ over the window queries
 
-    def _to_blocks(self, per_query_head: torch.Tensor, stats: RequestStats) -> torch.Tensor:
-        """[L, Hq, T] token scores -> [nb] block scores."""
-        pooled = pool_tokens(per_query_head, self.config.pool_kernel)
+    def rank(self, received: torch.Tensor, stats: RequestStats) -> torch.Tensor:
+        pooled = pool_tokens(received, self.config.pool_kernel)
         per_kv = group_heads(pooled, stats.num_kv_heads, "mean", dim=1)
         blocks = tokens_to_blocks(per_kv, stats.block_size, stats.num_blocks)
         return head_mix(blocks, self.config.head_reduce)
-
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
-        prefill = decode = None
-        if stats.phase == "prefill" and stats.window_attn is not None:
-            prefill = self._to_blocks(stats.window_attn.sum(2), stats)
-            if self.config.protect_window:
-                w = stats.window_attn.shape[2]
-                win = window_blocks(stats.num_tokens, w, stats.block_size, stats.num_blocks)
-                prefill = torch.where(win, prefill.max(), prefill)
-        elif stats.decode_attn is not None:
-            decode = self._to_blocks(stats.decode_attn, stats)
-        return carry_scores(
-            state, "snapkv", stats.block_index, prefill=prefill, decode=decode,
-            refresh=self.config.decode_refresh, unscored=self.config.unscored,
-        )

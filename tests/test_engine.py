@@ -241,7 +241,6 @@ def streaming_accuracy(llm):
     return _passkey_accuracy(llm, "streamingllm", 0.25, ["68219", "40573"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 def test_each_policy_retrieves_a_mid_context_passkey_where_streamingllm_cannot(
     llm, policy, streaming_accuracy

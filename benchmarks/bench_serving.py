@@ -1,0 +1,202 @@
+"""Memory, concurrency and throughput: stock vLLM vs the plugin on a deliberately small KV pool.
+
+Workload: ``--requests`` long prompts (``--prompt-tokens`` each, a pass key in the middle)
+arriving at once, ``--max-tokens`` greedy output tokens each (``ignore_eos``), on a KV pool of
+``--pool-blocks`` blocks of 32 tokens — too small for all of them, so stock vLLM queues and
+preempts (recompute). Variants, each in its own process, one after the other:
+
+- ``stock``: vLLM without the plugin (``VLLM_PLUGINS=""``);
+- ``budget_50`` / ``budget_25`` / ``budget_10``: the plugin evicting to that KV budget;
+- ``pool_pressure``: the plugin with budget 1.0 and pool-pressure mode (evicts only instead of
+  preempting).
+
+The engine runs in-process and is stepped by hand; after every step we sample the scheduler:
+running requests, KV blocks in use, and per request the first-token time. Printed and written
+to ``benchmarks/results/serving.json`` (+ ``serving_blocks.png``); ratios are plugin ÷ stock
+for the ``--headline`` variant (default ``budget_25``).
+
+    python benchmarks/bench_serving.py --profile quick   # ~5 min on 2 cores
+    python benchmarks/bench_serving.py --profile full    # ~15 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+PROFILES = {
+    "quick": {"requests": 8, "prompt_tokens": 1024, "max_tokens": 64, "pool_blocks": 96},
+    "full": {"requests": 16, "prompt_tokens": 2048, "max_tokens": 256, "pool_blocks": 160},
+}
+VARIANTS = {
+    "stock": None,
+    "budget_50": {"budget": 0.5},
+    "budget_25": {"budget": 0.25},
+    "budget_10": {"budget": 0.1},
+    "pool_pressure": {"budget": 1.0, "pool_pressure": True},
+}
+
+
+def _prompts(n: int, prompt_tokens: int) -> list[list[int]]:
+    """Token-id prompts of exactly ``prompt_tokens`` tokens, a distinct pass key in each."""
+    from engine_helpers import FILLER
+    from transformers import AutoTokenizer
+
+    from vllm_kvevict.models import model_path
+
+    tok = AutoTokenizer.from_pretrained(str(model_path()))
+    filler = tok(FILLER, add_special_tokens=False).input_ids
+    prompts = []
+    for i in range(n):
+        needle = tok(f" The pass key is {30000 + i}. Remember it. ", add_special_tokens=False).input_ids
+        question = tok(" What is the pass key? The pass key is", add_special_tokens=False).input_ids
+        body = prompt_tokens - len(needle) - len(question)
+        hay = (filler * (body // len(filler) + 1))[:body]
+        half = body // 2
+        prompts.append(hay[:half] + needle + hay[half:] + question)
+    return prompts
+
+
+def run_variant(name: str, policy: str, cfg: dict) -> dict:
+    from engine_helpers import engine_core, make_llm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = VARIANTS[name]
+    config = {"kv_eviction": {"policy": policy, "interval": 8, **extra}} if extra is not None else None
+    llm = make_llm(config, num_gpu_blocks_override=cfg["pool_blocks"], max_num_seqs=cfg["requests"],
+                   max_model_len=cfg["prompt_tokens"] + cfg["max_tokens"] + 64)
+    sched = engine_core(llm).scheduler
+    pool = sched.kv_cache_manager.block_pool
+    total_blocks = pool.num_gpu_blocks - 1  # minus the null block
+    preemptions = []
+    original_preempt = sched._preempt_request
+
+    def count_preemption(request, *a, **k):
+        preemptions.append(request.request_id)
+        return original_preempt(request, *a, **k)
+
+    sched._preempt_request = count_preemption
+    params = SamplingParams(temperature=0, max_tokens=cfg["max_tokens"], ignore_eos=True)
+    engine = llm.llm_engine
+    prompts = _prompts(cfg["requests"], cfg["prompt_tokens"])
+    start = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=ids), params)
+    first_token: dict[str, float] = {}
+    finished: dict[str, str] = {}
+    samples = []  # (t, running, blocks in use)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.outputs and out.outputs[0].token_ids and out.request_id not in first_token:
+                first_token[out.request_id] = time.perf_counter() - start
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].text
+        used = total_blocks - pool.get_num_free_blocks()
+        samples.append((time.perf_counter() - start, len(sched.running), used))
+    elapsed = time.perf_counter() - start
+    output_tokens = cfg["requests"] * cfg["max_tokens"]
+    running = [s[1] for s in samples]
+    blocks_per_request = [s[2] / s[1] for s in samples if s[1]]
+    retrieved = sum(str(30000 + int(r[1:])) in text for r, text in finished.items())
+    return {
+        "variant": name, "policy": policy if extra is not None else None, "config": extra,
+        "pool_blocks": total_blocks, **cfg,
+        "total_s": elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "mean_running": sum(running) / len(running),
+        "peak_running": max(running),
+        "mean_blocks_per_request": sum(blocks_per_request) / len(blocks_per_request),
+        "peak_blocks_used": max(s[2] for s in samples),
+        "preemptions": len(preemptions),
+        "mean_ttft_s": sum(first_token.values()) / len(first_token),
+        "max_ttft_s": max(first_token.values()),
+        "passkeys_retrieved": retrieved,
+        "timeline": samples,
+    }
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, r in results.items():
+        t = [s[0] for s in r["timeline"]]
+        ax.plot(t, [s[2] for s in r["timeline"]], label=f"{name} ({r['total_s']:.0f} s)")
+    ax.axhline(next(iter(results.values()))["pool_blocks"], color="grey", ls=":", label="pool size")
+    ax.set_xlabel("seconds since all requests arrived")
+    ax.set_ylabel("KV blocks in use")
+    ax.set_title("KV blocks in use: stock vLLM vs vllm-kvevict")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--policy", default="snapkv", help="eviction policy of the plugin variants")
+    parser.add_argument("--headline", default="budget_25", choices=[v for v in VARIANTS if v != "stock"])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cfg = PROFILES[args.profile]
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args.variant, args.policy, cfg)))
+        return
+    results = {}
+    for name in args.variants.split(","):
+        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "VLLM_CPU_KVCACHE_SPACE": "4"}
+        if name == "stock":
+            env["VLLM_PLUGINS"] = ""
+        proc = subprocess.run(
+            [sys.executable, __file__, "--variant", name, "--profile", args.profile, "--policy", args.policy],
+            capture_output=True, text=True, env=env,
+        )
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not line:
+            sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+        r = results[name] = json.loads(line[-1][7:])
+        print(f"{name:14s} {r['total_s']:6.1f} s  {r['output_tokens_per_s']:6.1f} out tok/s  "
+              f"running mean {r['mean_running']:.1f} peak {r['peak_running']}  "
+              f"blocks/request {r['mean_blocks_per_request']:.1f}  preemptions {r['preemptions']}  "
+              f"TTFT mean {r['mean_ttft_s']:.1f} s  pass keys {r['passkeys_retrieved']}/{r['requests']}",
+              flush=True)
+    summary = {
+        "command": " ".join(["python", "benchmarks/bench_serving.py", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "profile": args.profile, "policy": args.policy, "headline": args.headline,
+        "results": results,
+    }
+    if "stock" in results and args.headline in results:
+        stock, head = results["stock"], results[args.headline]
+        summary.update({
+            "concurrency_ratio": head["mean_running"] / stock["mean_running"],
+            "throughput_ratio": head["output_tokens_per_s"] / stock["output_tokens_per_s"],
+            "blocks_per_request_ratio": head["mean_blocks_per_request"] / stock["mean_blocks_per_request"],
+            "ttft_ratio": head["mean_ttft_s"] / stock["mean_ttft_s"],
+        })
+        print(f"{args.headline} / stock: concurrency x{summary['concurrency_ratio']:.2f}, "
+              f"throughput x{summary['throughput_ratio']:.2f}, blocks/request "
+              f"x{summary['blocks_per_request_ratio']:.2f}, TTFT x{summary['ttft_ratio']:.2f}")
+    out = os.path.join(HERE, "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "serving.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot(results, os.path.join(out, "serving_blocks.png"))
+
+
+if __name__ == "__main__":
+    main()

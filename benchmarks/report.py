@@ -255,6 +255,12 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
         lines += ["Pooled over every task (passkey, needle, multifact), context length and depth; "
                   "Wilson 95 % interval; n = requests.", "",
                   common.markdown_table(["", "method", "10 % budget", "5 % budget"], headline), ""]
+        if summary["kvpress"]:
+            lines += ["Caveat (open): kvpress's presses score far below both our policies and "
+                      "kvpress's published results even at 50 % (SnapKV 0/12 in the quick "
+                      "profile); the harness drives `press.compress` from its own hook on "
+                      "transformers 5.19 and compresses the question with the context. Treat the "
+                      "kvpress rows as unvalidated until that is explained.", ""]
         if any("†" in str(cell) for row in headline for cell in row):
             lines += ["† the policy kept the whole cache: no eviction took place at this budget "
                       "(see `kept` below).", ""]

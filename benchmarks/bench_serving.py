@@ -1,6 +1,7 @@
 """Memory, concurrency and throughput: stock vLLM vs the plugin on a deliberately small KV pool.
 
-Workload: ``--requests`` long prompts (``--prompt-tokens`` each, a pass key in the middle)
+Workload: ``--requests`` long prompts (``tasks.py`` pass-key samples of ``prompt_tokens``
+tokens, the key in the middle)
 arriving at once, ``--max-tokens`` greedy output tokens each (``ignore_eos``), on a KV pool of
 ``--pool-blocks`` blocks of 32 tokens — too small for all of them, so stock vLLM queues and
 preempts (recompute). Variants, each in its own process, one after the other:
@@ -45,28 +46,9 @@ VARIANTS = {
 }
 
 
-def _prompts(n: int, prompt_tokens: int) -> list[list[int]]:
-    """Token-id prompts of exactly ``prompt_tokens`` tokens, a distinct pass key in each."""
-    from engine_helpers import FILLER
-    from transformers import AutoTokenizer
-
-    from vllm_kvevict.models import model_path
-
-    tok = AutoTokenizer.from_pretrained(str(model_path()))
-    filler = tok(FILLER, add_special_tokens=False).input_ids
-    prompts = []
-    for i in range(n):
-        needle = tok(f" The pass key is {30000 + i}. Remember it. ", add_special_tokens=False).input_ids
-        question = tok(" What is the pass key? The pass key is", add_special_tokens=False).input_ids
-        body = prompt_tokens - len(needle) - len(question)
-        hay = (filler * (body // len(filler) + 1))[:body]
-        half = body // 2
-        prompts.append(hay[:half] + needle + hay[half:] + question)
-    return prompts
-
-
 def run_variant(name: str, policy: str, cfg: dict) -> dict:
-    from engine_helpers import engine_core, make_llm
+    import tasks
+    from engine_helpers import engine_core, make_llm, recorded_preemptions
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -77,36 +59,29 @@ def run_variant(name: str, policy: str, cfg: dict) -> dict:
     sched = engine_core(llm).scheduler
     pool = sched.kv_cache_manager.block_pool
     total_blocks = pool.num_gpu_blocks - 1  # minus the null block
-    preemptions = []
-    original_preempt = sched._preempt_request
-
-    def count_preemption(request, *a, **k):
-        preemptions.append(request.request_id)
-        return original_preempt(request, *a, **k)
-
-    sched._preempt_request = count_preemption
     params = SamplingParams(temperature=0, max_tokens=cfg["max_tokens"], ignore_eos=True)
     engine = llm.llm_engine
-    prompts = _prompts(cfg["requests"], cfg["prompt_tokens"])
-    start = time.perf_counter()
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=ids), params)
+    samples = [tasks.make_sample("passkey", cfg["prompt_tokens"], 0.5, i) for i in range(cfg["requests"])]
     first_token: dict[str, float] = {}
     finished: dict[str, str] = {}
-    samples = []  # (t, running, blocks in use)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.outputs and out.outputs[0].token_ids and out.request_id not in first_token:
-                first_token[out.request_id] = time.perf_counter() - start
-            if out.finished:
-                finished[out.request_id] = out.outputs[0].text
-        used = total_blocks - pool.get_num_free_blocks()
-        samples.append((time.perf_counter() - start, len(sched.running), used))
+    timeline = []  # (t, running, blocks in use)
+    with recorded_preemptions(sched) as preemptions:
+        start = time.perf_counter()
+        for i, sample in enumerate(samples):
+            engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=sample.token_ids), params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.outputs and out.outputs[0].token_ids and out.request_id not in first_token:
+                    first_token[out.request_id] = time.perf_counter() - start
+                if out.finished:
+                    finished[out.request_id] = out.outputs[0].text
+            used = total_blocks - pool.get_num_free_blocks()
+            timeline.append((time.perf_counter() - start, len(sched.running), used))
     elapsed = time.perf_counter() - start
     output_tokens = cfg["requests"] * cfg["max_tokens"]
-    running = [s[1] for s in samples]
-    blocks_per_request = [s[2] / s[1] for s in samples if s[1]]
-    retrieved = sum(str(30000 + int(r[1:])) in text for r, text in finished.items())
+    running = [s[1] for s in timeline]
+    blocks_per_request = [s[2] / s[1] for s in timeline if s[1]]
+    retrieved = sum(tasks.is_correct(text, samples[int(r[1:])].answer) for r, text in finished.items())
     return {
         "variant": name, "policy": policy if extra is not None else None, "config": extra,
         "pool_blocks": total_blocks, **cfg,
@@ -115,12 +90,12 @@ def run_variant(name: str, policy: str, cfg: dict) -> dict:
         "mean_running": sum(running) / len(running),
         "peak_running": max(running),
         "mean_blocks_per_request": sum(blocks_per_request) / len(blocks_per_request),
-        "peak_blocks_used": max(s[2] for s in samples),
+        "peak_blocks_used": max(s[2] for s in timeline),
         "preemptions": len(preemptions),
         "mean_ttft_s": sum(first_token.values()) / len(first_token),
         "max_ttft_s": max(first_token.values()),
         "passkeys_retrieved": retrieved,
-        "timeline": samples,
+        "timeline": timeline,
     }
 
 

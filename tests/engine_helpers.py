@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -58,6 +59,23 @@ def engine_core(llm):
 
 def scheduler(llm):
     return engine_core(llm).scheduler
+
+
+@contextlib.contextmanager
+def recorded_preemptions(sched):
+    """Record the ids of requests the scheduler preempts inside the block."""
+    preempted: list[str] = []
+    original = sched._preempt_request
+
+    def record(request, *a, **k):
+        preempted.append(request.request_id)
+        return original(request, *a, **k)
+
+    sched._preempt_request = record
+    try:
+        yield preempted
+    finally:
+        sched._preempt_request = original
 
 
 def shutdown(llm) -> None:

@@ -8,7 +8,7 @@ running requests. Same engine for both, toggling the server default.
 from __future__ import annotations
 
 import pytest
-from engine_helpers import make_llm, passkey_prompt, scheduler, shutdown
+from engine_helpers import make_llm, passkey_prompt, recorded_preemptions, scheduler, shutdown
 
 pytestmark = pytest.mark.engine
 
@@ -29,23 +29,13 @@ def _run(llm, pool_pressure: bool):
 
     sched = scheduler(llm)
     sched.kv_default = sched.kv_default.model_copy(update={"pool_pressure": pool_pressure})
-    preempted = []
-    original = sched._preempt_request
-
-    def count(request, *a, **k):
-        preempted.append(request.request_id)
-        return original(request, *a, **k)
-
-    sched._preempt_request = count
     pool = sched.kv_cache_manager.block_pool
     initial = pool.get_num_free_blocks()
     before = sched.kv_counters.pool_pressure_released
-    try:
-        prompts = [passkey_prompt(str(40000 + i), repeats=6, depth=0.3) for i in range(4)]
-        params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    prompts = [passkey_prompt(str(40000 + i), repeats=6, depth=0.3) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    with recorded_preemptions(sched) as preempted:
         outs = llm.generate(prompts, params)
-    finally:
-        sched._preempt_request = original
     assert all(len(o.outputs[0].token_ids) == 96 for o in outs)
     assert pool.get_num_free_blocks() == initial  # nothing leaked
     assert not sched.kv_requests and not sched.ledger.requests

@@ -39,6 +39,15 @@ class PolicyCounters:
     decision_seconds_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     requests_with_eviction: int = 0
 
+    def merge(self, snapshot: dict) -> None:
+        """Add another engine's snapshot of the same counters."""
+        for key, value in snapshot.items():
+            if key == "decision_seconds_buckets":
+                value = [a + b for a, b in zip(self.decision_seconds_buckets, value)]
+            else:
+                value += getattr(self, key)
+            setattr(self, key, value)
+
     def observe_decision(self, seconds: float) -> None:
         self.decisions += 1
         self.decision_seconds_sum += seconds
@@ -64,6 +73,10 @@ class EvictionMetrics:
     def total(self, counter: str) -> float:
         return sum(getattr(c, counter) for c in self.policies.values())
 
+    @property
+    def totals(self) -> EngineTotals:
+        return EngineTotals(self)
+
     def snapshot(self) -> dict:
         return {
             "policies": {name: asdict(c) for name, c in self.policies.items()},
@@ -71,17 +84,40 @@ class EvictionMetrics:
             "parked_blocks_now": self.parked_blocks_now,
         }
 
-    def publish(self, engine_index: int = 0) -> None:
-        """Write the snapshot if anything changed (atomic rename; a reader never sees half)."""
+    def publish(self) -> None:
+        """Write the snapshot if anything changed (atomic rename; a reader never sees half).
+        Called every scheduler step: costs one attribute test when nothing changed."""
+        if not self.dirty:
+            return
         directory = os.environ.get(METRICS_DIR_ENV)
-        if not self.dirty or not directory or not os.path.isdir(directory):
+        if not directory or not os.path.isdir(directory):
             return
         self.dirty = False
-        path = os.path.join(directory, f"engine-{engine_index}-{os.getpid()}.json")
+        path = os.path.join(directory, f"engine-{os.getpid()}.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.snapshot(), f)
         os.replace(tmp, path)
+
+
+class EngineTotals:
+    """Engine-wide totals over all policies, read live from the metrics (tests, logs)."""
+
+    _COUNTER = {
+        "released": "released_blocks", "parked": "parked_blocks", "restored": "restored_blocks",
+        "pool_pressure_released": "pool_pressure_released_blocks", "decisions": "decisions",
+        "decision_seconds": "decision_seconds_sum",
+    }
+
+    def __init__(self, metrics: EvictionMetrics):
+        self._metrics = metrics
+
+    def __getattr__(self, name: str):
+        if name == "preemptions_avoided":
+            return self._metrics.preemptions_avoided
+        if name not in self._COUNTER:
+            raise AttributeError(name)
+        return self._metrics.total(self._COUNTER[name])
 
 
 # -- front end --------------------------------------------------------------------------------
@@ -123,29 +159,23 @@ class EvictionCollector:
         )
 
         snapshots = read_snapshots(self.directory) if os.path.isdir(self.directory) else []
-        per_policy: dict[str, dict] = {}
+        per_policy: dict[str, PolicyCounters] = {}
         for snap in snapshots:
             for name, counters in snap["policies"].items():
-                merged = per_policy.setdefault(name, {k: 0 for k in counters if k != "decision_seconds_buckets"}
-                                               | {"decision_seconds_buckets": [0] * len(LATENCY_BUCKETS)})
-                for key, value in counters.items():
-                    if key == "decision_seconds_buckets":
-                        merged[key] = [a + b for a, b in zip(merged[key], value)]
-                    else:
-                        merged[key] += value
+                per_policy.setdefault(name, PolicyCounters()).merge(counters)
         for counter, doc in _COUNTERS.items():
             family = CounterMetricFamily(f"{PREFIX}_{counter}", doc, labels=["policy"])
             for policy, values in sorted(per_policy.items()):
-                family.add_metric([policy], values.get(counter, 0))
+                family.add_metric([policy], getattr(values, counter))
             yield family
         hist = HistogramMetricFamily(
             f"{PREFIX}_decision_seconds", "time of one eviction decision (policy + bookkeeping)",
             labels=["policy"],
         )
         for policy, values in sorted(per_policy.items()):
-            buckets = [(str(b), c) for b, c in zip(LATENCY_BUCKETS, values["decision_seconds_buckets"])]
-            buckets.append(("+Inf", values["decisions"]))
-            hist.add_metric([policy], buckets, values["decision_seconds_sum"])
+            buckets = [(str(b), c) for b, c in zip(LATENCY_BUCKETS, values.decision_seconds_buckets)]
+            buckets.append(("+Inf", values.decisions))
+            hist.add_metric([policy], buckets, values.decision_seconds_sum)
         yield hist
         avoided = CounterMetricFamily(
             f"{PREFIX}_preemptions_avoided", "preemptions avoided by pool-pressure eviction"

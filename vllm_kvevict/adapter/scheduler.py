@@ -47,19 +47,6 @@ class RequestEviction:
     select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
 
 
-@dataclass
-class EvictionCounters:
-    """Engine-wide cumulative counts (tests and logs; per-policy metrics: ``kv_metrics``)."""
-
-    released: int = 0
-    parked: int = 0
-    restored: int = 0
-    pool_pressure_released: int = 0
-    decisions: int = 0
-    decision_seconds: float = 0.0
-    preemptions_avoided: int = 0
-
-
 def request_config(default: EvictionConfig, request) -> EvictionConfig:
     """The request's config: the server default with its ``extra_args.kv_eviction`` applied."""
     params = getattr(request, "sampling_params", None)
@@ -76,7 +63,6 @@ class EvictingScheduler(Scheduler):
         self.ledger = BlockLedger(manager, bin_capacity=self.kv_default.recycle_bin_total_blocks)
         self.kv_block_size = manager.block_size
         self.kv_requests: dict[str, RequestEviction] = {}
-        self.kv_counters = EvictionCounters()
         group = kv_cache_config.kv_cache_groups[0]
         self.kv_metrics = EvictionMetrics(
             block_bytes=group.kv_cache_spec.page_size_bytes * len(group.layer_names)
@@ -86,6 +72,11 @@ class EvictingScheduler(Scheduler):
         self.kv_log: dict[str, list[tuple[int, frozenset]]] = {}
         self.kv_log_finished: dict[str, list[tuple[int, frozenset]]] = {}
         self._install_guards()
+
+    @property
+    def kv_counters(self):
+        """Engine-wide totals over all policies (tests, logs)."""
+        return self.kv_metrics.totals
 
     # -- vLLM instance hooks -------------------------------------------------------------------
     def _install_guards(self) -> None:
@@ -114,7 +105,6 @@ class EvictingScheduler(Scheduler):
             while blocks is None and self._free_under_pressure(need):
                 blocks = original_allocate(request, num_new_tokens, *args, **kwargs)
             if blocks is not None:
-                self.kv_counters.preemptions_avoided += 1
                 self.kv_metrics.preemptions_avoided += 1
                 self.kv_metrics.dirty = True
             return blocks
@@ -227,8 +217,6 @@ class EvictingScheduler(Scheduler):
             started = time.perf_counter()
             self._decide(request, state)
             elapsed = time.perf_counter() - started
-            self.kv_counters.decisions += 1
-            self.kv_counters.decision_seconds += elapsed
             self.kv_metrics.policy(state.config.policy).observe_decision(elapsed)
 
     def _decide(self, request, state: RequestEviction) -> None:
@@ -268,25 +256,22 @@ class EvictingScheduler(Scheduler):
 
     def _count(self, state: RequestEviction, *, restored: int = 0, released: int = 0,
                parked: int = 0, evicted: int = 0, pressure: int = 0) -> None:
-        """Update the engine totals, the per-policy metrics and the request's own report."""
-        totals, metrics = self.kv_counters, self.kv_metrics
-        totals.restored += restored
-        totals.released += released
-        totals.parked += parked
-        totals.pool_pressure_released += pressure
-        if evicted and not state.evicted_blocks:
-            metrics.policy(state.config.policy).requests_with_eviction += 1
+        """Update the per-policy metrics and the request's own report."""
         state.evicted_tokens += released * self.kv_block_size
+        if not (restored or released or parked or evicted):
+            return
+        metrics = self.kv_metrics
+        counters = metrics.policy(state.config.policy)
+        if evicted and not state.evicted_blocks:
+            counters.requests_with_eviction += 1
         state.evicted_blocks += evicted
-        if restored or released or parked or evicted:
-            counters = metrics.policy(state.config.policy)
-            counters.restored_blocks += restored
-            counters.released_blocks += released
-            counters.parked_blocks += parked
-            counters.evicted_blocks += evicted
-            counters.pool_pressure_released_blocks += pressure
-            counters.bytes_freed += released * metrics.block_bytes
-            metrics.parked_blocks_now = self.ledger.num_parked_total()
+        counters.restored_blocks += restored
+        counters.released_blocks += released
+        counters.parked_blocks += parked
+        counters.evicted_blocks += evicted
+        counters.pool_pressure_released_blocks += pressure
+        counters.bytes_freed += released * metrics.block_bytes
+        metrics.parked_blocks_now = self.ledger.num_parked_total()
 
     def _log(self, req_id: str, committed: int) -> None:
         """Record the excluded set and the token from which it applies (tests rebuild the

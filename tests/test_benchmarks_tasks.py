@@ -102,3 +102,19 @@ def test_answer_check(text, answer, ok):
 def test_extract_answer():
     assert tasks.extract_answer(" 8324224. Remember") == "8324224"
     assert tasks.extract_answer("none") is None
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_kvpress_split_keeps_the_question_and_matches_the_budget(task):
+    """kvpress compresses the context only; the question is its own tail, and the context's
+    compression ratio keeps ``budget`` of the whole prompt, question included."""
+    import bench_kvpress
+
+    sample = tasks.make_sample(task, 1024, 0.5, index=0)
+    context, question = bench_kvpress.split_prompt(sample)
+    assert context + question == sample.token_ids
+    assert tasks.tokenizer().decode(question).strip() == sample.question
+    for budget in (0.5, 0.25, 0.1, 0.05):
+        ratio = bench_kvpress.context_ratio(budget, len(sample.token_ids), len(question))
+        kept = int(len(context) * (1 - ratio)) + len(question)  # kvpress's ScorerPress count
+        assert abs(kept - budget * len(sample.token_ids)) <= 1

@@ -84,8 +84,10 @@ def main() -> None:
     }
     print(f"plugin idle / stock decode tok/s = {summary['idle_overhead_ratio']:.3f}; "
           f"evicting at 25% / stock = {summary['evicting_25_ratio']:.3f}")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "overhead.json"), "w") as f:
+    import common
+
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(common.RESULTS / "overhead.json", "w") as f:
         json.dump(summary, f, indent=2)
 
 

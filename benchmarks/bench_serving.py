@@ -170,7 +170,9 @@ def main() -> None:
         print(f"{args.headline} / stock: concurrency x{summary['concurrency_ratio']:.2f}, "
               f"throughput x{summary['throughput_ratio']:.2f}, blocks/request "
               f"x{summary['blocks_per_request_ratio']:.2f}, TTFT x{summary['ttft_ratio']:.2f}")
-    out = os.path.join(HERE, "results")
+    import common
+
+    out = str(common.RESULTS)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "serving.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+# KVEVICT_BENCH_RESULTS: write elsewhere (e.g. time the quick profile without touching results/)
+RESULTS = Path(os.environ.get("KVEVICT_BENCH_RESULTS") or HERE / "results")
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
 POLICIES = ("streamingllm", "snapkv", "h2o", "laprox", "hae", "hybridkv")
@@ -33,7 +34,7 @@ PROFILES = {
         "tasks": ("passkey", "needle", "multifact"),
         "contexts": (1024, 2048, 4096),
         "depths": (0.0, 0.25, 0.5, 0.75, 1.0),
-        "per_depth": 2,  # n = 10 per (task, context) cell, 90 per (method, budget) pooled
+        "per_depth": 1,  # n = 5 per (task, context) cell, 45 per (method, budget) pooled
         "drift_context": 2048,
         "drift_prompts": 4,
         "drift_tokens": 256,

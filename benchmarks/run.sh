@@ -6,7 +6,8 @@
 #   bash benchmarks/run.sh full     # the published numbers (about 2 h on 2 cores)
 #
 # SKIP_SERVING=1 skips the serving/overhead steps (part 3, benchmarks/bench_serving.py and
-# bench_overhead.py) and keeps their existing JSON.
+# bench_overhead.py) and keeps their existing JSON. KVEVICT_BENCH_RESULTS=DIR writes every
+# result into DIR instead of benchmarks/results/ (e.g. to time the quick profile).
 set -euo pipefail
 PROFILE=${1:-quick}
 case "$PROFILE" in quick|full) ;; *) echo "usage: bash benchmarks/run.sh quick|full" >&2; exit 2 ;; esac

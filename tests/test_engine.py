@@ -81,6 +81,28 @@ def test_zero_eviction_is_identical_to_stock_vllm(llm):
         assert token_logprobs(out.outputs[0]) == ref["logprobs"]  # bit-identical
 
 
+def test_nothing_to_evict_means_nothing_scored(llm):
+    """At budget 1.0 no step asks the workers for statistics (the over-budget check counts
+    whole blocks, as the decision does: a partly filled last block is not over budget)."""
+    sched = scheduler(llm)
+    asked = []
+    original = sched._score_task
+
+    def spy(request, state, num_tokens):
+        task = original(request, state, num_tokens)
+        if task is not None:
+            asked.append((request.request_id, task.phase))
+        return task
+
+    sched._score_task = spy
+    try:
+        outs = llm.generate([passkey_prompt("71432")], params({"budget": 1.0}, max_tokens=40))
+    finally:
+        del sched._score_task
+    assert len(outs[0].prompt_token_ids) % 32 != 0  # a partly filled last block all along
+    assert asked == []
+
+
 def _max_delta(ref, start, completion) -> float:
     got = token_logprobs(completion)
     return max(abs(ref[start + i, t].item() - got[i]) for i, t in enumerate(completion.token_ids))

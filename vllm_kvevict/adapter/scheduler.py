@@ -364,7 +364,9 @@ class EvictingScheduler(Scheduler):
         req_id = request.request_id
         rb = self.ledger.requests.get(req_id)
         kept = len(self.ledger.resident_positions(req_id)) - (len(rb.parked) if rb else 0)
-        over = kept * self.kv_block_size > state.config.keep_tokens(done)
+        # counted in blocks as _decide counts them: a partly filled last block is not over
+        # budget (budget 1.0 must never score: the idle plugin costs nothing per step)
+        over = kept > math.ceil(state.config.keep_tokens(done) / self.kv_block_size)
         threshold = phase == "prefill" and state.policy.select_after_prefill
         # windowed methods (SnapKV, LaProx, HAE, HybridKV) only see the prompt's window now
         windowed = phase == "prefill" and getattr(state.policy, "window", 0) > 0

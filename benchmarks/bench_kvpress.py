@@ -10,8 +10,8 @@ Protocol: kvpress's own (its ``KVPressTextGenerationPipeline``, facts from kvpre
 source): the press compresses the *context* during its prefill, then the *question* is prefilled
 on the compressed cache at its original positions and the answer decoded greedily from there;
 the question is never compressed. (A first version compressed context + question together: the
-query-agnostic presses then dropped question tokens in some heads - measured, 4-11 of the last
-40 tokens per head at 50 % - and scored near zero; the plugin, for its part, always keeps the
+query-agnostic presses then dropped question tokens in some heads - measured, up to 15 of the last
+40 tokens in a head at 50 % - and scored near zero; the plugin, for its part, always keeps the
 recent 64 tokens, which hold the question.) Budgets are matched on the whole prompt: a budget B
 keeps ``B x prompt`` tokens in total, so the context's ``compression_ratio`` is
 ``1 - (B x prompt - question) / context``, set per prompt; ``kept_fraction`` in the results is
@@ -37,8 +37,8 @@ K/V, per press. ``decode_path_check``: decoding from the full cache shuffled per
 head) gives the full cache's tokens (our decoding is indifferent to the per-head order a press
 leaves).
 
-    python benchmarks/bench_kvpress.py --profile quick      # ~5 min on 2 cores
-    python benchmarks/bench_kvpress.py --profile full
+    python benchmarks/bench_kvpress.py --profile quick      # ~7 min on 2 cores
+    python benchmarks/bench_kvpress.py --profile full       # ~37 min
 
 Writes ``results/kvpress.json`` and ``results/kvpress_samples.csv``.
 """
@@ -282,7 +282,10 @@ def main() -> None:
         "budgets": common.BUDGETS, "presses": [common.FULL, *factories],
         "setup": {"model": "SmolLM2-135M-Instruct (embedded, float32)",
                   "attn_implementation": "eager", "greedy": True,
-                  "max_tokens": common.MAX_TOKENS, "compressed": "context only, once after its prefill; question prefilled on the compressed cache (kvpress pipeline protocol)", "budget": "fraction of the whole prompt kept, question included",
+                  "max_tokens": common.MAX_TOKENS,
+                  "compressed": "context only, once after its prefill; question prefilled on "
+                                "the compressed cache (kvpress pipeline protocol)",
+                  "budget": "fraction of the whole prompt kept, question included",
                   "criticalkv": "CriticalKVPress(ExpectedAttentionPress(use_vnorm=False))"},
         "versions": common.versions(), "machine": common.machine(),
         "timing_s": {"total": time.perf_counter() - started},

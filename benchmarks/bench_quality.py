@@ -27,7 +27,7 @@ one bucket for the rest (coarsening never increases KL). The ``full`` row is a c
 path vs prefill path numerics).
 
     python benchmarks/bench_quality.py --profile quick      # ~4-5 min on 2 cores
-    python benchmarks/bench_quality.py --profile full
+    python benchmarks/bench_quality.py --profile full       # ~25 min
 
 Writes ``results/quality.json`` and ``results/quality_samples.csv``.
 """

@@ -18,8 +18,8 @@ running requests, KV blocks in use, and per request the first-token time. Printe
 to ``benchmarks/results/serving.json`` (+ ``serving_blocks.png``); ratios are plugin ÷ stock
 for the ``--headline`` variant (default ``budget_25``).
 
-    python benchmarks/bench_serving.py --profile quick   # ~5 min on 2 cores
-    python benchmarks/bench_serving.py --profile full    # ~15 min
+    python benchmarks/bench_serving.py --profile quick   # ~4 min on 2 cores
+    python benchmarks/bench_serving.py --profile full    # ~19 min
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 # Every benchmark of one profile, then the report (summary.json, README.md, plots) in
 # benchmarks/results/. Each step takes the engine lock (other jobs on this machine take it too).
 #
-#   bash benchmarks/run.sh quick    # ~15 min on 2 cores, small samples
-#   bash benchmarks/run.sh full     # the published numbers (about 2 h on 2 cores)
+#   bash benchmarks/run.sh quick    # 16 min measured on 2 cores, small samples
+#   bash benchmarks/run.sh full     # the published numbers (86 min measured on 2 cores)
 #
 # SKIP_SERVING=1 skips the serving/overhead steps (part 3, benchmarks/bench_serving.py and
 # bench_overhead.py) and keeps their existing JSON. KVEVICT_BENCH_RESULTS=DIR writes every

@@ -20,6 +20,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+import common  # noqa: E402
+
 VARIANTS = {
     "stock": None,
     "plugin_idle": {"policy": "attention", "budget": 1.0},
@@ -84,8 +86,6 @@ def main() -> None:
     }
     print(f"plugin idle / stock decode tok/s = {summary['idle_overhead_ratio']:.3f}; "
           f"evicting at 25% / stock = {summary['evicting_25_ratio']:.3f}")
-    import common
-
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     with open(common.RESULTS / "overhead.json", "w") as f:
         json.dump(summary, f, indent=2)

@@ -6,7 +6,8 @@ prefix caching does not shrink them - the repeated pass-key filler did) arriving
 ``max_tokens`` greedy output tokens each (``ignore_eos``), on a KV pool of ``pool_blocks``
 blocks of 32 tokens (one of them vLLM's null block): too small for all of them, and sized so
 that the requests stock vLLM admits outgrow it while decoding - stock vLLM queues the rest and
-preempts (recompute) when the pool runs dry. Variants, each in its own process, one after the other:
+preempts (recompute) when the pool runs dry. Variants, each in its own process, one after the
+other:
 
 - ``stock``: vLLM without the plugin (``VLLM_PLUGINS=""``);
 - ``budget_50`` / ``budget_25`` / ``budget_10``: the plugin evicting to that KV budget;
@@ -34,6 +35,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+import common  # noqa: E402
 
 PROFILES = {
     # quick: 3 prompts of 32 blocks admitted (96 of 100 usable), each grows 2 blocks: preemption
@@ -170,8 +173,6 @@ def main() -> None:
         print(f"{args.headline} / stock: concurrency x{summary['concurrency_ratio']:.2f}, "
               f"throughput x{summary['throughput_ratio']:.2f}, blocks/request "
               f"x{summary['blocks_per_request_ratio']:.2f}, TTFT x{summary['ttft_ratio']:.2f}")
-    import common
-
     out = str(common.RESULTS)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "serving.json"), "w") as f:

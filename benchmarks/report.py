@@ -292,7 +292,7 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
                   f"`{serving.get('policy')}`, headline `{serving.get('headline')}`): "
                   f"{first['requests']} requests of {first['prompt_tokens']} prompt tokens, "
                   f"{first['max_tokens']} output tokens each, all arriving at once; KV pool of "
-                  f"{first.get('usable_blocks', first['pool_blocks'])} usable blocks of 32 tokens.",
+                  f"{first['usable_blocks']} usable blocks of 32 tokens.",
                   "",
                   common.markdown_table(
                       ["variant", "total s", "out tok/s", "running mean", "running peak",
@@ -300,7 +300,7 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
                       [[name, v["total_s"], v["output_tokens_per_s"], v["mean_running"],
                         v["peak_running"], v["mean_blocks_per_request"], v["preemptions"],
                         v["mean_ttft_s"],
-                        f"{v.get('answers_retrieved', v.get('passkeys_retrieved'))}/{v['requests']}"]
+                        f"{v['answers_retrieved']}/{v['requests']}"]
                        for name, v in variants.items()]), ""]
         if (results / "serving_blocks.png").exists():
             lines += ["![KV blocks in use over time](serving_blocks.png)", ""]

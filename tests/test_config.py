@@ -54,6 +54,7 @@ def test_budget_resolution():
     assert EvictionConfig(policy="attention").keep_tokens(1000) == 500
     assert EvictionConfig(policy="attention", budget=0.1).keep_tokens(1001) == 101
     assert EvictionConfig(policy="attention", budget_tokens=64).keep_tokens(1000) == 64
+    assert EvictionConfig(policy="attention", budget=1.0).keep_blocks(1000, 32) == 32  # 31.25
 
 
 def test_per_request_overrides():

@@ -86,6 +86,11 @@ class EvictionConfig(BaseModel):
         fraction = DEFAULT_BUDGET if self.budget is None else self.budget
         return math.ceil(fraction * seq_len)
 
+    def keep_blocks(self, seq_len: int, block_size: int) -> int:
+        """Whole blocks a sequence of ``seq_len`` tokens may keep: the budget is met in blocks,
+        so a partly filled last block is never over it (budget 1.0 never evicts or scores)."""
+        return math.ceil(self.keep_tokens(seq_len) / block_size)
+
     def with_overrides(self, overrides: dict[str, Any]) -> EvictionConfig:
         """A per-request config: the server default with ``overrides`` applied and validated."""
         if not isinstance(overrides, dict):

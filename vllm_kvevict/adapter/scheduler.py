@@ -226,7 +226,7 @@ class EvictingScheduler(Scheduler):
         if not positions:
             return
         config = state.config
-        keep_blocks = math.ceil(config.keep_tokens(committed) / bs)
+        keep_blocks = config.keep_blocks(committed, bs)
         rb = self.ledger.requests.get(req_id)
         parked = set(rb.parked) if rb else set()
         select_anyway, state.select_anyway = state.select_anyway, False
@@ -364,9 +364,7 @@ class EvictingScheduler(Scheduler):
         req_id = request.request_id
         rb = self.ledger.requests.get(req_id)
         kept = len(self.ledger.resident_positions(req_id)) - (len(rb.parked) if rb else 0)
-        # counted in blocks as _decide counts them: a partly filled last block is not over
-        # budget (budget 1.0 must never score: the idle plugin costs nothing per step)
-        over = kept > math.ceil(state.config.keep_tokens(done) / self.kv_block_size)
+        over = kept > state.config.keep_blocks(done, self.kv_block_size)
         threshold = phase == "prefill" and state.policy.select_after_prefill
         # windowed methods (SnapKV, LaProx, HAE, HybridKV) only see the prompt's window now
         windowed = phase == "prefill" and getattr(state.policy, "window", 0) > 0

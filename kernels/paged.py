@@ -4,8 +4,11 @@ Every kernel and reference reads keys/values through one *logical* shape,
 ``[num_blocks, block_size, num_kv_heads, head_dim]`` with arbitrary strides. Each vLLM layout
 is a zero-copy strided view of that shape, so the CPU backend's layouts need no separate code:
 
-``nhd``   vLLM GPU backends (FlashAttention, FlashInfer, Triton): separate key and value
-          tensors ``[num_blocks, block_size, Hkv, D]`` (an HND-strided view is fine too).
+``nhd``   vLLM 0.32 GPU backends (FLASH_ATTN, FLASHINFER, TRITON_ATTN): each layer gets a
+          ``[num_blocks, Hkv, block_size, 2*D]`` view (K and V side by side in the last
+          axis) whose strides follow the engine's ``KVCacheLayout``; the backends read it
+          as ``kv_cache.transpose(1, 2).split(D, -1)`` and so does :meth:`PagedKV.from_vllm`.
+          Any stride order works: the kernels take every stride as an argument.
 ``cpu``   vLLM CPU backend: one tensor per layer, viewed ``[num_blocks, Hkv, 2*block_size, D]``;
           keys in rows ``[:block_size]``, values in ``[block_size:]``.
 ``cpu_t`` the same, but each (block, head) key tile stored transposed as ``[D, block_size]``
@@ -30,6 +33,49 @@ CPU_T = "cpu_t"
 LAYOUTS = (NHD, CPU, CPU_T)
 CPU_LAYOUTS = (CPU, CPU_T)
 
+#: vLLM 0.32's ``KVCacheLayout`` members (``vllm/v1/kv_cache_layout.py``): the physical order
+#: of the logical axes ``[L, B, H, N, C]`` (layer, block, KV head, token in block, content),
+#: outermost first. Copied here so the kernels and their tests need no vLLM; a CPU test checks
+#: the copy against vLLM's enum and its stride code (tests/test_gpu_layouts.py).
+VLLM_KV_LAYOUTS = {
+    "LBHNC": (0, 1, 2, 3, 4),
+    "LBNHC": (0, 1, 3, 2, 4),
+    "LHBNC": (0, 2, 1, 3, 4),
+    "BLHNC": (1, 0, 2, 3, 4),
+    "BLNHC": (1, 0, 3, 2, 4),
+    "BHLNC": (1, 2, 0, 3, 4),
+}
+
+
+def vllm_layer_caches(num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
+                      head_size: int, layout: str, dtype=torch.float16,
+                      device="cpu") -> list[torch.Tensor]:
+    """Per-layer KV caches exactly as vLLM 0.32 allocates them for full attention on GPU.
+
+    One zeroed backing buffer holds every layer; each layer's view has the logical shape
+    ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` and the strides that
+    ``KVCacheLayout[layout]`` gives the 5-D ``[L, B, H, N, C]`` grid (innermost axis
+    stride 1, each outer axis the product of the inner sizes), as
+    ``vllm.v1.kv_cache_interface.compute_layout_strides`` computes them for unpadded pages.
+
+    Args:
+        layout: a key of :data:`VLLM_KV_LAYOUTS`.
+    Returns:
+        ``num_layers`` tensors ``[num_blocks, Hkv, block_size, 2*D]`` sharing one storage.
+    """
+    if layout not in VLLM_KV_LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(VLLM_KV_LAYOUTS)}, got {layout!r}")
+    order = VLLM_KV_LAYOUTS[layout]
+    shape = (num_layers, num_blocks, num_kv_heads, block_size, 2 * head_size)
+    strides = [0] * 5
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= shape[dim]
+    raw = torch.zeros(step, dtype=dtype, device=device)
+    grid = raw.as_strided(shape, strides)
+    return [grid[i] for i in range(num_layers)]
+
 
 @dataclass(frozen=True)
 class PagedKV:
@@ -47,6 +93,29 @@ class PagedKV:
                 "key and value caches must both be [num_blocks, block_size, num_kv_heads, "
                 f"head_dim]; got {tuple(self.key.shape)} and {tuple(self.value.shape)}"
             )
+
+    @classmethod
+    def from_vllm(cls, kv_cache: torch.Tensor, head_size: int) -> PagedKV:
+        """Key/value views of one layer's vLLM 0.32 GPU cache, as its backends read it.
+
+        Args:
+            kv_cache: ``[num_blocks, Hkv, block_size, 2 * head_size]`` in any stride order
+                (every ``KVCacheLayout``), float16/bfloat16/float32.
+            head_size: D.
+        Returns:
+            ``PagedKV`` whose key/value are ``[num_blocks, block_size, Hkv, D]`` views
+            (``kv_cache.transpose(1, 2).split(head_size, -1)``, as ``flash_attn.py`` does).
+        """
+        if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
+            raise ValueError(
+                "vLLM GPU KV cache must be [num_blocks, num_kv_heads, block_size, "
+                f"2*head_size={2 * head_size}]; got shape {tuple(kv_cache.shape)}"
+            )
+        if not kv_cache.dtype.is_floating_point or kv_cache.element_size() < 2:
+            raise ValueError(f"KV cache dtype {kv_cache.dtype} is quantised (fp8/uint8): "
+                             "its values need scales the statistics do not apply")
+        key, value = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+        return cls(key, value, NHD)
 
     @classmethod
     def from_cpu(cls, kv_cache: torch.Tensor, layout: str) -> PagedKV:

@@ -154,3 +154,26 @@ def value_proj_norm(gram, value_cache, block_table, seq_lens) -> torch.Tensor:
         sq = torch.einsum("thd,hde,the->ht", v, gram.float(), v)
         out[r, :, :n] = sq.clamp_min(0).sqrt()
     return out
+
+
+def reshape_and_cache_flash(key, value, kv_cache, slot_mapping) -> None:
+    """Torch twin of vLLM 0.32's GPU cache write (``reshape_and_cache_flash``, CUDA and Triton).
+
+    Derived from ``triton_reshape_and_cache_flash.py`` and the backends' callers: the layer
+    cache ``[nb, Hkv, bs, 2*D]`` is split ``kv_cache.transpose(1, 2).split(D, -1)`` into
+    ``[nb, bs, Hkv, D]`` key/value views; token ``i`` goes to block ``slot // bs``, row
+    ``slot % bs`` of both; a negative slot is padding and is skipped. Unquantised caches only.
+
+    Args:
+        key, value: ``[T, Hkv, D]`` new keys/values.
+        kv_cache: one layer's cache, any ``KVCacheLayout`` stride order (written in place).
+        slot_mapping: ``[T]`` int slots.
+    """
+    d = key.shape[-1]
+    k_cache, v_cache = kv_cache.transpose(1, 2).split(d, dim=-1)
+    bs = k_cache.shape[1]
+    slots = slot_mapping.to(torch.long)
+    ok = slots >= 0
+    blocks, rows = slots[ok] // bs, slots[ok] % bs
+    k_cache[blocks, rows] = key[ok].to(k_cache.dtype)
+    v_cache[blocks, rows] = value[ok].to(v_cache.dtype)

@@ -47,25 +47,25 @@ def test_layout_detected_and_gather_exact(transposed):
     sr = _request([3, 5], [BS, 3])
     worker = _worker(sr)
     newest = keys[5][2]  # the last real token of the last block: what the forward just wrote
-    kv = worker._paged_kv(cache, newest[None])
+    kv = worker._paged_kv(cache, newest[None], "cpu", D)
     assert worker.key_layout == ("cpu_t" if transposed else "cpu")
     dense, _ = kv.gather(sr.block_table[0], sr.num_tokens)
     assert torch.equal(dense, torch.cat([keys[3], keys[5][:3]]))
     # reading with the other layout silently gives different keys: detection is what prevents it
     other = _worker(sr)
     other.key_layout = "cpu" if transposed else "cpu_t"
-    assert not torch.equal(other._paged_kv(cache, newest[None]).gather(sr.block_table[0], 7)[0], dense)
+    assert not torch.equal(other._paged_kv(cache, newest[None], "cpu", D).gather(sr.block_table[0], 7)[0], dense)
 
 
 def test_unknown_layout_refuses_instead_of_scoring_garbage():
     cache = torch.randn(6, HKV, BS, 2 * D)
     worker = _worker(_request([1], [2]))
     with pytest.raises(KeyLayoutError, match="matches neither"):
-        worker._paged_kv(cache, torch.randn(1, HKV, D))
+        worker._paged_kv(cache, torch.randn(1, HKV, D), "cpu", D)
     assert worker.key_layout is None
 
 
 def test_unsupported_cache_shape_is_refused():
     worker = _worker(_request([1], [2]))
     with pytest.raises(KeyLayoutError, match="unsupported KV cache shape"):
-        worker._paged_kv(torch.zeros(6, HKV * BS * 2 * D), torch.randn(1, HKV, D))
+        worker._paged_kv(torch.zeros(6, HKV * BS * 2 * D), torch.randn(1, HKV, D), "cpu", D)

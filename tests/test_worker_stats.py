@@ -53,6 +53,7 @@ def _scored_layer(bs, group, phase, transposed, packed=False, seed=0):
         )
     worker = WorkerEviction.__new__(WorkerEviction)
     worker.key_layout, worker.grams = None, {}
+    worker.readers = {"model.layers.0.self_attn.attn": "cpu"}
     worker.runner = SimpleNamespace(get_model=lambda: SimpleNamespace(get_submodule=lambda _: o_proj))
     sr = ScoredRequest(
         req_id="r", task=SimpleNamespace(phase=phase),

@@ -38,6 +38,7 @@ class PolicyCounters:
     decision_seconds_sum: float = 0.0
     decision_seconds_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     requests_with_eviction: int = 0
+    scoring_skipped: int = 0  # scoring tasks whose statistics were not measured
 
     def merge(self, snapshot: dict) -> None:
         """Add another engine's snapshot of the same counters."""
@@ -106,7 +107,7 @@ class EngineTotals:
     _COUNTER = {
         "released": "released_blocks", "parked": "parked_blocks", "restored": "restored_blocks",
         "pool_pressure_released": "pool_pressure_released_blocks", "decisions": "decisions",
-        "decision_seconds": "decision_seconds_sum",
+        "decision_seconds": "decision_seconds_sum", "scoring_skipped": "scoring_skipped",
     }
 
     def __init__(self, metrics: EvictionMetrics):
@@ -130,6 +131,8 @@ _COUNTERS = {
     "bytes_freed": "KV-cache bytes returned to the block pool",
     "decisions": "eviction decisions taken",
     "requests_with_eviction": "requests that had at least one block evicted",
+    "scoring_skipped": "scoring tasks whose attention statistics were not measured (their "
+                       "blocks keep their last scores); should stay 0",
 }
 
 

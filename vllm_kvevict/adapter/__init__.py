@@ -34,7 +34,11 @@ def _install_engine_config_hook() -> None:
     original = EngineArgs.create_engine_config
 
     def create_engine_config(self, *args, **kwargs):
-        from vllm_kvevict.adapter.vllm_internals import UnsupportedConfigError, check_engine_config
+        from vllm_kvevict.adapter.vllm_internals import (
+            UnsupportedConfigError,
+            check_engine_config,
+            pin_v1_model_runner,
+        )
         from vllm_kvevict.config import config_from_additional
 
         config = config_from_additional(self.additional_config)  # ValueError names the field
@@ -51,9 +55,11 @@ def _install_engine_config_hook() -> None:
                     "cannot be combined with it"
                 )
             self.scheduler_cls = SCHEDULER_CLS
+            pin_v1_model_runner()
         vllm_config = original(self, *args, **kwargs)
         if config is not None:
             check_engine_config(vllm_config)
+            log_cudagraph_plan(vllm_config.compilation_config)
             from vllm_kvevict.metrics import register_collector
 
             register_collector()  # before the engine core starts: it inherits the directory
@@ -61,6 +67,39 @@ def _install_engine_config_hook() -> None:
         return vllm_config
 
     EngineArgs.create_engine_config = create_engine_config
+
+
+def scoring_cudagraph_mode(compilation_config):
+    """The CUDA-graph mode of steps that measure attention statistics, for a configured mode.
+
+    The engine keeps the mode the user (or vLLM's optimization level: FULL_AND_PIECEWISE on
+    NVIDIA at -O2/-O3) configured; only steps whose scored requests need attention statistics
+    are dispatched without FULL graphs (``worker.without_full_cudagraphs``): PIECEWISE where
+    piecewise graphs are captured, else eager (NONE).
+    """
+    from vllm.config import CUDAGraphMode
+
+    mode = compilation_config.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return CUDAGraphMode.NONE
+    if mode.has_piecewise_cudagraphs():
+        return CUDAGraphMode.PIECEWISE
+    return CUDAGraphMode.NONE
+
+
+def log_cudagraph_plan(compilation_config) -> None:
+    from vllm.config import CUDAGraphMode
+
+    mode = compilation_config.cudagraph_mode
+    scoring = scoring_cudagraph_mode(compilation_config)
+    if mode is not None and mode.has_full_cudagraphs() and scoring == CUDAGraphMode.NONE:
+        logger.warning(
+            "kv_eviction: cudagraph_mode %s captures no piecewise graphs, so steps that measure "
+            "attention statistics run eagerly; FULL_AND_PIECEWISE (the default) runs them as "
+            "piecewise graphs instead", mode.name)
+    else:
+        logger.info("kv_eviction: cudagraph_mode %s; steps that measure attention statistics "
+                    "run as %s", getattr(mode, "name", mode), scoring.name)
 
 
 def validate_request(vllm_config, params) -> None:

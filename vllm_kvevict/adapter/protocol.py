@@ -1,7 +1,8 @@
 """What travels between the scheduler and the workers each step (plain picklable data).
 
 Scheduler → worker: ``SchedulerOutput.kv_eviction`` (a ``StepPlan``).
-Worker → scheduler: ``ModelRunnerOutput.kv_eviction_scores`` (``{req_id: BlockScores}``).
+Worker → scheduler: ``ModelRunnerOutput.kv_eviction_scores`` (``{req_id: BlockScores}``) and
+``ModelRunnerOutput.kv_eviction_skipped`` (``{req_id: policy}``, tasks that measured nothing).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 
 PLAN_ATTR = "kv_eviction"
 SCORES_ATTR = "kv_eviction_scores"
+#: ``{req_id: policy}`` of scoring tasks whose statistics were not measured this step
+SKIPPED_ATTR = "kv_eviction_skipped"
 
 
 @dataclass

@@ -20,7 +20,13 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from vllm_kvevict.adapter.ledger import BlockLedger
-from vllm_kvevict.adapter.protocol import PLAN_ATTR, SCORES_ATTR, ScoreTask, StepPlan
+from vllm_kvevict.adapter.protocol import (
+    PLAN_ATTR,
+    SCORES_ATTR,
+    SKIPPED_ATTR,
+    ScoreTask,
+    StepPlan,
+)
 from vllm_kvevict.adapter.vllm_internals import check_kv_cache_config
 from vllm_kvevict.config import (
     CONFIG_KEY,
@@ -182,6 +188,14 @@ class EvictingScheduler(Scheduler):
         return output
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        skipped = getattr(model_runner_output, SKIPPED_ATTR, None) or {}
+        for req_id, policy in skipped.items():
+            counters = self.kv_metrics.policy(policy)
+            counters.scoring_skipped += 1
+            if counters.scoring_skipped in (1, 10, 100) or counters.scoring_skipped % 1000 == 0:
+                logger.warning("kv_eviction: %d scoring task(s) of policy %s measured nothing "
+                               "(latest: request %s); their blocks keep older scores",
+                               counters.scoring_skipped, policy, req_id)
         scores = getattr(model_runner_output, SCORES_ATTR, None)
         if scores:
             for req_id, block_scores in scores.items():

@@ -37,7 +37,27 @@ TOUCHED_INTERNALS = (
     ("GPUModelRunner.requests[req_id].block_ids, input_batch.block_table.add_row", "row replace"),
     ("compilation_config.static_forward_context[layer].impl.forward", "wrapped: attention statistics"),
     ("CPU attention KV layout [blocks, kv_heads, 2*block_size, head_dim]", "read to score"),
+    ("GPU layer KV cache [blocks, kv_heads, block_size, 2*head_size] in a KVCacheLayout stride "
+     "order (vllm.v1.kv_cache_layout)", "read as kv_cache.transpose(1, 2).split(head_size, -1)"),
+    ("cache_config.get_resolved_kv_cache_layout()", "checked at KV-cache init"),
+    ("GPUModelRunner.initialize_kv_cache", "wrapped: attention layers checked at startup"),
+    ("layer.attn_backend.get_name(), layer.impl.{kv_cache_dtype, alibi_slopes, logits_soft_cap, "
+     "sinks, sliding_window}, layer.attn_type", "what the statistics can read (startup check)"),
+    ("GPUModelRunner._determine_batch_execution_and_padding + cudagraph_dispatcher.dispatch",
+     "wrapped: FULL cudagraphs invalid in steps that measure statistics"),
+    ("VllmConfig.use_v2_model_runner / VLLM_USE_V2_MODEL_RUNNER", "V1 runner pinned (set to 0)"),
+    ("vllm.distributed.tensor_model_parallel_all_reduce", "block scores averaged over TP ranks"),
 )
+
+#: attention backends whose KV cache the statistics read, and the ``KVCacheLayout``\s of each.
+#: The GPU backends hand every layer ``[num_blocks, Hkv, block_size, 2*D]`` in any of the six
+#: stride orders (the kernels take strides); the CPU backend packs its own tiles and is only
+#: allocated LBHNC (``CPUAttentionBackend.supported_kv_cache_layouts``).
+GPU_LAYOUTS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
+READERS = {"FLASH_ATTN": "gpu", "FLASHINFER": "gpu", "TRITON_ATTN": "gpu", "CPU_ATTN": "cpu"}
+READABLE_LAYOUTS = {"gpu": GPU_LAYOUTS, "cpu": ("LBHNC",)}
+#: ``kv_cache_dtype`` values that store K/V unquantised (anything else: fp8/nvfp4/int8 + scales)
+NATIVE_KV_DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "float", "bf16", "fp16")
 
 
 class UnsupportedConfigError(ValueError):
@@ -75,6 +95,15 @@ def check_engine_config(vllm_config) -> None:
     mc = vllm_config.model_config
     if mc is not None and getattr(mc, "uses_mrope", False):
         problems.append("M-RoPE models (positions are 3-D)")
+    if mc is not None and getattr(mc, "use_mla", False):
+        problems.append("MLA attention (latent KV cache, no per-head keys/values to score)")
+    cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if cache_dtype not in NATIVE_KV_DTYPES:
+        problems.append(f"quantised KV cache --kv-cache-dtype {cache_dtype} (the statistics "
+                        f"read unscaled K/V; use one of {', '.join(NATIVE_KV_DTYPES[:4])})")
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        problems.append("Model Runner V2 (forced by this configuration, e.g. HiSparse or "
+                        "watermarking; the adapter hooks the V1 runner)")
     if problems:
         raise UnsupportedConfigError(
             "kv_eviction cannot run with: " + "; ".join(problems)
@@ -97,3 +126,76 @@ def check_kv_cache_config(kv_cache_config) -> None:
         raise UnsupportedConfigError(
             f"kv_eviction supports full attention only; KV-cache spec is {type(spec).__name__}."
         )
+
+
+def pin_v1_model_runner(environ=os.environ) -> None:
+    """Model Runner V2 is vLLM 0.32's default wherever Triton runs (every NVIDIA GPU) and
+    ignores the V1 runner the adapter hooks: the scheduler would evict blocks the V2 runner
+    still reads. Pin V1 unless the user chose a runner (V2 is then refused by name)."""
+    environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
+def _is_unset(value) -> bool:
+    return value is None or value in (0, 0.0, -1, (-1, -1))
+
+
+def check_attention_layers(layers: dict, layout: str, block_size: int) -> dict[str, str]:
+    """Refuse, at KV-cache init, attention layers whose cache the statistics cannot read.
+
+    Args:
+        layers: ``{layer name: Attention layer}`` (``static_forward_context`` entries with a
+            bound ``kv_cache``).
+        layout: the resolved ``KVCacheLayout`` name.
+        block_size: the scheduler's (KV-manager) block size in tokens.
+    Returns:
+        ``{layer name: "gpu" | "cpu"}``, the reader of each layer's cache.
+    Raises:
+        UnsupportedConfigError naming every unsupported backend, layout and feature.
+    """
+    readers, problems = {}, []
+
+    def refuse(what: str) -> None:
+        if what not in problems:
+            problems.append(what)
+
+    for name, layer in layers.items():
+        backend = layer.attn_backend.get_name()
+        reader = READERS.get(backend)
+        if reader is None:
+            refuse(f"attention backend {backend} (supported: {', '.join(READERS)}; choose one "
+                   "with --attention-backend)")
+            continue
+        readers[name] = reader
+        if layout not in READABLE_LAYOUTS[reader]:
+            refuse(f"KV cache layout {layout} with {backend} (readable: "
+                   f"{', '.join(READABLE_LAYOUTS[reader])}; set VLLM_KV_CACHE_LAYOUT)")
+        if getattr(layer.attn_backend, "is_mla", lambda: False)():
+            refuse("MLA attention")
+        impl = layer.impl
+        if str(getattr(impl, "kv_cache_dtype", "auto")) not in NATIVE_KV_DTYPES:
+            refuse(f"quantised KV cache ({impl.kv_cache_dtype})")
+        if getattr(impl, "alibi_slopes", None) is not None:
+            refuse("ALiBi position biases")
+        if not _is_unset(getattr(impl, "logits_soft_cap", None)):
+            refuse("logit soft-capping")
+        if getattr(impl, "sinks", None) is not None:
+            refuse("attention sinks")
+        if not _is_unset(getattr(impl, "sliding_window", None)):
+            refuse("sliding-window attention layers")
+        attn_type = getattr(layer, "attn_type", "decoder")
+        attn_type = str(getattr(attn_type, "value", attn_type))  # AttentionType is a str enum
+        if attn_type != "decoder":
+            refuse(f"{attn_type} attention layers (decoder self-attention only)")
+        kv = getattr(layer, "kv_cache", None)
+        if isinstance(kv, list | tuple):
+            kv = kv[0] if kv else None
+        if kv is not None and kv.dim() == 4 and kv.shape[2] != block_size:
+            refuse(f"kernel blocks of {kv.shape[2]} tokens inside {block_size}-token KV blocks "
+                   f"({backend}); set --block-size {kv.shape[2]}")
+    if problems:
+        raise UnsupportedConfigError(
+            "kv_eviction cannot read the KV cache of this model: " + "; ".join(problems)
+            + ". The statistics assume plain softmax attention over unquantised K/V; "
+            "remove kv_eviction or change these settings."
+        )
+    return readers

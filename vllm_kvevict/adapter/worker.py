@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from vllm_kvevict.adapter.protocol import PLAN_ATTR, SCORES_ATTR, BlockScores, ScoreTask, StepPlan
+from vllm_kvevict.adapter.protocol import (
+    PLAN_ATTR,
+    SCORES_ATTR,
+    SKIPPED_ATTR,
+    BlockScores,
+    ScoreTask,
+    StepPlan,
+)
 from vllm_kvevict.config import config_from_additional
 from vllm_kvevict.kernels import dispatch
 from vllm_kvevict.kernels.paged import PagedKV, cpu_kv_view, detect_cpu_key_layout
@@ -85,12 +93,33 @@ class WorkerEviction:
         self.key_layout: str | None = None  # CPU backend: "cpu" or "cpu_t" (AVX2 hosts)
         self.grams: dict[int, torch.Tensor] = {}
         self.hooked = False
+        #: layer name -> "gpu" | "cpu": how its KV cache is read (checked at KV-cache init)
+        self.readers: dict[str, str] = {}
+        self.layer_names: list[str] = []
+        #: req_id -> why a scoring task of this step measured nothing (sent to the scheduler)
+        self.skipped: dict[str, str] = {}
+        self._warned: set[str] = set()
+
+    # -- startup -------------------------------------------------------------------------------
+    def check_layers(self) -> None:
+        """After vLLM's initialize_kv_cache: refuse (by name) attention layers whose cache the
+        statistics cannot read, then hook every layer's forward once."""
+        from vllm_kvevict.adapter.vllm_internals import check_attention_layers
+
+        runner = self.runner
+        layers = _attention_layers(runner.vllm_config.compilation_config.static_forward_context)
+        layout = runner.cache_config.get_resolved_kv_cache_layout().name
+        block_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        self.readers = check_attention_layers(layers, layout, block_size)
+        if not self.hooked:
+            self._hook_attention()
 
     # -- step plumbing -------------------------------------------------------------------------
     def begin_step(self, scheduler_output) -> None:
         """After vLLM's _update_states: install new compacted rows."""
         self.plan = getattr(scheduler_output, PLAN_ATTR, None)
         self.scored = []
+        self.skipped = {}
         finished = getattr(scheduler_output, "finished_req_ids", ()) or ()
         for key in [k for k in self.policy_state if k[0] in finished]:
             del self.policy_state[key]
@@ -142,8 +171,8 @@ class WorkerEviction:
                 continue
             n_row = int(batch.block_table[0].num_blocks_per_row[row])
             if n_row != len(task.kept_positions):
-                logger.warning("kv_eviction: row of %s has %d blocks, plan %d; not scored",
-                               req_id, n_row, len(task.kept_positions))
+                self._skip(req_id, f"block row has {n_row} blocks, the plan "
+                           f"{len(task.kept_positions)}")
                 continue
             seq_c = int(seq_lens[row])
             kept = [(p, int(table[row, i]), False, bs if i < n_row - 1 else seq_c - (n_row - 1) * bs)
@@ -170,12 +199,24 @@ class WorkerEviction:
             # the row's last tokens (then row order is position order, the queries included).
             tail = self._token_positions(sr)[-(q_end - q_start):]
             if not torch.equal(tail, sr.query_positions.long()):
-                logger.warning("kv_eviction: resident blocks of %s do not end with this step's "
-                               "tokens; not scored", req_id)
+                self._skip(req_id, "resident blocks do not end with this step's tokens")
                 continue
             self.scored.append(sr)
         if self.scored and not self.hooked:
             self._hook_attention()
+
+    @property
+    def measures_in_attention(self) -> bool:
+        """Some request scored this step needs statistics that only the attention hooks
+        measure: this step must not replay a full CUDA graph (no Python runs inside one)."""
+        return any(_expected_stats(sr) for sr in self.scored)
+
+    def _skip(self, req_id: str, reason: str) -> None:
+        self.skipped[req_id] = reason
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning("kv_eviction: scoring skipped (%s); counted in "
+                           "vllm_kvevict_scoring_skipped_total", reason)
 
     def _policy(self, task: ScoreTask):
         key = (task.policy, repr(sorted(task.options.items())))
@@ -186,8 +227,7 @@ class WorkerEviction:
     # -- attention hook ------------------------------------------------------------------------
     def _hook_attention(self) -> None:
         ctx = self.runner.vllm_config.compilation_config.static_forward_context
-        names = [n for n, layer in ctx.items() if hasattr(layer, "impl") and hasattr(layer, "kv_cache")]
-        names.sort(key=lambda n: int(_LAYER_INDEX.search(n + ".").group(1)) if _LAYER_INDEX.search(n + ".") else 0)
+        names = list(_attention_layers(ctx))
         for index, name in enumerate(names):
             impl = ctx[name].impl
             original = impl.forward
@@ -203,17 +243,31 @@ class WorkerEviction:
         self.hooked = True
         self.layer_names = names
 
-    def _paged_kv(self, kv_cache: torch.Tensor, key: torch.Tensor) -> PagedKV:
+    def _paged_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, reader: str,
+                  head_size: int) -> PagedKV:
         """One layer's cache as logical ``[num_blocks, block_size, Hkv, D]`` key/value views.
 
-        GPU FlashAttention-style: ``[2, num_blocks, bs, Hkv, D]``. CPU backend: ``[num_blocks,
-        Hkv, bs, 2*D]``, keys possibly transposed per block (hazard 4: the layout is detected
-        once, from the newest key just written). Anything else is refused rather than misread.
+        Args:
+            kv_cache: the layer's cache as vLLM hands it to ``impl.forward``: on the GPU
+                backends (reader ``"gpu"``) ``[num_blocks, Hkv, block_size, 2*D]`` in any
+                ``KVCacheLayout`` stride order, K and V side by side in the last axis; on the
+                CPU backend (``"cpu"``) the same shape packing a key tile and a value tile per
+                (block, head), keys possibly transposed per block (detected once, from the
+                newest key just written: AVX2 hosts store them ``[D, block_size]``).
+            key: ``[num_tokens, Hkv * D]`` this step's keys (CPU layout detection).
+            reader: from :func:`check_attention_layers` at startup.
+            head_size: D.
+        Anything else is refused rather than misread.
         """
-        if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
-            return PagedKV(kv_cache[0], kv_cache[1])
         if kv_cache.dim() != 4:
             raise KeyLayoutError(f"kv_eviction: unsupported KV cache shape {tuple(kv_cache.shape)}")
+        if reader == "gpu":
+            try:
+                return PagedKV.from_vllm(kv_cache, head_size)
+            except ValueError as exc:
+                raise KeyLayoutError(f"kv_eviction: {exc}") from exc
+        if reader != "cpu":
+            raise KeyLayoutError(f"kv_eviction: no reader {reader!r} for this KV cache")
         view = cpu_kv_view(kv_cache)  # [num_blocks, Hkv, 2*bs, D]
         if self.key_layout is None:
             sr = self.scored[0]
@@ -238,7 +292,10 @@ class WorkerEviction:
     def _measure_layer(self, index, name, layer, query, key, kv_cache) -> None:
         """Record this layer's statistics of every scored request (one ``dispatch`` call each:
         the Triton kernels on NVIDIA GPUs, their torch references elsewhere)."""
-        kv = self._paged_kv(kv_cache, key)
+        reader = self.readers.get(name)
+        if reader is None:  # never guess a layout: a wrong view gives plausible garbage
+            raise KeyLayoutError(f"kv_eviction: layer {name} was not checked at startup")
+        kv = self._paged_kv(kv_cache, key, reader, _head_size(layer, kv_cache))
         hq, scale = layer.impl.num_heads, layer.impl.scale
         q_all = query.view(-1, hq, kv.head_dim)
         for sr in self.scored:
@@ -278,28 +335,45 @@ class WorkerEviction:
 
     # -- after the forward ---------------------------------------------------------------------
     def finish_step(self) -> None:
+        """Turn this step's statistics into block scores: policies run on the KV cache's
+        device, the scores of every scored request are averaged over the TP group in one
+        all-reduce on that device and copied to the host once."""
+        results = []
         for sr in self.scored:
-            if not sr.layers and sr.policy.needs:
-                continue  # the attention hooks did not run for it: nothing measured
+            missing = _missing_stats(sr, len(self.layer_names))
+            if missing:
+                self._skip(sr.req_id, f"{', '.join(missing)} not measured by the attention "
+                           "hooks (a full CUDA graph replayed, or the hooks did not run)")
+                results.append((sr, None))
+                continue
+            device = _stats_device(sr)
             stats = RequestStats(
                 block_size=self.runner.input_batch.block_table[0].block_size,
-                block_index=sr.positions,
-                num_tokens=sum(sr.tokens_per_block),
+                block_index=sr.positions.to(device),
+                num_tokens=sr.num_tokens,
                 num_kv_heads=self.runner.model_config.get_num_kv_heads(self.runner.parallel_config),
-                parked=sr.parked,
+                parked=sr.parked.to(device),
                 phase=sr.task.phase,
-                visual=self._visual_mask(sr),
-                **{k: torch.stack(v).cpu() for k, v in sr.layers.items()},
+                visual=_to(self._visual_mask(sr), device),
+                **{k: torch.stack(v) for k, v in sr.layers.items()},
             )
             state = self.policy_state.setdefault((sr.req_id, sr.task.generation), {})
-            scores = sr.policy.block_scores(stats, state).to(torch.float32)
-            scores = _all_reduce_mean(scores)
-            self.pending_scores[sr.req_id] = BlockScores(
-                generation=sr.task.generation,
-                positions=sr.positions.tolist(),
-                scores=scores.tolist(),
-            )
+            results.append((sr, sr.policy.block_scores(stats, state).to(torch.float32)))
         self.scored = []
+        if not results:
+            return
+        flat, measured = _all_reduce_mean(
+            [scores for _, scores in results], [sr.positions.numel() for sr, _ in results],
+            device=self.runner.device,
+        )
+        for (sr, _), scores, ok in zip(results, flat, measured):
+            if not ok:
+                if sr.req_id not in self.skipped:
+                    self._skip(sr.req_id, "another tensor-parallel rank measured nothing")
+                continue
+            self.pending_scores[sr.req_id] = BlockScores(
+                generation=sr.task.generation, positions=sr.positions.tolist(), scores=scores,
+            )
 
     def _visual_mask(self, sr: ScoredRequest) -> torch.Tensor | None:
         if not sr.task.visual_spans:
@@ -311,12 +385,20 @@ class WorkerEviction:
         return mask
 
     def attach_scores(self, output) -> None:
-        if not self.pending_scores or output is None:
+        if not (self.pending_scores or self.skipped) or output is None:
             return
         target = getattr(output, "_model_runner_output", output)
         if hasattr(target, "req_ids"):
-            setattr(target, SCORES_ATTR, self.pending_scores)
-            self.pending_scores = {}
+            if self.pending_scores:
+                setattr(target, SCORES_ATTR, self.pending_scores)
+                self.pending_scores = {}
+            if self.skipped:
+                setattr(target, SKIPPED_ATTR, {r: self._policy_name(r) for r in self.skipped})
+                self.skipped = {}
+
+    def _policy_name(self, req_id: str) -> str:
+        task = self.plan.score.get(req_id) if self.plan else None
+        return task.policy if task is not None else "unknown"
 
 
 def _linear_weight(linear) -> torch.Tensor:
@@ -334,20 +416,90 @@ def _linear_weight(linear) -> torch.Tensor:
     return linear.quant_method.apply(linear, eye).t()
 
 
-def _all_reduce_mean(scores: torch.Tensor) -> torch.Tensor:
-    """Hazard 5: each TP rank measured only its own heads; only rank 0's output reaches the
-    scheduler, so average the block scores over the TP group first."""
+def _all_reduce_mean(scores: list[torch.Tensor | None], sizes: list[int], device
+                     ) -> tuple[list[list[float]], list[bool]]:
+    """Average every scored request's block scores over the TP group in one all-reduce.
+
+    Each TP rank measured only its own heads and only rank 0's output reaches the scheduler,
+    so the scores are summed over the group. The tensor goes to the communicator on
+    ``device`` (the KV cache's: pynccl all-reduces CUDA tensors only, gloo/shm CPU ones), with
+    one 0/1 "measured" flag per request so a request any rank failed to measure is dropped on
+    all of them, then comes to the host in one copy.
+
+    Args:
+        scores: per request ``[nb_i]`` float32 on ``device``, or None (not measured here).
+        sizes: ``nb_i`` of each request (the same on every rank: the plan is shared).
+    Returns:
+        (per-request score lists, per-request measured-by-every-rank flags).
+    """
+    parts = [s.to(device, torch.float32) if s is not None else
+             torch.zeros(n, dtype=torch.float32, device=device) for s, n in zip(scores, sizes)]
+    flags = torch.tensor([s is not None for s in scores], dtype=torch.float32, device=device)
+    flat = torch.cat([*parts, flags])
+    world = _tp_world_size()
+    if world > 1:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        flat = tensor_model_parallel_all_reduce(flat)
+    host = flat.cpu()  # the step's one device -> host copy
+    values, measured = host[: sum(sizes)] / world, host[sum(sizes):]
+    out, start = [], 0
+    for n in sizes:
+        out.append(values[start: start + n].tolist())
+        start += n
+    return out, [bool(m == world) for m in measured.tolist()]
+
+
+def _tp_world_size() -> int:
     try:
-        from vllm.distributed import (
-            get_tensor_model_parallel_world_size,
-            tensor_model_parallel_all_reduce,
-        )
-    except ImportError:  # pragma: no cover
-        return scores
-    world = get_tensor_model_parallel_world_size()
-    if world <= 1:
-        return scores
-    return tensor_model_parallel_all_reduce(scores) / world
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size()
+    except (ImportError, AssertionError):  # no TP group initialised (unit tests)
+        return 1
+
+
+def _attention_layers(ctx: dict) -> dict:
+    """Attention layers with a KV cache from ``static_forward_context``, in layer order."""
+    def index(name: str) -> int:
+        match = _LAYER_INDEX.search(name + ".")
+        return int(match.group(1)) if match else 0
+
+    names = sorted((n for n, layer in ctx.items()
+                    if hasattr(layer, "impl") and hasattr(layer, "kv_cache")), key=index)
+    return {n: ctx[n] for n in names}
+
+
+def _head_size(layer, kv_cache: torch.Tensor) -> int:
+    size = getattr(layer.impl, "head_size", None)
+    return int(size) if size else kv_cache.shape[-1] // 2
+
+
+def _expected_stats(sr: ScoredRequest) -> set[str]:
+    """The statistics the attention hooks record for this request in this step."""
+    needs = set(sr.policy.needs)
+    names = needs - {KEY_BOUNDS}
+    if KEY_BOUNDS in needs:
+        names |= {"key_min", "key_max"}
+    if sr.task.phase != "prefill":
+        names.discard(WINDOW_ATTN)
+    return names
+
+
+def _missing_stats(sr: ScoredRequest, num_layers: int) -> list[str]:
+    """Expected statistics not recorded for every attention layer (sorted names)."""
+    return sorted(n for n in _expected_stats(sr)
+                  if len(sr.layers.get(n, ())) != num_layers or num_layers == 0)
+
+
+def _stats_device(sr: ScoredRequest):
+    for values in sr.layers.values():
+        return values[0].device
+    return torch.device(sr.device)
+
+
+def _to(x: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
 
 
 # -- class-level patches, inert unless the runner's engine has a kv_eviction config ------------
@@ -367,8 +519,17 @@ def install_runner_hooks() -> None:
         return
     update_states = GPUModelRunner._update_states
     prepare_inputs = GPUModelRunner._prepare_inputs
+    determine_execution = GPUModelRunner._determine_batch_execution_and_padding
     execute_model = GPUModelRunner.execute_model
     sample_tokens = GPUModelRunner.sample_tokens
+    initialize_kv_cache = GPUModelRunner.initialize_kv_cache
+
+    def initialize_kv_cache_hook(self, *a, **k):
+        result = initialize_kv_cache(self, *a, **k)
+        ev = _eviction(self)
+        if ev is not None:
+            ev.check_layers()
+        return result
 
     def _update_states_hook(self, scheduler_output, *a, **k):
         result = update_states(self, scheduler_output, *a, **k)
@@ -383,6 +544,13 @@ def install_runner_hooks() -> None:
         if ev is not None:
             ev.fix_inputs(num_scheduled_tokens)
         return result
+
+    def _determine_execution_hook(self, *a, **k):
+        ev = _eviction(self)
+        if ev is None or not ev.measures_in_attention:
+            return determine_execution(self, *a, **k)
+        with without_full_cudagraphs(self.cudagraph_dispatcher):
+            return determine_execution(self, *a, **k)
 
     def execute_model_hook(self, *a, **k):
         output = execute_model(self, *a, **k)
@@ -399,8 +567,35 @@ def install_runner_hooks() -> None:
             ev.attach_scores(output)
         return output
 
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache_hook
     GPUModelRunner._update_states = _update_states_hook
     GPUModelRunner._prepare_inputs = _prepare_inputs_hook
+    GPUModelRunner._determine_batch_execution_and_padding = _determine_execution_hook
     GPUModelRunner.execute_model = execute_model_hook
     GPUModelRunner.sample_tokens = sample_tokens_hook
     GPUModelRunner._kvevict_hooked = True
+
+
+@contextmanager
+def without_full_cudagraphs(dispatcher):
+    """Within the block, ``dispatcher.dispatch`` never picks a FULL CUDA graph.
+
+    A full graph replays the whole forward with no Python, so the ``impl.forward`` hooks that
+    measure attention statistics would not run. The step then gets the mode vLLM itself uses
+    when a full graph is not allowed (e.g. encoder-decoder steps with encoder outputs): a
+    PIECEWISE graph where one was captured (attention runs eagerly between the pieces), else
+    eager. vLLM's KV-cache writes and the compacted seq_lens/slot mapping are unaffected.
+    """
+    from vllm.config import CUDAGraphMode
+
+    dispatch = dispatcher.dispatch
+
+    def no_full(*args, invalid_modes=None, **kwargs):
+        invalid = set(invalid_modes or ()) | {CUDAGraphMode.FULL}
+        return dispatch(*args, invalid_modes=invalid, **kwargs)
+
+    dispatcher.dispatch = no_full
+    try:
+        yield
+    finally:
+        dispatcher.dispatch = dispatch

@@ -1,5 +1,8 @@
 """The worker's per-layer statistics (through ``kernels.dispatch``; the torch path on CPU) equal
-the dense statistics of ``vllm_kvevict.stats`` on the request's resident tokens."""
+the dense statistics of ``vllm_kvevict.stats`` on the request's resident tokens — read from the
+CPU backend's cache (plain and transposed keys) and from vLLM 0.32's GPU caches in every
+``KVCacheLayout``, allocated by vLLM's own allocation code and written by a torch twin of the
+GPU backends' cache write."""
 
 from __future__ import annotations
 
@@ -17,28 +20,79 @@ HKV, D, WINDOW = 2, 16, 8
 POSITIONS = [0, 1, 3, 4, 5]  # block 2 evicted: positions have a gap
 PARKED = [False, False, True, False, False]
 BLOCK_IDS = [7, 2, 9, 4, 11]
+NUM_BLOCKS, NUM_LAYERS, LAYER = 12, 3, "model.layers.1.self_attn.attn"
+GPU_LAYOUTS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
 
 
-def _scored_layer(bs, group, phase, transposed, packed=False, seed=0):
-    """A CPU cache holding one request's resident blocks, the step's query/key, and a worker."""
+def vllm_gpu_caches(layout: str, bs: int) -> dict[str, torch.Tensor]:
+    """Per-layer caches made by vLLM 0.32's own code: the KV-cache config from
+    ``get_kv_cache_config_from_groups`` and the views from ``allocate_kv_cache`` (what
+    ``GPUModelRunner.initialize_kv_cache_tensors`` binds to each layer), every slot NaN."""
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    kv_layout = KVCacheLayout[layout]
+    spec = FullAttentionSpec(block_size=bs, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
+    cache_config = SimpleNamespace(get_resolved_kv_cache_layout=lambda: kv_layout,
+                                   num_gpu_blocks_override=None,
+                                   prefix_cache_retention_interval=None)
+    vllm_config = SimpleNamespace(cache_config=cache_config,
+                                  attention_config=SimpleNamespace(hisparse_config=None))
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(NUM_LAYERS)]
+    config = get_kv_cache_config_from_groups(
+        vllm_config, [KVCacheGroupSpec(names, spec)], spec.page_size_bytes * NUM_LAYERS * NUM_BLOCKS)
+    caches = allocate_kv_cache(config, torch.device("cpu"), kv_layout)
+    for cache in caches.values():
+        cache.fill_(float("nan"))
+    return caches
+
+
+def _scored_layer(bs, group, phase, layout, packed=False, seed=0):
+    """A KV cache holding one request's resident blocks, the step's query/key, and a worker.
+
+    ``layout``: ``cpu``/``cpu_t`` (vLLM's CPU backend, keys plain / transposed per block) or a
+    ``KVCacheLayout`` name (the GPU backends' cache). Unread slots hold NaN, so reading one
+    poisons the result; on GPU layouts the other layers hold other data in the same buffer.
+    """
+    from vllm_kvevict.kernels.reference import reshape_and_cache_flash
+
     gen = torch.Generator().manual_seed(seed)
     hq = HKV * group
     n_last = bs // 2 + 1 if phase == "decode" else bs - 1
     tokens_per_block = [bs] * (len(POSITIONS) - 1) + [n_last]
-    raw = torch.full((12, HKV, bs, 2 * D), float("nan"))  # unread slots poison the result
-    tiles = cpu_kv_view(raw)
-    keys, values, positions = [], [], []
+    gpu = layout in GPU_LAYOUTS
+    if gpu:
+        caches = vllm_gpu_caches(layout, bs)
+        raw = caches[LAYER]
+    else:
+        raw = torch.full((NUM_BLOCKS, HKV, bs, 2 * D), float("nan"))
+        tiles = cpu_kv_view(raw)
+    keys, values, positions, slots = [], [], [], []
     for p, bid, n in zip(POSITIONS, BLOCK_IDS, tokens_per_block):
         for o in range(n):
             k, v = torch.randn(HKV, D, generator=gen), torch.randn(HKV, D, generator=gen)
-            if transposed:
+            if gpu:
+                slots.append(bid * bs + o)
+            elif layout == "cpu_t":
                 tiles[bid, :, :bs].reshape(HKV, D, bs)[:, :, o] = k
             else:
                 tiles[bid, :, o] = k
-            tiles[bid, :, bs + o] = v
+            if not gpu:
+                tiles[bid, :, bs + o] = v
             keys.append(k)
             values.append(v)
             positions.append(p * bs + o)
+    if gpu:  # the backends' cache write, then other data into the other layers' pages
+        slot_mapping = torch.tensor([-1, *slots, -1])  # padding slots are skipped
+        pad = torch.full((1, HKV, D), 1e4)
+        reshape_and_cache_flash(torch.cat([pad, torch.stack(keys), pad]),
+                                torch.cat([pad, torch.stack(values), pad]), raw, slot_mapping)
+        for name, other in caches.items():
+            if name != LAYER:
+                noise = torch.randn(len(slots), HKV, D, generator=gen)
+                reshape_and_cache_flash(noise, -noise, other, torch.tensor(slots))
     n_query = 1 if phase == "decode" else bs + n_last  # a prefill chunk spanning two blocks
     q_start, t = 2, len(keys)
     query = torch.randn(q_start + n_query + 1, hq, D, generator=gen)
@@ -53,7 +107,7 @@ def _scored_layer(bs, group, phase, transposed, packed=False, seed=0):
         )
     worker = WorkerEviction.__new__(WorkerEviction)
     worker.key_layout, worker.grams = None, {}
-    worker.readers = {"model.layers.0.self_attn.attn": "cpu"}
+    worker.readers = {LAYER: "gpu" if gpu else "cpu"}
     worker.runner = SimpleNamespace(get_model=lambda: SimpleNamespace(get_submodule=lambda _: o_proj))
     sr = ScoredRequest(
         req_id="r", task=SimpleNamespace(phase=phase),
@@ -64,20 +118,19 @@ def _scored_layer(bs, group, phase, transposed, packed=False, seed=0):
         layers={},
     )
     worker.scored = [sr]
-    layer = SimpleNamespace(impl=SimpleNamespace(num_heads=hq, scale=D**-0.5))
-    worker._measure_layer(0, "model.layers.0.self_attn.attn", layer, query.view(len(query), -1),
-                          key.view(len(key), -1), raw)
+    layer = SimpleNamespace(impl=SimpleNamespace(num_heads=hq, scale=D**-0.5, head_size=D))
+    worker._measure_layer(1, LAYER, layer, query.view(len(query), -1), key.view(len(key), -1), raw)
     dense = SimpleNamespace(keys=torch.stack(keys), values=torch.stack(values),
                             positions=torch.tensor(positions), query=query, o_proj=weight)
     return sr, dense
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["cpu", "cpu_t"])
+@pytest.mark.parametrize("layout", ["cpu", "cpu_t", *GPU_LAYOUTS])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("bs", [4, 16])
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
-def test_worker_statistics_equal_dense_stats(phase, bs, group, transposed):
-    sr, dense = _scored_layer(bs, group, phase, transposed)
+def test_worker_statistics_equal_dense_stats(phase, bs, group, layout):
+    sr, dense = _scored_layer(bs, group, phase, layout)
     got = {k: v[0] for k, v in sr.layers.items()}
     scale = D**-0.5
     close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # noqa: E731
@@ -102,7 +155,44 @@ def test_worker_statistics_equal_dense_stats(phase, bs, group, transposed):
 def test_value_norms_from_a_packed_o_proj_weight():
     """The CPU backend drops ``o_proj.weight`` after packing it: W_O is read back through the
     layer's own GEMM, giving the same norms as the plain weight."""
-    plain, _ = _scored_layer(16, 3, "decode", False)
-    packed, _ = _scored_layer(16, 3, "decode", False, packed=True)
+    plain, _ = _scored_layer(16, 3, "decode", "cpu")
+    packed, _ = _scored_layer(16, 3, "decode", "cpu", packed=True)
     assert bool(plain.layers["value_proj_norm"][0].gt(0).all())
     assert torch.equal(packed.layers["value_proj_norm"][0], plain.layers["value_proj_norm"][0])
+
+
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+def test_old_readers_of_a_gpu_cache_fail(layout, monkeypatch):
+    """Mutants: reading a GPU cache the way the worker did before (the CPU backend's tile
+    view for any 4-D cache, or a ``[2, num_blocks, bs, Hkv, D]`` K/V pair) must not pass."""
+    from vllm_kvevict.kernels.paged import PagedKV
+
+    from vllm_kvevict.adapter import worker as W
+
+    sr, dense = _scored_layer(16, 1, "decode", layout)
+    want = sr.layers["decode_attn"][0]
+    as_cpu = lambda self, kv, key, reader, d: W.WorkerEviction._paged_kv(self, kv, key, "cpu", d)  # noqa: E731
+    as_pair = lambda self, kv, key, reader, d: PagedKV(  # noqa: E731
+        *kv.reshape(2, kv.shape[0], kv.shape[2], kv.shape[1], d).unbind(0))
+    for mutant in (as_cpu, as_pair):
+        monkeypatch.setattr(W.WorkerEviction, "_paged_kv", mutant)
+        try:
+            got, _ = _scored_layer(16, 1, "decode", layout)
+        except (W.KeyLayoutError, ValueError, RuntimeError):
+            continue  # refused: also a failure of the mutant
+        assert not torch.allclose(got.layers["decode_attn"][0], want, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+def test_kernel_layout_replica_equals_vllm_allocation(layout):
+    """``kernels.paged.vllm_layer_caches`` (what tests/kernels and gpu_check.sh use on a GPU
+    without vLLM) has exactly the shapes and strides of vLLM's own allocation."""
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+    from vllm_kvevict.kernels.paged import VLLM_KV_LAYOUTS, vllm_layer_caches
+
+    assert VLLM_KV_LAYOUTS == {m.name: m.value for m in KVCacheLayout}
+    real = vllm_gpu_caches(layout, 16)
+    replica = vllm_layer_caches(NUM_LAYERS, NUM_BLOCKS, HKV, 16, D, layout, torch.float32)
+    for (name, cache), mine in zip(sorted(real.items()), replica):
+        assert cache.shape == mine.shape and cache.stride() == mine.stride(), name
+        assert cache.storage_offset() == mine.storage_offset(), name

@@ -188,6 +188,11 @@ class EvictingScheduler(Scheduler):
         return output
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        self._take_worker_output(model_runner_output)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _take_worker_output(self, model_runner_output) -> None:
+        """Fresh block scores, and the scoring tasks the workers could not measure."""
         skipped = getattr(model_runner_output, SKIPPED_ATTR, None) or {}
         for req_id, policy in skipped.items():
             counters = self.kv_metrics.policy(policy)
@@ -204,7 +209,6 @@ class EvictingScheduler(Scheduler):
                     continue  # finished or preempted since: the scores describe old blocks
                 state.scores = dict(zip(block_scores.positions, block_scores.scores))
                 state.fresh = True
-        return super().update_from_output(scheduler_output, model_runner_output)
 
     # -- decisions -----------------------------------------------------------------------------
     def _committed_tokens(self, request) -> int:

@@ -1,0 +1,351 @@
+"""The NVIDIA path, on CPU, through the same code and vLLM 0.32's own GPU classes.
+
+Each test here guards one GPU hazard read from vLLM 0.32's sources and fails without its
+guard: attention layers the statistics cannot read are refused at startup by name; Model
+Runner V2 (vLLM's default wherever Triton runs) is pinned off; steps that measure attention
+statistics never replay a full CUDA graph (no Python runs inside one); statistics that were
+asked for and not measured are reported, never dropped silently; TP block scores are reduced
+on the KV cache's device in one all-reduce. (The KV layouts: tests/test_worker_stats.py.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_kvevict.adapter import worker as W
+from vllm_kvevict.adapter.vllm_internals import (
+    UnsupportedConfigError,
+    check_attention_layers,
+    check_engine_config,
+)
+
+BS, HQ, HKV, D = 16, 4, 2, 16
+
+
+# -- startup refusals -----------------------------------------------------------------------
+def _layer(backend="TRITON_ATTN", attn_type="decoder", kernel_block=BS, **impl_kwargs):
+    """An attention layer as ``static_forward_context`` holds it, with vLLM's real impl."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+
+    classes = {"TRITON_ATTN": (TritonAttentionBackend, TritonAttentionImpl),
+               "FLASH_ATTN": (FlashAttentionBackend, FlashAttentionImpl)}
+    if backend in classes:
+        backend_cls, impl_cls = classes[backend]
+    else:  # backends whose modules need GPU-only packages here: name + defaults only
+        backend_cls = SimpleNamespace(get_name=lambda: backend, is_mla=lambda: False)
+        impl_cls = classes["TRITON_ATTN"][1]
+    args = dict(num_heads=HQ, head_size=D, scale=D**-0.5, num_kv_heads=HKV, alibi_slopes=None,
+                sliding_window=None, kv_cache_dtype="auto")
+    args.update(impl_kwargs)
+    return SimpleNamespace(attn_backend=backend_cls, impl=impl_cls(**args), attn_type=attn_type,
+                           kv_cache=torch.zeros(4, HKV, kernel_block, 2 * D))
+
+
+@pytest.mark.parametrize("backend", ["FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"])
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"])
+def test_gpu_backends_and_layouts_are_read_as_gpu_caches(backend, layout):
+    readers = check_attention_layers({"l0": _layer(backend), "l1": _layer(backend)}, layout, BS)
+    assert readers == {"l0": "gpu", "l1": "gpu"}
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(kv_cache_dtype="fp8"), "quantised KV cache (fp8)"),
+    (dict(alibi_slopes=[0.5, 0.25, 0.125, 0.0625]), "ALiBi"),
+    (dict(logits_soft_cap=30.0), "logit soft-capping"),
+    (dict(sinks=torch.zeros(HQ)), "attention sinks"),
+    (dict(sliding_window=128), "sliding-window"),
+    (dict(attn_type="encoder_decoder"), "encoder_decoder attention layers"),
+    (dict(kernel_block=BS // 2), f"kernel blocks of {BS // 2} tokens"),
+    (dict(backend="FLEX_ATTENTION"), "attention backend FLEX_ATTENTION"),
+])
+def test_unreadable_attention_is_refused_by_name(kwargs, named):
+    layer_kwargs = {k: kwargs.pop(k) for k in ("backend", "attn_type", "kernel_block") if k in kwargs}
+    bad = _layer(**layer_kwargs, **kwargs)
+    with pytest.raises(UnsupportedConfigError, match="kv_eviction cannot read") as err:
+        check_attention_layers({"l0": _layer(), "l1": bad}, "LBNHC", BS)
+    assert named in str(err.value)
+
+
+def test_cpu_backend_only_in_its_own_layout():
+    cpu = _layer()
+    cpu.attn_backend = SimpleNamespace(get_name=lambda: "CPU_ATTN", is_mla=lambda: False)
+    assert check_attention_layers({"l0": cpu}, "LBHNC", BS) == {"l0": "cpu"}
+    with pytest.raises(UnsupportedConfigError, match="layout LBNHC with CPU_ATTN"):
+        check_attention_layers({"l0": cpu}, "LBNHC", BS)
+
+
+def _engine_config(**cache):
+    model = SimpleNamespace(uses_mrope=False, use_mla=cache.pop("use_mla", False))
+    return SimpleNamespace(
+        speculative_config=None, model_config=model,
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, decode_context_parallel_size=1),
+        cache_config=SimpleNamespace(cache_dtype=cache.get("cache_dtype", "auto")),
+        use_v2_model_runner=cache.get("v2", False),
+    )
+
+
+@pytest.mark.parametrize("field, named", [
+    (dict(cache_dtype="fp8_e4m3"), "quantised KV cache --kv-cache-dtype fp8_e4m3"),
+    (dict(use_mla=True), "MLA attention"),
+    (dict(v2=True), "Model Runner V2"),
+])
+def test_engine_config_refusals(field, named, monkeypatch):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    check_engine_config(_engine_config())  # control: the same config without the feature
+    with pytest.raises(UnsupportedConfigError, match="kv_eviction cannot run with") as err:
+        check_engine_config(_engine_config(**field))
+    assert named in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from vllm_kvevict.models import model_path
+
+    return str(model_path("smollm2"))
+
+
+def _v2_on_a_gpu_node(monkeypatch, smollm2, additional_config):
+    """vLLM's config as on an NVIDIA node, where Triton has a backend (``HAS_TRITON``): no
+    VLLM_USE_V2_MODEL_RUNNER set, so vLLM 0.32 picks Model Runner V2 by default."""
+    import vllm.config.vllm as config_module
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_kvevict
+
+    vllm_kvevict.register()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "unset-below")
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")  # restored (absent) at teardown
+    monkeypatch.setattr(config_module, "HAS_TRITON", True)
+    args = EngineArgs(model=smollm2, block_size=32, max_model_len=2048,
+                      additional_config=additional_config)
+    return args.create_engine_config()
+
+
+def test_model_runner_v2_is_pinned_off(monkeypatch, smollm2):
+    stock = _v2_on_a_gpu_node(monkeypatch, smollm2, {})
+    assert stock.use_v2_model_runner, "control: vLLM's default would be the V2 runner here"
+    monkeypatch.undo()
+    ours = _v2_on_a_gpu_node(monkeypatch, smollm2, {"kv_eviction": {"policy": "h2o"}})
+    assert not ours.use_v2_model_runner
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # inherited by the worker processes
+
+
+# -- CUDA graphs ----------------------------------------------------------------------------
+def _dispatcher(mode_name: str):
+    """vLLM's real dispatcher with the keys an NVIDIA engine captures for ``mode_name``."""
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    mode = CUDAGraphMode[mode_name]
+    compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=mode,
+                                    cudagraph_capture_sizes=[1, 2, 4, 8],
+                                    use_inductor_graph_partition=False)
+    compilation.set_splitting_ops_for_v1(all2all_backend="naive")  # attention split out
+    compilation.max_cudagraph_capture_size = 8
+    vllm_config = SimpleNamespace(compilation_config=compilation, num_speculative_tokens=0,
+                                  lora_config=None, speculative_config=None,
+                                  parallel_config=SimpleNamespace(data_parallel_size=1),
+                                  scheduler_config=SimpleNamespace(max_num_seqs=8),
+                                  model_config=SimpleNamespace(is_encoder_decoder=False))
+    dispatcher = CudagraphDispatcher(vllm_config)
+    dispatcher.initialize_cudagraph_keys(mode, uniform_decode_query_len=1)
+    return dispatcher, vllm_config
+
+
+def _runner(dispatcher, vllm_config, scored):
+    """Just what ``GPUModelRunner._determine_batch_execution_and_padding`` reads."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runner = SimpleNamespace(
+        _is_uniform_decode=GPUModelRunner._is_uniform_decode, uniform_decode_query_len=1,
+        model_config=vllm_config.model_config, cudagraph_dispatcher=dispatcher,
+        input_batch=SimpleNamespace(lora_id_to_lora_request={}),
+        vllm_config=SimpleNamespace(parallel_config=vllm_config.parallel_config,
+                                    observability_config=SimpleNamespace(cudagraph_metrics=False)),
+    )
+    ev = W.WorkerEviction.__new__(W.WorkerEviction)
+    ev.scored = scored
+    runner.__dict__["_kvevict"] = ev
+    return runner
+
+
+def _scored(needs, phase="decode"):
+    return SimpleNamespace(policy=SimpleNamespace(needs=frozenset(needs)),
+                           task=SimpleNamespace(phase=phase), layers={})
+
+
+@pytest.mark.parametrize("mode, scoring_mode", [
+    ("FULL_AND_PIECEWISE", "PIECEWISE"), ("FULL_DECODE_ONLY", "NONE"), ("FULL", "NONE"),
+    ("PIECEWISE", "PIECEWISE"),
+])
+def test_steps_that_measure_never_replay_a_full_graph(mode, scoring_mode):
+    """A uniform decode batch of 4 (what replays a FULL graph on NVIDIA): with a request that
+    needs decode attention scored in this step it gets ``scoring_mode``; without one, or with a
+    statistic-free policy (StreamingLLM), it keeps vLLM's choice."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_kvevict.adapter import install, scoring_cudagraph_mode
+
+    install()
+    dispatcher, vllm_config = _dispatcher(mode)
+    decode = dict(num_tokens=4, num_reqs=4, num_scheduled_tokens_np=torch.ones(4).numpy(),
+                  max_num_scheduled_tokens=1)
+    step = GPUModelRunner._determine_batch_execution_and_padding
+    stock = step(_runner(dispatcher, vllm_config, []), **decode)[0]
+    assert stock.name == ("PIECEWISE" if mode == "PIECEWISE" else "FULL")
+    assert step(_runner(dispatcher, vllm_config, [_scored(["decode_attn"])]), **decode)[0].name \
+        == scoring_mode
+    assert step(_runner(dispatcher, vllm_config, [_scored([])]), **decode)[0] == stock
+    # a windowed policy scoring at decode measures nothing in attention: graphs stay
+    assert step(_runner(dispatcher, vllm_config, [_scored(["window_attn"])]), **decode)[0] == stock
+    assert scoring_cudagraph_mode(vllm_config.compilation_config).name == scoring_mode
+    assert "dispatch" not in vars(dispatcher) or dispatcher.dispatch.__name__ != "no_full"
+
+
+@pytest.mark.parametrize("level", ["O0", "O1", "O2", "O3"])
+def test_scoring_mode_for_vllm_default_optimization_levels(level):
+    """What the NVIDIA platform configures at each -O level (vLLM's own table) and the mode
+    scoring steps then run in: never a full graph."""
+    from vllm.config import CUDAGraphMode
+    from vllm.config.vllm import OPTIMIZATION_LEVEL_TO_CONFIG, OptimizationLevel
+
+    from vllm_kvevict.adapter import scoring_cudagraph_mode
+
+    mode = OPTIMIZATION_LEVEL_TO_CONFIG[OptimizationLevel[level]]["compilation_config"][
+        "cudagraph_mode"]
+    scoring = scoring_cudagraph_mode(SimpleNamespace(cudagraph_mode=mode))
+    assert not scoring.has_full_cudagraphs()
+    assert scoring == (CUDAGraphMode.NONE if mode == CUDAGraphMode.NONE else CUDAGraphMode.PIECEWISE)
+
+
+def test_a_full_only_mode_is_honoured_with_a_warning(caplog):
+    from vllm.config import CUDAGraphMode
+
+    from vllm_kvevict.adapter import log_cudagraph_plan
+
+    with caplog.at_level(logging.INFO, logger="vllm_kvevict"):
+        log_cudagraph_plan(SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_DECODE_ONLY))
+    assert "run eagerly" in caplog.text
+
+
+# -- never silent ---------------------------------------------------------------------------
+def _worker_after_a_step(layers_measured: bool):
+    ev = W.WorkerEviction.__new__(W.WorkerEviction)
+    ev.pending_scores, ev.skipped, ev._warned, ev.policy_state = {}, {}, set(), {}
+    ev.layer_names = ["model.layers.0.attn", "model.layers.1.attn"]
+    ev.runner = SimpleNamespace(
+        device=torch.device("cpu"), input_batch=SimpleNamespace(block_table=[SimpleNamespace(block_size=BS)]),
+        model_config=SimpleNamespace(get_num_kv_heads=lambda _: HKV), parallel_config=None)
+    from vllm_kvevict.policies import get_policy
+
+    sr = SimpleNamespace(req_id="r1", policy=get_policy("h2o", {}),
+                         task=SimpleNamespace(phase="decode", generation=0, visual_spans=[],
+                                              policy="h2o"),
+                         positions=torch.arange(3), parked=torch.zeros(3, dtype=torch.bool),
+                         num_tokens=3 * BS - 5, device="cpu", layers={})
+    if layers_measured:
+        probs = torch.softmax(torch.randn(HQ, sr.num_tokens), -1)
+        sr.layers["decode_attn"] = [probs, probs]
+    ev.scored = [sr]
+    ev.plan = SimpleNamespace(score={"r1": sr.task})
+    ev.finish_step()
+    output = SimpleNamespace(req_ids=["r1"])
+    ev.attach_scores(output)
+    return output
+
+
+def test_unmeasured_statistics_are_reported(caplog):
+    from vllm_kvevict.adapter.protocol import SCORES_ATTR, SKIPPED_ATTR
+
+    measured = _worker_after_a_step(True)
+    assert set(getattr(measured, SCORES_ATTR)) == {"r1"} and not hasattr(measured, SKIPPED_ATTR)
+    with caplog.at_level(logging.WARNING, logger="vllm_kvevict"):
+        missed = _worker_after_a_step(False)  # e.g. a full CUDA graph replayed
+    assert getattr(missed, SKIPPED_ATTR) == {"r1": "h2o"} and not hasattr(missed, SCORES_ATTR)
+    assert "decode_attn not measured" in caplog.text
+
+
+def test_scheduler_counts_and_exports_skipped_scoring(tmp_path, monkeypatch):
+    from vllm_kvevict.adapter.protocol import SKIPPED_ATTR
+    from vllm_kvevict.adapter.scheduler import EvictingScheduler
+    from vllm_kvevict.metrics import METRICS_DIR_ENV, EvictionCollector, EvictionMetrics
+
+    monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
+    sched = SimpleNamespace(kv_metrics=EvictionMetrics(), kv_requests={})
+    output = SimpleNamespace(**{SKIPPED_ATTR: {"r1": "h2o", "r2": "h2o"}})
+    EvictingScheduler._take_worker_output(sched, output)
+    assert sched.kv_metrics.totals.scoring_skipped == 2
+    sched.kv_metrics.publish()
+    families = {f.name: f for f in EvictionCollector(str(tmp_path)).collect()}
+    sample = families["vllm_kvevict_scoring_skipped"].samples[0]
+    assert sample.name == "vllm_kvevict_scoring_skipped_total"
+    assert sample.labels == {"policy": "h2o"} and sample.value == 2
+
+
+# -- tensor parallelism ---------------------------------------------------------------------
+def test_scores_reach_the_communicator_on_the_kv_cache_device(monkeypatch):
+    """pynccl all-reduces tensors on its own CUDA device only: the block scores must be moved
+    to the KV cache's device before the reduction (here "meta" stands in for cuda:0)."""
+    import vllm.distributed
+
+    seen = []
+
+    def all_reduce(t):
+        seen.append(t.device)
+        return torch.cat([torch.tensor([2.0, 4.0, 6.0]), torch.tensor([2.0])])  # 2 ranks' sum
+
+    monkeypatch.setattr(W, "_tp_world_size", lambda: 2)
+    monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce", all_reduce)
+    scores, ok = W._all_reduce_mean([torch.tensor([1.0, 2.0, 3.0])], [3], device=torch.device("meta"))
+    assert seen == [torch.device("meta")]
+    assert scores == [[1.0, 2.0, 3.0]] and ok == [True]
+
+
+def _tp_rank(rank: int, world: int, port: int, queue) -> None:
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+
+    try:
+        with set_current_vllm_config(VllmConfig()):
+            init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
+                                         backend="gloo",
+                                         distributed_init_method=f"tcp://127.0.0.1:{port}")
+            initialize_model_parallel(tensor_model_parallel_size=world)
+            mine = [torch.tensor([1.0, 2.0]) * (rank + 1),
+                    None if rank == 1 else torch.tensor([5.0])]
+            queue.put((rank, W._all_reduce_mean(mine, [2, 1], device=torch.device("cpu"))))
+    except Exception as exc:  # reported to the test instead of a silent hang
+        queue.put((rank, repr(exc)))
+
+
+def test_tp_mean_through_vllm_group_coordinator():
+    """Two real processes, vLLM's TP group on gloo (what vLLM-CPU's TP runs on): scores are
+    averaged over the ranks; a request one rank did not measure is dropped on both."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_tp_rank, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        assert not isinstance(results[rank], str), results[rank]
+        scores, measured = results[rank]
+        assert scores[0] == [1.5, 3.0] and measured == [True, False]

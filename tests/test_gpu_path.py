@@ -349,3 +349,49 @@ def test_tp_mean_through_vllm_group_coordinator():
         assert not isinstance(results[rank], str), results[rank]
         scores, measured = results[rank]
         assert scores[0] == [1.5, 3.0] and measured == [True, False]
+
+
+# -- compacted inputs inside captured graphs ------------------------------------------------
+def test_compaction_edits_the_runner_buffers_in_place():
+    """A replayed CUDA graph reads the runner's persistent buffers (seq_lens, the block
+    table's slot mapping) at the addresses it was captured with, and FlashInfer plans from
+    ``optimistic_seq_lens_cpu``: the compacted lengths and slots must be written into those
+    same tensors, every row but the compacted ones untouched."""
+    import numpy as np
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+    from vllm_kvevict.adapter.protocol import StepPlan
+
+    current_platform.register_triton_kernel_overrides()  # the slot-mapping kernel, on CPU
+
+    table = MultiGroupBlockTable(max_num_reqs=4, max_num_batched_tokens=64, pin_memory=False,
+                                 device=torch.device("cpu"), block_sizes=[BS], max_num_blocks=[8])
+    rows = {"a": [5, 7, 2], "b": [1, 3]}  # "a": its block at position 1 was evicted (E = BS)
+    for i, ids in enumerate(rows.values()):
+        table[0].add_row(ids, i)
+    table.commit_block_table(2)
+    computed = np.array([4 * BS - 3, 2 * BS - 6])  # "a" positions 0..4*BS-4 before this step
+    scheduled = np.array([1, 2])
+    positions = torch.tensor([computed[0], computed[1], computed[1] + 1], dtype=torch.int64)
+    qsl = torch.tensor([0, 1, 3, 3, 3], dtype=torch.int32)
+    seq_lens = torch.tensor([*(computed + scheduled), 0, 0], dtype=torch.int32)
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(num_reqs=2, req_ids=list(rows), block_table=table),
+        seq_lens=seq_lens, optimistic_seq_lens_cpu=seq_lens.clone().long(),
+        positions=positions, query_start_loc=SimpleNamespace(gpu=qsl, np=qsl.numpy()),
+    )
+    table.compute_slot_mapping(2, qsl, positions)  # vLLM's own, before our hook
+    buffers = {"seq_lens": runner.seq_lens, "optimistic": runner.optimistic_seq_lens_cpu,
+               "slots": table[0].slot_mapping.gpu}
+    addresses = {k: v.data_ptr() for k, v in buffers.items()}
+    stock_slots = table[0].slot_mapping.gpu[:3].clone()
+
+    ev = W.WorkerEviction.__new__(W.WorkerEviction)
+    ev.runner, ev.plan = runner, StepPlan(offsets={"a": BS})
+    ev.fix_inputs(scheduled)
+    assert {k: v.data_ptr() for k, v in buffers.items()} == addresses
+    assert runner.seq_lens.tolist() == [4 * BS - 2 - BS, 2 * BS - 4, 0, 0]
+    assert runner.optimistic_seq_lens_cpu.tolist() == runner.seq_lens.tolist()
+    # "a": compacted position 3*BS-3 - ... lands in its 3rd row block (id 2), row BS-3
+    assert table[0].slot_mapping.gpu[:3].tolist() == [2 * BS + BS - 3, *stock_slots[1:].tolist()]

@@ -134,11 +134,12 @@ def quest_block_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) 
     """Quest upper bound on ``q·k`` over each block: ``Σ_d max(q_d·min_d, q_d·max_d)``, [Hq, nb].
 
     ``q`` [Hq, D]; ``kmin``/``kmax`` [Hkv, nb, D] from :func:`key_bounds`. The bound is exact
-    for a one-token block and never below the best real key of the block.
+    for a one-token block and never below the best real key of the block. Leading dims (e.g.
+    layers: ``q`` [L, Hq, D], bounds [L, Hkv, nb, D] -> [L, Hq, nb]) are batched.
     """
-    lo = expand_kv(kmin.float(), q.shape[0], dim=0)  # [Hq, nb, D]
-    hi = expand_kv(kmax.float(), q.shape[0], dim=0)
-    qf = q.float()[:, None, :]
+    lo = expand_kv(kmin.float(), q.shape[-2], dim=-3)  # [..., Hq, nb, D]
+    hi = expand_kv(kmax.float(), q.shape[-2], dim=-3)
+    qf = q.float()[..., :, None, :]
     return torch.maximum(qf * lo, qf * hi).sum(-1)
 
 

@@ -101,12 +101,14 @@ def tokens_to_blocks(values: torch.Tensor, block_size: int, num_blocks: int, red
 
 
 def normalize_mass(scores: torch.Tensor) -> torch.Tensor:
-    """Scale non-negative scores to sum to 1 (uniform if all zero), for cross-request ranking."""
+    """Scale non-negative scores to sum to 1 (uniform if all zero), for cross-request ranking.
+
+    Branch-free (``torch.where`` on the device), so a device tensor is never read back here.
+    """
     scores = scores.clamp_min(0).to(torch.float32)
     total = scores.sum()
-    if total <= 0:
-        return torch.full_like(scores, 1.0 / max(scores.numel(), 1))
-    return scores / total
+    uniform = torch.full_like(scores, 1.0 / max(scores.numel(), 1))
+    return torch.where(total <= 0, uniform, scores / total)
 
 
 def select_blocks(
@@ -167,7 +169,7 @@ def select_tiered(
     key = scores.to(torch.float64).clamp_min(0)
     if tier is not None:
         key = tier.to(torch.float64) * (1.0 + key.max()) + key
-    key = torch.where(dead, torch.tensor(-1.0, dtype=torch.float64), key)
+    key = key.masked_fill(dead, -1.0)
     live = int((~dead).sum())
     n_keep = min(max(int(keep_blocks), int(protected.sum())), live)
     decision = select_blocks(

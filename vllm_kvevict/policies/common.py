@@ -28,10 +28,14 @@ PoolKernel = Annotated[int, Field(ge=1), AfterValidator(_odd)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-def window_blocks(num_tokens: int, window: int, block_size: int, num_blocks: int) -> torch.Tensor:
-    """[nb] bool: blocks holding any of the last ``window`` tokens (the observation window)."""
+def window_blocks(
+    num_tokens: int, window: int, block_size: int, num_blocks: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """[nb] bool on ``device``: blocks holding any of the last ``window`` tokens (the
+    observation window)."""
     first = max(num_tokens - window, 0)
-    return torch.arange(num_blocks) >= first // block_size
+    return torch.arange(num_blocks, device=device) >= first // block_size
 
 
 def head_mix(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -58,14 +62,18 @@ def recency(block_index: torch.Tensor) -> torch.Tensor:
 
 
 def save_blocks(state: dict[str, Any], key: str, block_index: torch.Tensor, values: torch.Tensor) -> None:
-    """Store ``values[..., nb]`` under positional block indices in ``state[key]`` (grows)."""
+    """Store ``values[..., nb]`` under positional block indices in ``state[key]`` (grows).
+
+    The store lives on the device of ``values``. Its length (largest position + 1) must be a
+    host int, so this reads ``block_index.max()`` back: the one host sync of the block stores.
+    """
     store = state.get(key)
     need = int(block_index.max()) + 1 if block_index.numel() else 0
     lead = values.shape[:-1]
     if store is None or store.shape[:-1] != lead:
-        store = torch.full((*lead, need), float("nan"))
+        store = torch.full((*lead, need), float("nan"), device=values.device)
     elif store.shape[-1] < need:
-        grow = torch.full((*lead, need - store.shape[-1]), float("nan"))
+        grow = torch.full((*lead, need - store.shape[-1]), float("nan"), device=store.device)
         store = torch.cat([store, grow], dim=-1)
     store[..., block_index] = values.to(torch.float32)
     state[key] = store
@@ -76,10 +84,13 @@ def load_blocks(state: dict[str, Any], key: str, block_index: torch.Tensor) -> t
     store = state.get(key)
     if store is None:
         return None
-    out = torch.full((*store.shape[:-1], block_index.numel()), float("nan"))
-    inside = block_index < store.shape[-1]
-    out[..., inside] = store[..., block_index[inside]]
-    return out
+    n = store.shape[-1]
+    if n == 0:
+        return torch.full((*store.shape[:-1], block_index.numel()), float("nan"),
+                          device=store.device)
+    # gather then mask (no boolean indexing, whose result size would be read back)
+    inside = block_index < n
+    return torch.where(inside, store[..., block_index.clamp(max=n - 1)], float("nan"))
 
 
 def received_attention(stats: RequestStats) -> torch.Tensor | None:
@@ -108,14 +119,18 @@ def accumulate_blocks(
 
 
 def fill_unscored(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """Give blocks without a stored score (NaN) the ``max`` or ``mean`` of the scored ones."""
-    known = ~scores.isnan()
-    if known.all():
+    """Give blocks without a stored score (NaN) the ``max`` or ``mean`` of the scored ones
+    (all ones if none is scored)."""
+    if scores.numel() == 0:
         return scores
-    if not known.any():
-        return torch.ones_like(scores)
-    fill = scores[known].max() if how == "max" else scores[known].mean()
-    return torch.where(known, scores, fill)
+    known = ~scores.isnan()
+    if how == "max":
+        fill = scores.masked_fill(~known, float("-inf")).amax()
+    else:
+        # host sync (boolean indexing): summing the scored values in place, unscored as 0,
+        # would round differently from their plain mean
+        fill = scores[known].mean()
+    return torch.where(known.any(), torch.where(known, scores, fill), torch.ones_like(scores))
 
 
 def carry_scores(
@@ -142,16 +157,21 @@ def carry_scores(
         save_blocks(state, key, block_index, scores)
         return scores
     old = load_blocks(state, key, block_index)
-    known = None if old is None else ~old.isnan()
-    if known is None or not known.any():
-        return normalize_mass(decode if decode is not None else recency(block_index))
+    alone = normalize_mass(decode if decode is not None else recency(block_index))
+    if old is None:
+        return alone
+    # whether any resident block was scored stays a device tensor: both branches are computed
+    # and selected with torch.where instead of reading it back
+    known = ~old.isnan()
+    any_known = known.any()
     if decode is None or refresh == 0:
-        return normalize_mass(fill_unscored(old, unscored))
+        return torch.where(any_known, normalize_mass(fill_unscored(old, unscored)), alone)
     fresh = normalize_mass(decode)
     base = normalize_mass(torch.where(known, old, 0.0))
     scores = normalize_mass(torch.where(known, (1 - refresh) * base + refresh * fresh, fresh))
-    save_blocks(state, key, block_index, scores)
-    return scores
+    # nothing scored: store back what was there (NaN), i.e. store nothing
+    save_blocks(state, key, block_index, torch.where(any_known, scores, old))
+    return torch.where(any_known, scores, alone)
 
 
 class WindowRankedConfig(WindowConfig):
@@ -198,7 +218,8 @@ class WindowRankedPolicy(EvictionPolicy):
             prefill = self.rank(self.received(stats.window_attn), stats)
             if self.config.protect_window:
                 w = stats.window_attn.shape[2]
-                win = window_blocks(stats.num_tokens, w, stats.block_size, stats.num_blocks)
+                win = window_blocks(stats.num_tokens, w, stats.block_size, stats.num_blocks,
+                                    device=stats.block_index.device)
                 prefill = torch.where(win, prefill.max(), prefill)
         elif stats.decode_attn is not None:
             decode = self.rank(stats.decode_attn, stats)

@@ -78,7 +78,10 @@ class HAEPolicy(EvictionPolicy):
         )
 
     def prunable_tokens(self, stats: RequestStats) -> torch.Tensor | None:
-        """[T] bool: visual tokens passing both thresholds; None when nothing can be pruned."""
+        """[T] bool: visual tokens passing both thresholds; None when nothing can be pruned.
+
+        Prefill only (once per request), and it reads the device back: whether there is
+        anything to judge, and the text-query x visual-key selection, are data-dependent."""
         visual = stats.visual
         if visual is None or not visual.any() or stats.window_attn is None:
             return None
@@ -92,25 +95,26 @@ class HAEPolicy(EvictionPolicy):
         prunable = (g < self.config.global_threshold * g.sum()) & (
             m < self.config.individual_threshold
         )
-        tokens = torch.zeros(t, dtype=torch.bool)
-        tokens[visual.nonzero().squeeze(1)[prunable]] = True
-        return tokens
+        # the visual positions take the verdicts in order (no nonzero(): no read-back)
+        return torch.zeros_like(visual, dtype=torch.bool).masked_scatter_(visual, prunable)
 
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
         bs, nb = stats.block_size, stats.num_blocks
+        device = stats.block_index.device
         if stats.phase == "prefill" and stats.window_attn is not None:
             tokens = self.prunable_tokens(stats)
             if tokens is not None:
-                full = tokens_to_blocks(torch.ones(stats.num_tokens), bs, nb)
+                full = tokens_to_blocks(torch.ones(stats.num_tokens, device=device), bs, nb)
                 pruned = tokens_to_blocks(tokens.float(), bs, nb) == full
-                state["pruned"] = stats.block_index[pruned]
+                state["pruned"] = stats.block_index[pruned]  # positions: once, at prefill
         received = received_attention(stats)  # [L, Hq, T]
         step = None if received is None else tokens_to_blocks(received.mean(dim=(0, 1)), bs, nb)
         acc = accumulate_blocks(state, "hae", stats.block_index, step, self.config.decay)
         base = recency(stats.block_index) if acc is None else acc.nan_to_num(0.0)
-        pruned = torch.isin(stats.block_index, state.get("pruned", torch.empty(0, dtype=torch.long)))
-        if pruned.all():  # nothing would be left: do not prune
-            pruned = torch.zeros_like(pruned)
+        none = torch.empty(0, dtype=torch.long, device=device)
+        # positions are unique: assume_unique spares isin's unique() (a read-back on a GPU)
+        pruned = torch.isin(stats.block_index, state.get("pruned", none), assume_unique=True)
+        pruned &= ~pruned.all()  # nothing would be left: do not prune
         scores = normalize_mass(base.masked_fill(pruned, 0.0)).clamp_min(LIVE_FLOOR)
         return scores.masked_fill(pruned, 0.0)
 

@@ -86,7 +86,7 @@ def budget_weights(a: torch.Tensor, how: str, floor: float) -> torch.Tensor:
     """[L, H, T] attention rows -> [L, H] mixture weights (sum 1), model -> layer -> head."""
     n_layers, n_heads, t = a.shape
     if how == "uniform" or t < 2:
-        return torch.full((n_layers, n_heads), 1.0 / (n_layers * n_heads))
+        return torch.full((n_layers, n_heads), 1.0 / (n_layers * n_heads), device=a.device)
     p = _rownorm(a.clamp_min(0))
     ent = -(p * p.clamp_min(TINY).log()).sum(-1) / math.log(t)  # [L, H] in [0, 1]
     layer = (1 - floor) * _rownorm(ent.mean(-1)[None])[0] + floor / n_layers
@@ -130,22 +130,26 @@ class HybridKVPolicy(EvictionPolicy):
 
     # -- prefill: classify heads, weigh them, fix the static heads' needs ----------------------
     def classify(self, stats: RequestStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(static [L, Hkv] bool, weights [L, Hkv], per-head token attention [L, Hkv, T])."""
+        """(static [L, Hkv] bool, weights [L, Hkv], per-head token attention [L, Hkv, T]).
+
+        Prefill only (once per request); the text-query rows and candidate tokens are selected
+        by boolean masks, which read the device back (data-dependent sizes)."""
         c, t = self.config, stats.num_tokens
         attn = stats.window_attn.float()
-        w = attn.shape[2]
+        w, device = attn.shape[2], attn.device
         visual = stats.visual if stats.visual is not None and stats.visual.any() else None
-        rows = torch.ones(w, dtype=torch.bool) if visual is None else ~visual[t - w:]
+        every = torch.ones(w, dtype=torch.bool, device=device)
+        rows = every if visual is None else ~visual[t - w:]
         if not rows.any():
-            rows = torch.ones(w, dtype=torch.bool)
+            rows = every
         a = group_heads(attn[:, :, rows].mean(2), stats.num_kv_heads, "mean", dim=1)
-        candidates = torch.arange(t) >= c.sink_tokens
-        candidates &= torch.arange(t) < t - w
+        position = torch.arange(t, device=device)
+        candidates = (position >= c.sink_tokens) & (position < t - w)
         by = c.classify_by
         if by == "auto":
             by = "text_mass" if visual is not None else "concentration"
         if by == "text_mass":
-            text = ~visual if visual is not None else torch.ones(t, dtype=torch.bool)
+            text = ~visual if visual is not None else torch.ones(t, dtype=torch.bool, device=device)
             stat = head_statistic(a, candidates, text, c.concentration_top)
             static = stat >= c.text_mass_threshold
         else:
@@ -155,7 +159,9 @@ class HybridKVPolicy(EvictionPolicy):
 
     def static_token_need(self, a: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         """Text prior: [L, H, T] attention kept on text and on each head's top visual tokens.
-        Kept tokens get at least ``KEPT_FLOOR``: a static head never gives up text."""
+        Kept tokens get at least ``KEPT_FLOOR``: a static head never gives up text.
+
+        Prefill only: top-k's k (a share of the visual token count) is a host int."""
         a = a.clamp_min(KEPT_FLOOR)
         if visual is None or not visual.any():
             return a
@@ -172,10 +178,7 @@ class HybridKVPolicy(EvictionPolicy):
         """[L, Hkv, nb] softmax of Quest bounds over each head's top blocks, else 0."""
         if stats.query is None or stats.key_min is None or stats.key_max is None:
             return None
-        bounds = torch.stack([
-            quest_block_bounds(q, lo, hi)
-            for q, lo, hi in zip(stats.query, stats.key_min, stats.key_max)
-        ])  # [L, Hq, nb]
+        bounds = quest_block_bounds(stats.query, stats.key_min, stats.key_max)  # [L, Hq, nb]
         bounds = group_heads(bounds, stats.num_kv_heads, "max", dim=1)
         k = max(1, math.ceil(self.config.retrieval_fraction * stats.num_blocks))
         top = bounds.topk(min(k, stats.num_blocks), dim=-1).indices
@@ -201,12 +204,12 @@ class HybridKVPolicy(EvictionPolicy):
                     return normalize_mass(recency(stats.block_index))
                 need = retrieved
                 n = need.shape[0] * need.shape[1]
-                state.setdefault("static", torch.zeros(need.shape[:2], dtype=torch.bool))
-                state.setdefault("weights", torch.full(need.shape[:2], 1.0 / n))
+                state.setdefault("static", torch.zeros(need.shape[:2], dtype=torch.bool,
+                                                       device=need.device))
+                state.setdefault("weights", torch.full(need.shape[:2], 1.0 / n, device=need.device))
             elif retrieved is not None:
                 need = torch.where(state["static"][..., None], need, retrieved)
         static, weights = state["static"], state["weights"]
         scores = normalize_mass((weights[..., None] * need).sum(dim=(0, 1)))
-        if not static.all():  # dynamic heads may retrieve any block later: park, don't release
-            scores = scores.clamp_min(LIVE_FLOOR)
-        return scores
+        # dynamic heads may retrieve any block later: park, don't release (selected on device)
+        return torch.where(static.all(), scores, scores.clamp_min(LIVE_FLOOR))

@@ -41,5 +41,4 @@ class StreamingLLMPolicy(EvictionPolicy):
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
         scores = recency(stats.block_index)
         sinks = stats.block_index < self.config.sink_blocks
-        scores[sinks] = float(stats.num_blocks + 1)
-        return normalize_mass(scores)
+        return normalize_mass(scores.masked_fill(sinks, float(stats.num_blocks + 1)))

@@ -72,6 +72,17 @@ def test_unreadable_attention_is_refused_by_name(kwargs, named):
     assert named in str(err.value)
 
 
+@pytest.mark.parametrize("block_size, head_size, named", [
+    (48, D, "--block-size 48"), (8, D, "--block-size 8"), (BS, 512, "head size 512 > 256")])
+def test_what_the_triton_kernels_cannot_take_is_refused_at_startup(block_size, head_size, named):
+    """vLLM's GPU backends accept any multiple of 16 (FLASH_ATTN, TRITON_ATTN) and head sizes
+    up to 512 (FA4); the statistics kernels would raise mid-serving on those."""
+    layer = _layer(kernel_block=block_size, head_size=head_size)
+    layer.kv_cache = torch.zeros(4, HKV, block_size, 2 * head_size)
+    with pytest.raises(UnsupportedConfigError, match=named):
+        check_attention_layers({"l0": layer}, "LBNHC", block_size)
+
+
 def test_cpu_backend_only_in_its_own_layout():
     cpu = _layer()
     cpu.attn_backend = SimpleNamespace(get_name=lambda: "CPU_ATTN", is_mla=lambda: False)

@@ -186,6 +186,15 @@ def check_attention_layers(layers: dict, layout: str, block_size: int) -> dict[s
         attn_type = str(getattr(attn_type, "value", attn_type))  # AttentionType is a str enum
         if attn_type != "decoder":
             refuse(f"{attn_type} attention layers (decoder self-attention only)")
+        head_size = int(getattr(impl, "head_size", 0) or 0)
+        if reader == "gpu":  # what the Triton statistics kernels take (kernels/dispatch.py)
+            from vllm_kvevict.kernels.dispatch import MAX_TRITON_HEAD_DIM
+
+            if block_size < 16 or block_size & (block_size - 1):
+                refuse(f"--block-size {block_size} with the Triton statistics kernels (they take "
+                       "powers of two >= 16: 16, 32, 64, 128)")
+            if head_size > MAX_TRITON_HEAD_DIM:
+                refuse(f"head size {head_size} > {MAX_TRITON_HEAD_DIM} (Triton statistics kernels)")
         kv = getattr(layer, "kv_cache", None)
         if isinstance(kv, list | tuple):
             kv = kv[0] if kv else None

@@ -11,8 +11,10 @@ triton_fused_probs the same + full per-token probabilities (``token_probs=True``
 
 and checks the fused output against the dense SDPA output. Writes a markdown table and a CSV
 to ``benchmarks/results/``. Without an NVIDIA GPU it says so and exits 0 (no numbers).
+Needs only torch and triton: from a bare checkout it imports ``kernels/`` by path.
 
     python benchmarks/bench_kernels.py [--dtype float16] [--heads 32 --kv-heads 8 --head-dim 128]
+        [--batches 1 8 32] [--contexts 1024 4096 16384] [--time-budget-s S] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +36,32 @@ BATCHES = (1, 8, 32)
 CONTEXTS = (1024, 4096, 16384)
 VARIANTS = ("sdpa_dense", "sdpa_gather", "triton_plain", "triton_fused", "triton_fused_probs")
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_kernels_importable() -> None:
+    """``vllm_kvevict.kernels`` without a package install (same shim as tests/kernels/conftest.py).
+
+    Installed (editable or not), pyproject maps ``kernels/`` to that name; in a bare checkout
+    the folder is registered under it by hand. A no-op when the import already works.
+    """
+    try:
+        import vllm_kvevict.kernels  # noqa: F401
+        return
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("vllm_kvevict", "vllm_kvevict.kernels"):
+            raise
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import vllm_kvevict  # light: imports nothing
+
+    folder = ROOT / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "vllm_kvevict.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    vllm_kvevict.kernels = module
 
 
 def make_inputs(batch, context, args, device, seed=0):
@@ -60,6 +90,7 @@ def dense_kv(inp, context):
 
 
 def variants(inp, context):
+    ensure_kernels_importable()
     from vllm_kvevict.kernels.paged_decode import paged_decode_attention
 
     q4 = inp["query"][:, :, None, :]  # [B, Hq, 1, D]
@@ -99,10 +130,10 @@ def run_config(batch, context, args, device, timer):
     return row
 
 
-def cuda_timer(fn):
+def cuda_timer(fn, warmup_ms=25, rep_ms=100):
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")  # milliseconds
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")  # milliseconds
 
 
 def write_results(rows, meta, out_dir=RESULTS):
@@ -130,7 +161,44 @@ def parse_args(argv):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    p.add_argument("--warmup-ms", type=float, default=25, help="triton do_bench warm-up per variant")
+    p.add_argument("--rep-ms", type=float, default=100, help="triton do_bench timing per variant")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="start no new configuration after this many seconds (the rest are skipped)")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results/")
     return p.parse_args(argv)
+
+
+def benchmark(args, device="cuda"):
+    """Every (batch, context) of ``args`` on the GPU: ``(rows, meta, skipped)``.
+
+    ``skipped`` names the configurations not run (out of memory, or past the time budget).
+    """
+    meta = dict(gpu=torch.cuda.get_device_name(), heads=args.heads, kv_heads=args.kv_heads,
+                head_dim=args.head_dim, block_size=args.block_size, dtype=args.dtype,
+                torch=torch.__version__, date=datetime.date.today().isoformat())
+    timer = lambda fn: cuda_timer(fn, args.warmup_ms, args.rep_ms)  # noqa: E731
+    start = time.monotonic()
+    rows, skipped = [], []
+    for batch in args.batches:
+        for context in args.contexts:
+            if args.time_budget_s is not None and time.monotonic() - start > args.time_budget_s:
+                print(f"batch {batch} context {context}: past the {args.time_budget_s:.0f} s budget, skipped")
+                skipped.append(dict(batch=batch, context=context, reason="time budget"))
+                continue
+            try:
+                row = run_config(batch, context, args, device, timer)
+            except torch.cuda.OutOfMemoryError:
+                print(f"batch {batch} context {context}: out of memory, skipped")
+                skipped.append(dict(batch=batch, context=context, reason="out of memory"))
+                torch.cuda.empty_cache()
+                continue
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            torch.cuda.empty_cache()
+    return rows, meta, skipped
 
 
 def main(argv=None) -> int:
@@ -140,25 +208,11 @@ def main(argv=None) -> int:
               "nothing timed. Kernel correctness is checked on CPU by `pytest tests/kernels` "
               "(Triton interpreter). Run this script on a CUDA node.")
         return 0
-    meta = dict(gpu=torch.cuda.get_device_name(), heads=args.heads, kv_heads=args.kv_heads,
-                head_dim=args.head_dim, block_size=args.block_size, dtype=args.dtype,
-                torch=torch.__version__, date=datetime.date.today().isoformat())
-    rows = []
-    for batch in BATCHES:
-        for context in CONTEXTS:
-            try:
-                row = run_config(batch, context, args, "cuda", cuda_timer)
-            except torch.cuda.OutOfMemoryError:
-                print(f"batch {batch} context {context}: out of memory, skipped")
-                torch.cuda.empty_cache()
-                continue
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            torch.cuda.empty_cache()
+    rows, meta, _ = benchmark(args)
     if not rows:
-        print("bench_kernels: every configuration ran out of memory")
+        print("bench_kernels: no configuration ran (out of memory or time budget)")
         return 1
-    md, csv_path = write_results(rows, meta)
+    md, csv_path = write_results(rows, meta, args.out_dir or RESULTS)
     print(f"wrote {md} and {csv_path}")
     return 0
 

@@ -6,21 +6,81 @@ numpy interpreter (``TRITON_INTERPRET=1``: exact but slow, so shapes are small).
 first imported. If another test module imported it earlier, its jit'd standard library and
 our kernel modules are re-decorated here. The variable is restored afterwards so engine tests
 in the same session never inherit it; an autouse fixture sets it for each kernel test.
+
+These tests need only torch, triton and pytest (numpy too on CPU, for the interpreter): from a
+bare ``git clone`` (no ``pip install``), :func:`ensure_kernels_importable` maps ``kernels/`` to
+``vllm_kvevict.kernels`` as the installed package does.
+
+Cache dtypes: float32 on CPU (the interpreter is slow); float32, float16 and bfloat16 on CUDA.
+``KVEVICT_KERNEL_DTYPES=float16,bfloat16`` overrides the list (``benchmarks/gpu_check.py``
+runs one dtype per process). Half-precision results are compared with float32 references
+computed from the same half-precision inputs (see ``TOLERANCES``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ensure_kernels_importable() -> None:
+    """Import ``kernels/`` as ``vllm_kvevict.kernels`` when the package is not installed.
+
+    The name exists only through pyproject's package-dir mapping once installed (editable or
+    not); in a bare checkout the folder is registered under that name by hand. A no-op when
+    the import already works. ``benchmarks/bench_kernels.py`` has the same shim.
+    """
+    try:
+        import vllm_kvevict.kernels  # noqa: F401
+        return
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("vllm_kvevict", "vllm_kvevict.kernels"):
+            raise
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import vllm_kvevict  # light: imports nothing
+
+    folder = ROOT / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "vllm_kvevict.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    vllm_kvevict.kernels = module
+
+
+ensure_kernels_importable()
+
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 KERNEL_MODULES = ("paged_decode", "window_attention", "key_bounds", "value_norm")
 TRITON_ERROR = None  # a reason to skip the Triton tests (the torch references still run)
+
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+_wanted = os.environ.get("KVEVICT_KERNEL_DTYPES") or ",".join(_DTYPE_NAMES if GPU else _DTYPE_NAMES[:1])
+_names = [name.strip() for name in _wanted.split(",") if name.strip()]
+if not _names or set(_names) - set(_DTYPE_NAMES):
+    raise ValueError(f"KVEVICT_KERNEL_DTYPES={_wanted!r}: expected a comma list of {_DTYPE_NAMES}")
+DTYPES = tuple(getattr(torch, name) for name in _names)
+
+#: (atol, rtol) per cache dtype for ``out`` (tensors in the cache dtype, e.g. the decode output:
+#: kernel and reference both round a float32 result to it, so they may differ by about one ulp)
+#: and ``stat`` (float32 statistics: both compute in float32 from the same inputs, only the
+#: summation order differs; 1e-4 for half inputs leaves room for the GPU's order).
+TOLERANCES = {
+    torch.float32: dict(out=(1e-5, 1e-5), stat=(1e-5, 1e-5)),
+    torch.float16: dict(out=(2e-3, 2e-3), stat=(1e-4, 1e-4)),
+    torch.bfloat16: dict(out=(1e-2, 1.6e-2), stat=(1e-4, 1e-4)),
+}
 
 
 def _load_interpreted() -> None:
@@ -115,6 +175,34 @@ def paged_case():
     return make_case
 
 
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def dtype(request):
+    """The cache/query dtype of a test (see ``DTYPES``)."""
+    return request.param
+
+
+class Tolerance:
+    """``assert_close`` with the tolerance of the case's dtype (``TOLERANCES``)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.out_atol, self.out_rtol = TOLERANCES[dtype]["out"]
+        self.atol, self.rtol = TOLERANCES[dtype]["stat"]
+
+    def close(self, got, want, **kwargs):
+        """float32 tensors get the ``stat`` tolerance, half-precision ones ``out``."""
+        if got.dtype == torch.float32:
+            kwargs = dict(atol=self.atol, rtol=self.rtol) | kwargs
+        else:
+            kwargs = dict(atol=self.out_atol, rtol=self.out_rtol) | kwargs
+        torch.testing.assert_close(got, want, **kwargs)
+
+
+@pytest.fixture
+def tol(dtype):
+    return Tolerance(dtype)
+
+
 @pytest.fixture(params=[
     # (block_size, GQA group, request lengths): both block sizes, GQA 1 and 3, several requests
     # of different lengths in one launch (one token, partial last blocks, exactly full rows)
@@ -123,7 +211,7 @@ def paged_case():
     pytest.param((32, 1, [70, 32, 3]), id="bs32-gqa1"),
     pytest.param((32, 3, [1, 45, 96]), id="bs32-gqa3"),
 ])
-def case(request):
-    """A paged case for each shape configuration (2 KV heads, head_dim 32)."""
+def case(request, dtype):
+    """A paged case for each shape configuration (2 KV heads, head_dim 32) and dtype."""
     block_size, group, lens = request.param
-    return make_case(block_size, 2, group, 32, lens)
+    return make_case(block_size, 2, group, 32, lens, dtype=dtype)

@@ -68,12 +68,12 @@ def test_triton_path_refuses_what_it_cannot_read(paged_case):
 
 
 @pytest.mark.usefixtures("needs_triton")
-def test_forced_triton_equals_torch(paged_case):
+def test_forced_triton_equals_torch(paged_case, dtype, tol):
     """Each entry point routes to its kernel and agrees with the reference path."""
-    case = paged_case(32, 2, 3, 32, [45, 3])
+    case = paged_case(32, 2, 3, 32, [45, 3], dtype=dtype)
     kv = PagedKV(case.key_cache, case.value_cache)
     args = (case.block_table, case.seq_lens)
-    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # noqa: E731
+    close = tol.close
     got = dispatch.decode_attention(case.query, kv, *args, backend="triton")
     want = dispatch.decode_attention(case.query, kv, *args, backend="torch")
     assert got.token_probs is None and want.token_probs is None

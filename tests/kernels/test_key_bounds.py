@@ -8,7 +8,7 @@ from vllm_kvevict.kernels.paged import PagedKV
 pytestmark = pytest.mark.usefixtures("needs_triton")
 
 
-def test_bounds_and_scores_match_reference(case):
+def test_bounds_and_scores_match_reference(case, tol):
     from vllm_kvevict.kernels.key_bounds import paged_key_bounds, paged_quest_scores
 
     got = paged_key_bounds(case.key_cache, case.block_table, case.seq_lens)
@@ -18,30 +18,31 @@ def test_bounds_and_scores_match_reference(case):
     n_blocks = (case.seq_lens + case.block_size - 1) // case.block_size
     score = paged_quest_scores(case.query, *got, n_blocks)
     ref_score = reference.quest_scores(case.query, *want, n_blocks)
-    torch.testing.assert_close(score, ref_score, atol=1e-5, rtol=1e-5)
+    tol.close(score, ref_score)
 
     # the score upper-bounds q·k of every real key of the block, and padding blocks are -inf
     kv = PagedKV(case.key_cache, case.value_cache)
     group = case.num_heads // case.num_kv_heads
     for r, n in enumerate(case.seq_lens.tolist()):
         k, _ = kv.gather(case.block_table[r], n)
-        qk = torch.einsum("hd,thd->ht", case.query[r], k.repeat_interleave(group, 1))
+        qk = torch.einsum("hd,thd->ht", case.query[r].float(), k.float().repeat_interleave(group, 1))
         nb = int(n_blocks[r])
         pad = torch.full((case.num_heads, nb * case.block_size - n), float("-inf"), device=qk.device)
         best = torch.cat([qk, pad], 1).view(case.num_heads, nb, -1).amax(-1)
-        assert bool((score[r, :, :nb] >= best - 1e-5).all())
+        assert bool((score[r, :, :nb] >= best - tol.atol).all())
         assert bool(torch.isneginf(score[r, :, nb:]).all())
 
 
-def test_bounds_of_given_blocks_and_incremental_update(paged_case):
+def test_bounds_of_given_blocks_and_incremental_update(paged_case, dtype):
     """Folding a block's keys in one at a time from the empty (+inf, -inf) bounds == batch bounds."""
     from vllm_kvevict.kernels.key_bounds import paged_block_key_bounds
 
-    case = paged_case(16, 2, 1, 32, [40])
+    case = paged_case(16, 2, 1, 32, [40], dtype=dtype)
     ids = case.block_table[0, :3]
     counts = torch.tensor([16, 16, 8], device=ids.device)
     kmin, kmax = paged_block_key_bounds(case.key_cache, ids, counts)
-    lo = torch.full((3, 2, 32), float("inf"), device=ids.device)
+    assert kmin.dtype == dtype
+    lo = torch.full((3, 2, 32), float("inf"), device=ids.device, dtype=dtype)
     hi = -lo
     for t in range(16):
         rows = torch.tensor([b for b in range(3) if t < counts[b]], device=ids.device)

@@ -6,6 +6,7 @@ from vllm_kvevict.kernels import reference
 from vllm_kvevict.kernels.paged import PagedKV
 
 stats = pytest.importorskip("vllm_kvevict.stats")
+pytestmark = pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"])  # references only
 ATOL = 1e-6
 
 

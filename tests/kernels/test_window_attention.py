@@ -5,19 +5,18 @@ import torch
 from vllm_kvevict.kernels import reference
 
 pytestmark = pytest.mark.usefixtures("needs_triton")
-ATOL = 1e-5
 
 
 @pytest.mark.parametrize("window", [8, 20])
-def test_window_matches_reference(case, window):
+def test_window_matches_reference(case, window, tol):
     from vllm_kvevict.kernels.window_attention import paged_window_attention
 
     q = torch.randn(len(case.seq_lens), case.num_heads, window, case.head_dim, generator=case.gen)
-    q = q.to(case.key_cache.device)
+    q = q.to(case.key_cache.device, case.key_cache.dtype)
     got = paged_window_attention(q, case.key_cache, case.block_table, case.seq_lens)
     want = reference.window_attention(q, case.key_cache, case.block_table, case.seq_lens)
-    torch.testing.assert_close(got.probs, want.probs, atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(got.block_sum, want.block_sum, atol=ATOL, rtol=1e-5)
+    tol.close(got.probs, want.probs)
+    tol.close(got.block_sum, want.block_sum)
 
     # rows sum to 1 from the prompt start on, are 0 before it (every config has a request
     # shorter than the window), and never look ahead
@@ -25,19 +24,19 @@ def test_window_matches_reference(case, window):
     for r, n in enumerate(lens):
         pos = torch.arange(n - window, n)
         expect = (pos >= 0).float()[None].expand(case.num_heads, -1).to(q.device)
-        torch.testing.assert_close(got.probs[r].sum(-1), expect, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got.probs[r].sum(-1), expect, atol=tol.atol, rtol=0)
         ahead = torch.arange(got.probs.shape[-1])[None, :] > pos[:, None]
         assert bool((got.probs[r][:, ahead.to(q.device)] == 0).all())
 
 
-def test_window_without_probs(paged_case):
+def test_window_without_probs(paged_case, dtype, tol):
     from vllm_kvevict.kernels.window_attention import paged_window_attention
 
-    case = paged_case(16, 2, 3, 32, [30, 17])
-    q = torch.randn(2, case.num_heads, 4, 32, generator=case.gen).to(case.key_cache.device)
+    case = paged_case(16, 2, 3, 32, [30, 17], dtype=dtype)
+    q = torch.randn(2, case.num_heads, 4, 32, generator=case.gen).to(case.key_cache.device, dtype)
     full = paged_window_attention(q, case.key_cache, case.block_table, case.seq_lens, 0.2)
     sums = paged_window_attention(q, case.key_cache, case.block_table, case.seq_lens, 0.2, probs=False)
     assert sums.probs is None
     torch.testing.assert_close(sums.block_sum, full.block_sum, atol=0, rtol=0)
     want = reference.window_attention(q, case.key_cache, case.block_table, case.seq_lens, 0.2)
-    torch.testing.assert_close(full.probs, want.probs, atol=ATOL, rtol=1e-5)
+    tol.close(full.probs, want.probs)

@@ -13,6 +13,10 @@ Tasks
 ``multifact`` ``facts`` key -> value facts ("The door code is 48213. ...") of one shape and
               value range, the distractors spread evenly over the filler, the asked one at
               ``depth``: the model must return the asked value, not any number it has seen.
+``natural``   ordinary prose: paragraphs of everyday documents (notices, letters, recipes,
+              reports), some repeated verbatim as real documents repeat boilerplate, one
+              5-digit access code at ``depth``, asked at the end. No "remember it" cue and no
+              templated filler: the hardest of the four for attention-averaging scorers.
 ``drift``     a varied haystack followed by an open instruction, for long free generation (no
               answer; used by the drift measure).
 
@@ -28,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-TASKS = ("passkey", "needle", "multifact")
+TASKS = ("passkey", "needle", "multifact", "natural")
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -58,6 +62,77 @@ _OBJECTS = ("the river", "the market", "a wooden bridge", "the library", "the hi
 _TAILS = ("in the morning.", "after lunch.", "before the rain came.", "with a friend.",
           "on a cold day.", "while the birds sang.", "for the first time.", "again and again.",
           "late in the evening.", "without a word.", "in the spring.", "under a grey sky.")
+
+
+# natural: paragraphs of ordinary documents (written for this benchmark)
+_PARAGRAPHS = (
+    " The library on Elm Street will close early on Friday because the heating is being"
+    " repaired. Books that are due that day can be returned on Monday without a fine. The"
+    " reading room upstairs stays open until noon.",
+    " Put the onions in a wide pan with a little oil and cook them slowly until they are soft."
+    " Add the tomatoes, a pinch of salt and half a cup of water. Let the sauce simmer for twenty"
+    " minutes and stir it now and then so that it does not stick.",
+    " Thank you for your letter of last week. We were glad to hear that the garden is doing"
+    " well after the dry summer. Your aunt sends her love and asks whether you will visit us"
+    " in October, when the apples are ready.",
+    " Trains to the coast leave every hour from platform two. On Sundays the first train leaves"
+    " at nine and the last one at half past six. Passengers with bicycles should use the front"
+    " carriage.",
+    " The weather will stay mild for most of the week. Clouds will build up on Wednesday"
+    " afternoon and there may be light rain in the evening. Temperatures will fall a little"
+    " at the weekend, with a cold wind from the north.",
+    " Members of staff are reminded that the kitchen on the second floor is shared by three"
+    " teams. Please wash your cups, label your food and take it home on Fridays. The"
+    " refrigerator is cleaned every Monday morning.",
+    " The museum has added a new room about the history of the harbour. Visitors can see old"
+    " maps, a model of the first lighthouse and the tools that the dock workers used. Guided"
+    " tours start at eleven and at three.",
+    " Our shop sells fresh bread every morning from seven o'clock. The rye loaf and the"
+    " seeded rolls are the most popular, and they are often gone by ten. Cakes can be ordered"
+    " two days in advance.",
+    " The meeting of the town council began at six and lasted almost three hours. Most of the"
+    " time was spent on the plan for the new bus route. A decision was postponed until the"
+    " next meeting in March.",
+    " To reset the printer, switch it off, wait ten seconds and switch it on again. If the"
+    " light is still red, open the front cover and check that no paper is stuck inside. Call"
+    " the help desk if the problem continues.",
+    " The school football team won its third match in a row on Saturday. The players trained"
+    " twice a week through the winter, and the coach said the hard work was paying off. The"
+    " next game is away, in the village by the lake.",
+    " Please note that the car park behind the office will be resurfaced next month. During"
+    " the work, staff can park at the sports centre, which is a short walk away. The work"
+    " should take about two weeks.",
+    " My grandmother grew up on a farm with four brothers and a great many cows. She still"
+    " tells stories about the long walk to school in the snow and the old horse that knew the"
+    " way home by itself.",
+    " The hotel offers breakfast from seven until ten in the dining room on the ground floor."
+    " Guests who leave early can ask for a packed breakfast at the front desk the evening"
+    " before. Towels are changed every second day.",
+)
+NATURAL_FACT = " The access code for the staff room is {value}."
+NATURAL_QUESTION = " What is the access code for the staff room? The access code for the staff room is"
+NATURAL_INTRO = "Below are some documents from an office archive."
+
+
+def _natural_haystack(rng: random.Random, n_tokens: int) -> list[list[int]]:
+    """Paragraphs (token lists) totalling exactly ``n_tokens``: each next paragraph is a new
+    one or, a third of the time, one already used (boilerplate repeats verbatim)."""
+    used: list[int] = []
+    out: list[list[int]] = []
+    total = 0
+    while total < n_tokens:
+        if used and rng.random() < 1 / 3:
+            pick = rng.choice(used)
+        else:
+            fresh = [i for i in range(len(_PARAGRAPHS)) if i not in used] or list(range(len(_PARAGRAPHS)))
+            pick = rng.choice(fresh)
+            used.append(pick)
+        ids = encode(_PARAGRAPHS[pick])
+        out.append(ids)
+        total += len(ids)
+    last = out.pop()
+    out.insert(0, last[total - n_tokens:])
+    return out
 
 
 @dataclass(frozen=True)
@@ -140,6 +215,10 @@ def make_sample(task: str, context_tokens: int, depth: float, index: int, seed: 
         answer = str(rng.randint(10000, 99999))
         inserts = [(depth, encode(f" The pass key is {answer}. Remember it. {answer} is the pass key."))]
         question = " What is the pass key? The pass key is"
+    elif task == "natural":
+        answer = str(rng.randint(10000, 99999))
+        inserts = [(depth, encode(NATURAL_FACT.format(value=answer)))]
+        question = NATURAL_QUESTION
     elif task == "needle":
         answer = str(rng.randint(1000000, 9999999))
         inserts = [(depth, encode(f" The special magic number is {answer}. Remember it."))]
@@ -158,12 +237,15 @@ def make_sample(task: str, context_tokens: int, depth: float, index: int, seed: 
         inserts = [(depth, fact(asked))] + [(d, fact(i)) for d, i in zip(spread, others)]
         answer = str(codes[asked])
         question = FACT_QUESTION.format(key=keys[asked])
-    head, tail = encode(INTRO), encode(question)
+    head, tail = encode(NATURAL_INTRO if task == "natural" else INTRO), encode(question)
     body = context_tokens - len(head) - len(tail) - sum(len(ids) for _, ids in inserts)
     if body < 16:
         raise ValueError(f"context_tokens={context_tokens} is too short for task {task!r}")
-    kind = "passkey" if task in ("passkey", "multifact") else "varied"
-    ids = head + _assemble(_haystack(kind, rng, body), inserts) + tail
+    if task == "natural":
+        haystack = _natural_haystack(rng, body)
+    else:
+        haystack = _haystack("passkey" if task in ("passkey", "multifact") else "varied", rng, body)
+    ids = head + _assemble(haystack, inserts) + tail
     assert len(ids) == context_tokens
     return Sample(task, context_tokens, depth, tag, ids, answer, question.strip())
 

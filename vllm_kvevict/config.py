@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vllm_kvevict.policies import available_policies, format_validation_error, get_policy
 
 CONFIG_KEY = "kv_eviction"
+#: default sink/recent protection takes at most this share of a request's block budget beyond
+#: its last (partly written, always kept) block; the rest is left to the policy's scores
+PROTECTED_SHARE = 0.5
 #: budget used when a policy is set but neither ``budget`` nor ``budget_tokens`` is
 DEFAULT_BUDGET = 0.5
 
@@ -91,6 +94,25 @@ class EvictionConfig(BaseModel):
         so a partly filled last block is never over it (budget 1.0 never evicts or scores)."""
         return math.ceil(self.keep_tokens(seq_len) / block_size)
 
+    def protection(self, keep_blocks: int, block_size: int) -> tuple[int, int | None]:
+        """Protected blocks for a request allowed ``keep_blocks`` blocks: ``(sink blocks, most
+        full recent blocks or None for all that ``recent_tokens`` reach)``.
+
+        The defaults (4 sink + 64 recent tokens: 1 + 2 full blocks of 32) would take a tight
+        budget whole — at 10 % of 1k tokens, 4 blocks, nothing would be left to score. So
+        default protection shrinks to at most ``PROTECTED_SHARE`` of the blocks beyond the
+        last one, recent blocks first, then the sink: 2 blocks keep 1 scored, 4 keep the sink
+        and 2 scored, 7 and more the full defaults. Windowed policies still keep their
+        observation window (the question) through their own scores. A ``sink_tokens`` or
+        ``recent_tokens`` set explicitly (server default or request) is used as given.
+        """
+        sink = math.ceil(self.sink_tokens / block_size)
+        cap = int(PROTECTED_SHARE * max(keep_blocks - 1, 0))
+        if "sink_tokens" not in self.model_fields_set:
+            sink = min(sink, cap)
+        recent = None if "recent_tokens" in self.model_fields_set else max(cap - sink, 0)
+        return sink, recent
+
     def with_overrides(self, overrides: dict[str, Any]) -> EvictionConfig:
         """A per-request config: the server default with ``overrides`` applied and validated."""
         if not isinstance(overrides, dict):
@@ -103,7 +125,7 @@ class EvictionConfig(BaseModel):
             raise ValueError(
                 f"{CONFIG_KEY}.{unknown[0]}: not a per-request option; valid: {sorted(allowed)}"
             )
-        merged = self.model_dump()
+        merged = self.model_dump(exclude_unset=True)  # explicit fields stay explicit
         if "policy" in overrides and overrides["policy"] != self.policy:
             merged["options"] = {}
         if "budget" in overrides:

@@ -217,9 +217,11 @@ class EvictingScheduler(Scheduler):
     def _protected(self, config: EvictionConfig, positions: list[int], committed: int,
                    scores: dict[int, float]) -> torch.Tensor:
         bs = self.kv_block_size
-        sink_blocks = math.ceil(config.sink_tokens / bs)
+        sink_blocks, recent_room = config.protection(config.keep_blocks(committed, bs), bs)
         recent_start = max(committed - config.recent_tokens, 0) // bs
         full_blocks = committed // bs
+        if recent_room is not None:  # shrunk default: at most recent_room full recent blocks
+            recent_start = max(recent_start, full_blocks - recent_room)
         return torch.tensor(
             [p < sink_blocks or p >= recent_start or p >= full_blocks or p not in scores
              for p in positions],

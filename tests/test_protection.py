@@ -1,0 +1,67 @@
+"""Sink/recent protection scales with the budget: scored blocks always get room."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_kvevict.adapter.scheduler import EvictingScheduler
+from vllm_kvevict.config import EvictionConfig, parse_config
+
+
+def _protected(config: EvictionConfig, committed: int, bs: int):
+    positions = list(range(math.ceil((committed + 1) / bs)))  # + the next token's block
+    scores = {p: 1.0 for p in positions}
+    sched = SimpleNamespace(kv_block_size=bs)
+    return EvictingScheduler._protected(sched, config, positions, committed, scores), positions
+
+
+@settings(max_examples=300, deadline=None)
+@given(committed=st.integers(1, 16384), bs=st.sampled_from([16, 32, 64]),
+       budget=st.floats(0.001, 1.0), sink=st.integers(0, 256), recent=st.integers(0, 512),
+       explicit=st.booleans())
+def test_every_budget_of_two_blocks_keeps_a_scored_block(committed, bs, budget, sink, recent,
+                                                          explicit):
+    fields = {"policy": "snapkv", "budget": budget}
+    if explicit:  # the user's own protection wins, whatever it costs
+        fields.update(sink_tokens=sink, recent_tokens=recent)
+    config = parse_config(fields)
+    keep = config.keep_blocks(committed, bs)
+    protected, positions = _protected(config, committed, bs)
+    if explicit:
+        sink_blocks = math.ceil(sink / bs)
+        recent_start = max(committed - recent, 0) // bs
+        assert protected.tolist() == [p < sink_blocks or p >= recent_start or p >= committed // bs
+                                      for p in positions]
+    elif keep >= 2:
+        assert int(protected.sum()) <= keep - 1, "no room left for a scored block"
+        assert int(protected.sum()) <= 1 + int(0.5 * (keep - 1)) + 1  # at most ~half + in-flight
+
+
+def test_defaults_are_unchanged_where_the_budget_has_room():
+    """4 sink + 64 recent tokens (1 + 2 full blocks of 32) once 7 blocks are kept."""
+    for committed in (1000, 1024, 4000):
+        config = parse_config({"policy": "snapkv", "budget_tokens": 7 * 32})
+        shrunk, _ = _protected(config, committed, 32)
+        full = parse_config({"policy": "snapkv", "budget_tokens": 7 * 32, "sink_tokens": 4,
+                             "recent_tokens": 64})
+        assert shrunk.tolist() == _protected(full, committed, 32)[0].tolist()
+
+
+def test_tight_budget_shrinks_recent_first_then_the_sink():
+    # 1k tokens at 10 %: 4 blocks -> sink + in-flight block protected, 2 scored
+    config = parse_config({"policy": "snapkv", "budget": 0.1})
+    protected, positions = _protected(config, 1000, 32)
+    assert [p for p, x in zip(positions, protected.tolist()) if x] == [0, 31]
+    assert config.protection(4, 32) == (1, 0) and config.protection(2, 32) == (0, 0)
+
+
+def test_per_request_overrides_keep_explicit_fields_explicit():
+    server = parse_config({"policy": "snapkv", "budget": 0.1, "recent_tokens": 64})
+    request = server.with_overrides({"budget": 0.05})
+    assert "recent_tokens" in request.model_fields_set
+    assert "sink_tokens" not in request.model_fields_set
+    assert request.protection(4, 32) == (1, None)

@@ -92,6 +92,11 @@ def token_logprobs(completion) -> list[float]:
     return [lp[tok].logprob for tok, lp in zip(completion.token_ids, completion.logprobs)]
 
 
+def top_logprobs(completion) -> list[dict[int, float]]:
+    """Per position, every logprob vLLM returned (the top ``logprobs`` and the sampled token)."""
+    return [{tok: lp.logprob for tok, lp in pos.items()} for pos in completion.logprobs]
+
+
 class HFReference:
     """SmolLM2 in transformers (float32, eager attention) with an explicit attention mask.
 

@@ -1,6 +1,12 @@
 """Run prompts through stock vLLM (plugin not loaded) and print tokens + logprobs as JSON.
 
-Used by the engine tests as the identity reference: ``VLLM_PLUGINS=""`` loads no plugin.
+Used by the engine tests as the identity reference: ``VLLM_PLUGINS=""`` loads no plugin. The
+prompts go in as one ``LLM.generate`` batch, in order, like the plugin side's, so both engines
+see the same batch composition step by step (the float sums of a step depend on it).
+
+stdin: ``{"prompts": [...], "max_tokens": n, "logprobs": k}`` (``logprobs`` optional, default 0).
+stdout: ``RESULT [{"token_ids", "logprobs" (sampled token's), "top" ([{token id: logprob}] per
+position: the top ``k`` and the sampled token, as vLLM returns them), "num_cached_tokens"}]``.
 """
 
 import json
@@ -11,7 +17,7 @@ os.environ["VLLM_PLUGINS"] = ""
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from engine_helpers import make_llm, token_logprobs  # noqa: E402
+from engine_helpers import make_llm, token_logprobs, top_logprobs  # noqa: E402
 
 
 def main() -> None:
@@ -19,10 +25,17 @@ def main() -> None:
 
     spec = json.loads(sys.stdin.read())
     llm = make_llm()
-    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], logprobs=0)
+    params = SamplingParams(
+        temperature=0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs", 0)
+    )
     outs = llm.generate(spec["prompts"], params)
     result = [
-        {"token_ids": list(o.outputs[0].token_ids), "logprobs": token_logprobs(o.outputs[0])}
+        {
+            "token_ids": list(o.outputs[0].token_ids),
+            "logprobs": token_logprobs(o.outputs[0]),
+            "top": [{str(t): lp for t, lp in pos.items()} for pos in top_logprobs(o.outputs[0])],
+            "num_cached_tokens": o.num_cached_tokens,
+        }
         for o in outs
     ]
     print("RESULT " + json.dumps(result))

@@ -22,6 +22,7 @@ from engine_helpers import (
     scheduler,
     shutdown,
     token_logprobs,
+    top_logprobs,
 )
 
 pytestmark = pytest.mark.engine
@@ -55,30 +56,74 @@ def eviction_log(llm, request_id):
     return matches[-1]
 
 
-def params(kv=None, max_tokens=MAX_TOKENS):
+def params(kv=None, max_tokens=MAX_TOKENS, logprobs=0):
     from vllm import SamplingParams
 
     extra = {"kv_eviction": kv} if kv is not None else None
-    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, extra_args=extra)
+    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs, extra_args=extra)
 
 
-def test_zero_eviction_is_identical_to_stock_vllm(llm):
-    prompts = [passkey_prompt("71432"), passkey_prompt("58213", repeats=6, depth=0.3)]
-    outs = llm.generate(prompts, params({"budget": 1.0}))
-    logged = scheduler(llm).kv_log_finished
-    assert not any(k.startswith(f"{o.request_id}-") or k == o.request_id for o in outs for k in logged)
+def stock_reference(prompts, max_tokens=MAX_TOKENS, logprobs=0) -> list[dict]:
+    """The same batch through stock vLLM (``stock_run.py``: plugin not loaded, same engine
+    arguments, engine core in process, this environment) in a subprocess."""
     stock = subprocess.run(
         [sys.executable, os.path.join(os.path.dirname(__file__), "stock_run.py")],
-        input=json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS}),
+        input=json.dumps({"prompts": prompts, "max_tokens": max_tokens, "logprobs": logprobs}),
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
     line = [ln for ln in stock.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, stock.stderr[-3000:]
-    expected = json.loads(line[-1][len("RESULT "):])
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def test_zero_eviction_is_identical_to_stock_vllm(llm):
+    """Without eviction the engine is stock vLLM, bit for bit, on a mixed batch: a multi-block
+    prompt (1285 tokens, 41 blocks), a 325-token prompt whose first two blocks it shares (an
+    in-step prefix-cache hit) and a 5-token prompt, prefilled in one step, then decoded
+    together. Two requests are tracked at budget 1.0 (the scheduler attaches a plan every
+    step, nothing is evicted or scored), one opts out with policy ``none``. Every returned
+    logprob (top 5 and the sampled token's) must equal stock vLLM's exactly: a step that
+    batched, chunked or ordered tokens differently would change their float sums by ~1e-5."""
+    prompts = [
+        passkey_prompt("71432", repeats=26),
+        passkey_prompt("58213", repeats=6, depth=0.3),
+        "The capital of France is",
+    ]
+    top = 5
+    sched = scheduler(llm)
+    steps = []
+    original = sched.schedule
+
+    def spy(*a, **k):
+        output = original(*a, **k)
+        if output.num_scheduled_tokens:
+            steps.append(sorted(output.num_scheduled_tokens.values(), reverse=True))
+        return output
+
+    # a prefix-cache hit left by an earlier test of this module would change the prefill
+    llm.reset_prefix_cache()
+    sched.schedule = spy
+    try:
+        outs = llm.generate(prompts, [params({"budget": 1.0}, logprobs=top),
+                                      params({"budget": 1.0}, logprobs=top),
+                                      params({"policy": "none"}, logprobs=top)])
+    finally:
+        del sched.schedule
+    assert [len(o.prompt_token_ids) for o in outs] == [1285, 325, 5]
+    assert steps[0] == [1285, 325 - 2 * BLOCK_SIZE, 5]  # one prefill step, 2 blocks hit
+    assert steps[1:] == [[1, 1, 1]] * (MAX_TOKENS - 1)
+    logged = scheduler(llm).kv_log_finished
+    assert not any(k.startswith(f"{o.request_id}-") or k == o.request_id for o in outs for k in logged)
+    expected = stock_reference(prompts, logprobs=top)
+    assert [o.num_cached_tokens for o in outs] == [0, 2 * BLOCK_SIZE, 0]
+    assert [r["num_cached_tokens"] for r in expected] == [0, 2 * BLOCK_SIZE, 0]
     for out, ref in zip(outs, expected):
-        assert list(out.outputs[0].token_ids) == ref["token_ids"]
-        assert token_logprobs(out.outputs[0]) == ref["logprobs"]  # bit-identical
+        completion = out.outputs[0]
+        assert list(completion.token_ids) == ref["token_ids"]
+        assert token_logprobs(completion) == ref["logprobs"]  # bit-identical
+        got = [{str(t): lp for t, lp in pos.items()} for pos in top_logprobs(completion)]
+        assert got == ref["top"]  # every top-5 logprob, bit-identical
 
 
 def test_nothing_to_evict_means_nothing_scored(llm):
@@ -270,6 +315,8 @@ def test_each_policy_retrieves_a_mid_context_passkey_where_streamingllm_cannot(
     released_before = scheduler(llm).kv_counters.released
     accuracy = _passkey_accuracy(llm, policy, 0.25, ["68219", "40573"])
     assert scheduler(llm).kv_counters.released > released_before, "nothing was evicted"
+    # every scoring task of the real engine was measured by the attention hooks
+    assert scheduler(llm).kv_counters.scoring_skipped == 0
     assert streaming_accuracy == 0.0
     assert accuracy == 1.0
 

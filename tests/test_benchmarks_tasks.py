@@ -44,7 +44,7 @@ def test_question_ends_the_prompt_and_the_answer_is_inside(task):
     s = tasks.make_sample(task, 1024, 0.3, index=2)
     text = tasks.tokenizer().decode(s.token_ids)
     assert text.rstrip().endswith(s.question)
-    assert text.startswith(tasks.INTRO)
+    assert text.startswith(tasks.NATURAL_INTRO if task == "natural" else tasks.INTRO)
     assert text.count(s.answer) >= 1
 
 

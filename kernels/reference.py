@@ -1,32 +1,138 @@
-"""Torch references over the paged layout: the spec each Triton kernel is tested against.
+"""The torch references: the one definition of every statistic the policies consume.
 
-They are also the serving path where Triton cannot run (the CPU backend): they gather each
-request's blocks into a dense copy and compute in float32, scaling the query before the
-product as the kernels do. Caches are logical
-``[num_blocks, block_size, Hkv, D]`` views (:class:`PagedKV` makes them for every vLLM
-layout); ``block_table`` rows hold only a request's real blocks (the compacted row) and
-``seq_lens`` its compacted length. Token axes have length ``max_blocks * block_size`` so the
-GPU path never needs a host sync to size them.
+Two layers, one formula each. *Dense* references (``dense_*``, ``wo_gram``,
+``quest_block_bounds``) work on one request and one layer: contiguous keys/values
+``[T, Hkv, D]``, query heads ``Hq`` (GQA: query head ``h`` reads KV head ``h // (Hq / Hkv)``),
+float32 results whatever the input dtype. *Paged* references (``decode_attention``,
+``window_attention``, ``key_bounds``, ``quest_scores``, ``value_proj_norm``) take the paged
+layout the Triton kernels take — caches as logical ``[num_blocks, block_size, Hkv, D]`` views
+(:class:`~.paged.PagedKV` makes them for every vLLM layout), a ``block_table`` whose rows hold
+only a request's real blocks (the compacted row) and ``seq_lens`` its compacted length — gather
+each request's blocks and apply the dense reference. Token axes have length
+``max_blocks * block_size`` so the GPU path never needs a host sync to size them. The paged
+references are what each Triton kernel is tested against, and the serving path where Triton
+cannot run (vLLM's CPU backend). Queries are scaled before the product, as in the kernels.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .paged import DecodeStats, WindowStats, _gather
 
 
+# -- dense: one request, one layer --------------------------------------------------------------
+def kv_group_size(num_q_heads: int, num_kv_heads: int) -> int:
+    """Query heads per KV head; raises if the head counts are not a GQA layout."""
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV groups")
+    return num_q_heads // num_kv_heads
+
+
+def expand_kv(x: torch.Tensor, num_q_heads: int, dim: int) -> torch.Tensor:
+    """Repeat each KV head of ``x`` along ``dim`` so that index ``h`` serves query head ``h``."""
+    return x.repeat_interleave(kv_group_size(num_q_heads, x.shape[dim]), dim=dim)
+
+
+def dense_window_attention(q_window: torch.Tensor, keys: torch.Tensor, scale: float,
+                           causal_offset: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of the observation-window queries over all keys: ``[Hq, W, T]``.
+
+    Args:
+        q_window: ``[W, Hq, D]`` (RoPE applied).
+        keys: ``[T, Hkv, D]``.
+        causal_offset: window query ``i`` sits at position ``T - W + i`` (None), at
+            ``causal_offset + i`` (int) or at ``causal_offset[i]`` (``[W]`` tensor).
+    Returns:
+        ``[Hq, W, T]`` float32; query ``i`` sees keys at positions ``<=`` its own only, as in
+        the prefill pass; a query before the first key (negative position) gets a zero row.
+    """
+    w, hq, _ = q_window.shape
+    t = keys.shape[0]
+    if causal_offset is None:
+        causal_offset = t - w
+    if isinstance(causal_offset, int):
+        pos = torch.arange(w, device=keys.device) + causal_offset
+    else:
+        pos = causal_offset.to(keys.device)
+    k = expand_kv(keys.float(), hq, dim=1)
+    logits = torch.einsum("whd,thd->hwt", q_window.float() * scale, k)
+    visible = torch.arange(t, device=keys.device)[None, :] <= pos[:, None]  # [W, T]
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.where(visible, probs, 0.0)  # all-masked rows: nan -> 0
+
+
+def dense_decode_attention(q: torch.Tensor, keys: torch.Tensor, scale: float,
+                           exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of the newest query over the keys: ``[Hq, T]`` float32.
+
+    Args:
+        q: ``[Hq, D]``; keys: ``[T, Hkv, D]``.
+        exclude: ``[T]`` bool, tokens dropped from the softmax (e.g. parked blocks, as the
+            real decode pass sees them); None scores parked tokens as if attended, which is
+            what lets a parked block win its way back.
+    """
+    k = expand_kv(keys.float(), q.shape[0], dim=1)
+    logits = torch.einsum("hd,thd->ht", q.float() * scale, k)
+    if exclude is not None:
+        logits = logits.masked_fill(exclude[None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def wo_gram(o_proj_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Per-head Gram matrices ``G_h = W_O^h W_O^hᵀ`` ``[Hq, D, D]`` from ``o_proj.weight``.
+
+    ``o_proj.weight`` is ``[hidden, Hq * D]`` (torch Linear: out, in), so ``W_O^h`` (a head's
+    D-vector to hidden) is ``weight[:, h*D:(h+1)*D]ᵀ``; then ``‖v W_O^h‖² = vᵀ G_h v``, a D x D
+    quadratic form instead of a D x hidden product. Computed once per layer.
+    """
+    hidden, width = o_proj_weight.shape
+    if width % num_heads:
+        raise ValueError(f"o_proj input width {width} is not divisible by {num_heads} heads")
+    w = o_proj_weight.float().reshape(hidden, num_heads, width // num_heads)
+    return torch.einsum("xhd,xhe->hde", w, w)
+
+
+def dense_value_proj_norm(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``‖v_t W_O^h‖₂ = sqrt(v_tᵀ G_h v_t)`` per query head and token: ``[Hq, T]``.
+
+    ``values`` ``[T, Hkv, D]``, ``gram`` from :func:`wo_gram`: how much a token's value can move
+    the layer output through head ``h`` (LaProx's output-aware factor).
+    """
+    v = expand_kv(values.float(), gram.shape[0], dim=1)  # [T, Hq, D]
+    return torch.einsum("thd,hde,the->ht", v, gram.float(), v).clamp_min(0).sqrt()
+
+
+def dense_key_bounds(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block elementwise min and max of the keys ``[T, Hkv, D]``, each ``[Hkv, nb, D]``
+    float32 (Quest's page metadata); a partial last block is bounded by its real tokens."""
+    t, hkv, d = keys.shape
+    nb = -(-t // block_size)
+    tiles = F.pad(keys.float(), (0, 0, 0, 0, 0, nb * block_size - t)).reshape(nb, block_size, hkv, d)
+    counts = (t - torch.arange(nb, device=keys.device) * block_size).clamp(max=block_size)
+    kmin, kmax = block_key_bounds(tiles, torch.arange(nb, device=keys.device), counts)
+    return kmin.permute(1, 0, 2), kmax.permute(1, 0, 2)
+
+
+def quest_block_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest upper bound on ``q·k`` over each block: ``Σ_d max(q_d·min_d, q_d·max_d)``.
+
+    ``q`` ``[..., Hq, D]``, bounds ``[..., Hkv, nb, D]`` -> ``[..., Hq, nb]`` (leading dims such as
+    layers or requests are batched). Exact for a one-token block, never below the best real
+    key of the block.
+    """
+    lo = expand_kv(kmin.float(), q.shape[-2], dim=-3)  # [..., Hq, nb, D]
+    hi = expand_kv(kmax.float(), q.shape[-2], dim=-3)
+    qf = q.float()[..., :, None, :]
+    return torch.maximum(qf * lo, qf * hi).sum(-1)
+
+
+# -- paged: the kernels' inputs -----------------------------------------------------------------
 def _per_block(values: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[R, H, max_blocks * bs]`` token values -> ``[R, max_blocks, H]`` block sums."""
     r, h, t = values.shape
     return values.view(r, h, t // block_size, block_size).sum(-1).transpose(1, 2).contiguous()
-
-
-def _dense_kv(key_cache, value_cache, block_row, n, group):
-    """One request's keys/values as float32 ``[n, Hq, D]`` (KV heads repeated for GQA)."""
-    k = _gather(key_cache, block_row, n).float().repeat_interleave(group, dim=1)
-    v = _gather(value_cache, block_row, n).float().repeat_interleave(group, dim=1)
-    return k, v
 
 
 def decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale=None) -> DecodeStats:
@@ -41,9 +147,9 @@ def decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale
         n = int(seq_lens[r])
         if n == 0:
             continue
-        k, v = _dense_kv(key_cache, value_cache, block_table[r], n, hq // hkv)
-        p = torch.softmax(torch.einsum("hd,thd->ht", query[r].float() * scale, k), dim=-1)
-        out[r] = torch.einsum("ht,thd->hd", p, v)
+        k, v = _gather(key_cache, block_table[r], n), _gather(value_cache, block_table[r], n)
+        p = dense_decode_attention(query[r], k, scale)
+        out[r] = torch.einsum("ht,thd->hd", p, expand_kv(v.float(), hq, dim=1))
         probs[r, :, :n] = p
     mass_q, sq_q = _per_block(probs, bs), _per_block(probs * probs, bs)
     group = lambda x: x.view(r_n, -1, hkv, hq // hkv).sum(-1)  # noqa: E731
@@ -51,26 +157,19 @@ def decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale
 
 
 def window_attention(q_window, key_cache, block_table, seq_lens, scale=None) -> WindowStats:
-    """softmax(q·Kᵀ) of the last W queries; window query i sits at position ``seq_len - W + i``.
-
-    Causal: it sees tokens ``t <= seq_len - W + i``. Rows before the prompt start
-    (``seq_len < W``) are all zero.
-    """
+    """softmax(q·Kᵀ) of the last W queries ``[R, Hq, W, D]``; window query i sits at position
+    ``seq_len - W + i`` and sees tokens ``t <=`` it. Rows before the prompt start
+    (``seq_len < W``) are all zero."""
     r_n, hq, w, d = q_window.shape
-    bs, hkv = key_cache.shape[1], key_cache.shape[2]
+    bs = key_cache.shape[1]
     scale = d**-0.5 if scale is None else scale
-    max_t = block_table.shape[1] * bs
-    probs = torch.zeros(r_n, hq, w, max_t, dtype=torch.float32, device=q_window.device)
+    probs = torch.zeros(r_n, hq, w, block_table.shape[1] * bs, dtype=torch.float32,
+                        device=q_window.device)
     for r in range(r_n):
         n = int(seq_lens[r])
-        if n == 0:
-            continue
-        k = _gather(key_cache, block_table[r], n).float().repeat_interleave(hq // hkv, dim=1)
-        s = torch.einsum("hwd,thd->hwt", q_window[r].float() * scale, k)
-        pos = torch.arange(n - w, n, device=s.device)
-        visible = torch.arange(n, device=s.device)[None, :] <= pos[:, None]  # [W, n]
-        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
-        probs[r, :, :, :n] = torch.where(visible, p, 0.0)  # all-masked rows: nan -> 0
+        if n:
+            k = _gather(key_cache, block_table[r], n)
+            probs[r, :, :, :n] = dense_window_attention(q_window[r].transpose(0, 1), k, scale, n - w)
     return WindowStats(probs, _per_block(probs.sum(2), bs))
 
 
@@ -118,41 +217,21 @@ def update_key_bounds(key_min, key_max, rows, keys) -> None:
 
 
 def quest_scores(query, key_min, key_max, num_blocks) -> torch.Tensor:
-    """Quest upper bound ``score[r, h, b] = Σ_d max(q_d·min_d, q_d·max_d)`` ``[R, Hq, max_blocks]``.
-
-    ``key_min/max`` are ``[R, max_blocks, Hkv, D]``; blocks ``b >= num_blocks[r]`` score -inf.
-    """
-    r_n, hq, _ = query.shape
-    group = hq // key_min.shape[2]
-    q = query.float()[:, None]  # [R, 1, Hq, D]
-    lo = key_min.float().repeat_interleave(group, dim=2)
-    hi = key_max.float().repeat_interleave(group, dim=2)
-    score = torch.maximum(q * lo, q * hi).sum(-1).transpose(1, 2)  # [R, Hq, nb]
+    """Quest upper bound of every block ``[R, Hq, max_blocks]`` (:func:`quest_block_bounds`);
+    ``key_min/max`` are ``[R, max_blocks, Hkv, D]``; blocks ``b >= num_blocks[r]`` score -inf."""
+    score = quest_block_bounds(query, key_min.transpose(1, 2), key_max.transpose(1, 2))
     live = torch.arange(key_min.shape[1], device=query.device)[None, :] < num_blocks.to(query.device)[:, None]
     return torch.where(live[:, None, :], score, float("-inf"))
 
 
-def wo_gram(o_proj_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Per-head Gram matrices ``G_h = W_O^h W_O^hᵀ`` ``[Hq, D, D]`` from ``o_proj.weight``.
-
-    ``o_proj.weight`` is ``[hidden, Hq * D]`` (out, in), so ``W_O^h`` (maps a head's D-vector
-    to hidden) is ``weight[:, h*D:(h+1)*D]ᵀ``. Then ``‖v W_O^h‖² = vᵀ G_h v``.
-    """
-    w = o_proj_weight.float().reshape(o_proj_weight.shape[0], num_heads, -1)
-    return torch.einsum("xhd,xhe->hde", w, w)
-
-
 def value_proj_norm(gram, value_cache, block_table, seq_lens) -> torch.Tensor:
-    """``‖v_t W_O^h‖₂ = sqrt(v_tᵀ G_h v_t)`` per query head and token ``[R, Hq, max_T]`` (0 past end)."""
-    hq = gram.shape[0]
-    bs, hkv = value_cache.shape[1], value_cache.shape[2]
-    r_n = block_table.shape[0]
-    out = torch.zeros(r_n, hq, block_table.shape[1] * bs, dtype=torch.float32, device=gram.device)
+    """``‖v_t W_O^h‖₂`` per query head and token ``[R, Hq, max_T]`` (0 past each end)."""
+    bs, r_n = value_cache.shape[1], block_table.shape[0]
+    out = torch.zeros(r_n, gram.shape[0], block_table.shape[1] * bs, dtype=torch.float32,
+                      device=gram.device)
     for r in range(r_n):
         n = int(seq_lens[r])
-        v = _gather(value_cache, block_table[r], n).float().repeat_interleave(hq // hkv, dim=1)
-        sq = torch.einsum("thd,hde,the->ht", v, gram.float(), v)
-        out[r, :, :n] = sq.clamp_min(0).sqrt()
+        out[r, :, :n] = dense_value_proj_norm(_gather(value_cache, block_table[r], n), gram)
     return out
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vllm_kvevict.kernels import reference as R
 
-from vllm_kvevict import stats as S
 from vllm_kvevict.policies.base import STATISTICS, RequestStats, select_blocks, select_tiered
 from vllm_kvevict.policies.common import (
     accumulate_blocks,
@@ -61,10 +61,10 @@ def make_stats(
         o_proj = torch.randn(8, hq * d, generator=g)
         for name, x in zip(("keys", "values", "q", "o_proj"), (keys, values, q, o_proj)):
             raw[name].append(x)
-        fields["window_attn"].append(S.window_attention(q, keys, scale))
-        fields["decode_attn"].append(S.decode_attention(q[-1], keys, scale))
-        fields["value_proj_norm"].append(S.value_proj_norm(values, S.wo_gram(o_proj, hq)))
-        kmin, kmax = S.key_bounds(keys, block_size)
+        fields["window_attn"].append(R.dense_window_attention(q, keys, scale))
+        fields["decode_attn"].append(R.dense_decode_attention(q[-1], keys, scale))
+        fields["value_proj_norm"].append(R.dense_value_proj_norm(values, R.wo_gram(o_proj, hq)))
+        kmin, kmax = R.dense_key_bounds(keys, block_size)
         fields["key_min"].append(kmin)
         fields["key_max"].append(kmax)
         fields["query"].append(q[-1] * scale)

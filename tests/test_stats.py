@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from vllm_kvevict.kernels import reference as R
 
 from vllm_kvevict import stats
 
@@ -35,7 +36,7 @@ def test_window_attention(hq, hkv, offset):
     else:
         pos = [offset + i for i in range(w)]
         arg = offset
-    out = stats.window_attention(q, k, scale, arg)
+    out = R.dense_window_attention(q, k, scale, arg)
     assert out.shape == (hq, w, t)
     for h in range(hq):
         kv = h // (hq // hkv)
@@ -53,8 +54,8 @@ def test_decode_attention(hq, hkv):
     k = torch.randn(t, hkv, d, generator=g).to(torch.bfloat16)
     exclude = torch.zeros(t, dtype=torch.bool)
     exclude[[2, 5]] = True
-    out = stats.decode_attention(q, k, 0.5)
-    out_ex = stats.decode_attention(q, k, 0.5, exclude=exclude)
+    out = R.dense_decode_attention(q, k, 0.5)
+    out_ex = R.dense_decode_attention(q, k, 0.5, exclude=exclude)
     kf = k.float()
     for h in range(hq):
         kv = h // (hq // hkv)
@@ -75,8 +76,8 @@ def test_value_proj_norm_matches_projection(hq, hkv):
     o_proj = torch.nn.Linear(hq * d, hidden, bias=False)
     with torch.no_grad():
         o_proj.weight.copy_(torch.randn(hidden, hq * d, generator=g))
-    gram = stats.wo_gram(o_proj.weight, hq)
-    out = stats.value_proj_norm(values, gram)
+    gram = R.wo_gram(o_proj.weight, hq)
+    out = R.dense_value_proj_norm(values, gram)
     assert out.shape == (hq, t)
     for h in range(hq):
         kv = h // (hq // hkv)
@@ -90,7 +91,7 @@ def test_value_proj_norm_matches_projection(hq, hkv):
 
 def test_wo_gram_rejects_bad_width():
     with pytest.raises(ValueError):
-        stats.wo_gram(torch.zeros(4, 10), 3)
+        R.wo_gram(torch.zeros(4, 10), 3)
 
 
 @pytest.mark.parametrize("t", [12, 10])  # full and partial last block
@@ -98,7 +99,7 @@ def test_key_bounds(t):
     g = torch.Generator().manual_seed(3)
     hkv, d, bs = 2, 3, 4
     k = torch.randn(t, hkv, d, generator=g)
-    kmin, kmax = stats.key_bounds(k, bs)
+    kmin, kmax = R.dense_key_bounds(k, bs)
     nb = -(-t // bs)
     assert kmin.shape == kmax.shape == (hkv, nb, d)
     for h in range(hkv):
@@ -116,8 +117,8 @@ def test_quest_block_bounds(hq, hkv):
     t, d, bs = 10, 3, 4
     q = torch.randn(hq, d, generator=g)
     k = torch.randn(t, hkv, d, generator=g)
-    kmin, kmax = stats.key_bounds(k, bs)
-    out = stats.quest_block_bounds(q, kmin, kmax)
+    kmin, kmax = R.dense_key_bounds(k, bs)
+    out = R.quest_block_bounds(q, kmin, kmax)
     nb = kmin.shape[1]
     assert out.shape == (hq, nb)
     for h in range(hq):

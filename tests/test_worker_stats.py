@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from vllm_kvevict.kernels import reference as R
 from vllm_kvevict.kernels.paged import cpu_kv_view
 
-from vllm_kvevict import stats as S
 from vllm_kvevict.adapter.worker import ScoredRequest, WorkerEviction
 from vllm_kvevict.policies.base import STATISTICS
 
@@ -135,17 +135,17 @@ def test_worker_statistics_equal_dense_stats(phase, bs, group, layout):
     scale = D**-0.5
     close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # noqa: E731
     newest = dense.query[sr.q_end - 1]
-    close(got["decode_attn"], S.decode_attention(newest, dense.keys, scale))
+    close(got["decode_attn"], R.dense_decode_attention(newest, dense.keys, scale))
     close(got["query"], newest * scale)
-    close(got["value_proj_norm"], S.value_proj_norm(dense.values, S.wo_gram(dense.o_proj, HKV * group)))
-    kmin, kmax = S.key_bounds(dense.keys, bs)
+    close(got["value_proj_norm"], R.dense_value_proj_norm(dense.values, R.wo_gram(dense.o_proj, HKV * group)))
+    kmin, kmax = R.dense_key_bounds(dense.keys, bs)
     assert torch.equal(got["key_min"], kmin) and torch.equal(got["key_max"], kmax)
     if phase == "decode":
         assert "window_attn" not in got
         return
     w = min(WINDOW, sr.q_end - sr.q_start)  # a short last chunk is a short window
     q_window = dense.query[sr.q_end - w: sr.q_end]
-    close(got["window_attn"], S.window_attention(q_window, dense.keys, scale))
+    close(got["window_attn"], R.dense_window_attention(q_window, dense.keys, scale))
     # causal by original position: query i sees exactly the keys at positions <= its own
     query_pos = sr.query_positions[-w:]
     visible = dense.positions[None, :] <= query_pos[:, None]  # [W, T]

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from vllm_kvevict.kernels.reference import quest_block_bounds
 from vllm_kvevict.policies.base import (
     KEY_BOUNDS,
     LIVE_FLOOR,
@@ -57,7 +58,7 @@ from vllm_kvevict.policies.base import (
     tokens_to_blocks,
 )
 from vllm_kvevict.policies.common import Fraction, load_blocks, recency, save_blocks
-from vllm_kvevict.stats import group_heads, quest_block_bounds
+from vllm_kvevict.stats import group_heads
 
 #: need floor of tokens a static head keeps (a text token with underflowed attention stays)
 KEPT_FLOOR = 1e-9

@@ -202,8 +202,6 @@ class WorkerEviction:
                 self._skip(req_id, "resident blocks do not end with this step's tokens")
                 continue
             self.scored.append(sr)
-        if self.scored and not self.hooked:
-            self._hook_attention()
 
     @property
     def measures_in_attention(self) -> bool:

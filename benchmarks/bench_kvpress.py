@@ -37,10 +37,20 @@ K/V, per press. ``decode_path_check``: decoding from the full cache shuffled per
 head) gives the full cache's tokens (our decoding is indifferent to the per-head order a press
 leaves).
 
+Protocol ``query-aware`` (``--protocol query-aware``): the whole prompt, question included, is
+prefilled once with full attention and compressed by the press right after (the SnapKV paper's
+setting: SnapKV's observation window then holds the question); the first answer token comes
+from that prefill, the rest is decoded greedily on the compressed cache. Budget = fraction of
+the whole prompt kept (``compression_ratio = 1 - B``). This is the plugin's own protocol (it
+scores after the question is in), so it is the like-for-like comparison.
+
     python benchmarks/bench_kvpress.py --profile quick      # ~7 min on 2 cores
     python benchmarks/bench_kvpress.py --profile full       # ~37 min
+    python benchmarks/bench_kvpress.py --profile quick --protocol query-aware \
+        --presses snapkv streamingllm observed_attention criticalkv
 
-Writes ``results/kvpress.json`` and ``results/kvpress_samples.csv``.
+Writes ``results/kvpress.json`` and ``results/kvpress_samples.csv`` (query-aware:
+``results/kvpress_query_aware.json`` / ``kvpress_query_aware_samples.csv``).
 """
 
 from __future__ import annotations
@@ -97,8 +107,9 @@ class SharedPrefill:
             self.compressed[key].append((k, v))
         return output
 
-    def run(self, context_ids: list[int]):
-        """(the full context cache's layers, {key: compressed layers})."""
+    def run(self, context_ids: list[int], first_token: bool = False):
+        """(the full context cache's layers, {key: compressed layers}); with ``first_token``
+        also the greedy next token of the (uncompressed) prefill."""
         import torch
         from transformers import DynamicCache
 
@@ -108,11 +119,17 @@ class SharedPrefill:
         cache = DynamicCache()
         try:
             with torch.no_grad():
-                self.model.model(input_ids=torch.tensor([context_ids]), past_key_values=cache)
+                if first_token:
+                    out = self.model(input_ids=torch.tensor([context_ids]), past_key_values=cache,
+                                     logits_to_keep=1)
+                else:
+                    self.model.model(input_ids=torch.tensor([context_ids]), past_key_values=cache)
         finally:
             for h in hooks:
                 h.remove()
         full = [(layer.keys, layer.values) for layer in cache.layers]
+        if first_token:
+            return full, self.compressed, int(out.logits[0, -1].argmax())
         return full, self.compressed
 
 
@@ -196,6 +213,27 @@ def number_done(token_texts: list[str]) -> bool:
     return False
 
 
+def continue_answer(model, layers, first: int, position: int, max_tokens: int, eos: int,
+                    decode=None) -> list[int]:
+    """Query-aware answering: the prompt's prefill gave ``first``; greedy decoding goes on from
+    a cache made of ``layers`` at ``position`` (the prompt length)."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    tokens = [first]
+    with torch.no_grad():
+        for step in range(max_tokens - 1):
+            if tokens[-1] == eos or (decode and number_done([decode(t) for t in tokens])):
+                break
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                        position_ids=torch.tensor([[position + step]]))
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
 def answer(model, layers, question: list[int], start: int, max_tokens: int, eos: int,
            decode=None) -> list[int]:
     """kvpress's answering: the question prefilled on a cache made of ``layers`` [(K, V)] at
@@ -235,7 +273,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(common.PROFILES), default="quick")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--protocol", choices=("pipeline", "query-aware"), default="pipeline")
+    parser.add_argument("--presses", nargs="+", help="a subset of the presses (default: all)")
+    parser.add_argument("--contexts", nargs="+", type=int,
+                        help="only the profile's prompts of these context lengths")
     args = parser.parse_args()
+    query_aware = args.protocol == "query-aware"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tasks import extract_answer, is_correct, tokenizer
@@ -244,9 +287,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     profile = common.PROFILES[args.profile]
     samples = common.profile_samples(profile)
+    if args.contexts:
+        samples = [s for s in samples if s.context_tokens in args.contexts]
     started = time.perf_counter()
     model = load_model()
     factories = press_factories()
+    if args.presses:
+        unknown = sorted(set(args.presses) - set(factories))
+        if unknown:
+            parser.error(f"--presses: unknown {unknown}; valid: {sorted(factories)}")
+        factories = {n: f for n, f in factories.items() if n in args.presses}
     presses = {(name, b): make(0.0) for name, make in factories.items() for b in common.BUDGETS}
     shared = SharedPrefill(model, presses)
     eos = model.generation_config.eos_token_id
@@ -255,6 +305,25 @@ def main() -> None:
     decode_check = None
     for i, s in enumerate(samples):
         context, question = split_prompt(s)
+        if query_aware:
+            for (_, budget), press in presses.items():
+                press.compression_ratio = 1.0 - budget
+            full, compressed, first = shared.run(s.token_ids, first_token=True)
+            runs = [(common.FULL, 1.0, full)] + [(n, b, ls) for (n, b), ls in compressed.items()]
+            for name, budget, layers in runs:
+                tokens = continue_answer(model, layers, first, len(s.token_ids), common.MAX_TOKENS,
+                                         eos, decode=lambda t: tokenizer().decode([t]))
+                text = tokenizer().decode(tokens, skip_special_tokens=True)
+                records.append({
+                    "task": s.task, "context_tokens": s.context_tokens, "depth": s.depth,
+                    "seed": s.seed, "press": name, "budget": budget, "answer": s.answer,
+                    "output": text, "extracted": extract_answer(text),
+                    "correct": is_correct(text, s.answer),
+                    "kept_fraction": layers[0][0].shape[2] / len(s.token_ids),
+                })
+            print(f"  prompt {i + 1}/{len(samples)} ({s.task}, {s.context_tokens} tokens) "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            continue
         set_ratios(presses, len(s.token_ids), len(question))
         full, compressed = shared.run(context)
         if decode_check is None:
@@ -274,27 +343,33 @@ def main() -> None:
             })
         print(f"  prompt {i + 1}/{len(samples)} ({s.task}, {s.context_tokens} tokens) "
               f"{time.perf_counter() - started:.0f} s", flush=True)
-    check = check_against_kvpress_hook(model, samples[0], 0.25, factories)
+    check = None if query_aware else check_against_kvpress_hook(model, samples[0], 0.25, factories)
     print("same K/V as kvpress's own hook:", check, flush=True)
     rows = common.accuracy_rows(records, "press")
     result = {
         "command": common.command(), "profile": args.profile, "settings": profile,
+        "contexts": args.contexts or profile["contexts"],
         "budgets": common.BUDGETS, "presses": [common.FULL, *factories],
         "setup": {"model": "SmolLM2-135M-Instruct (embedded, float32)",
                   "attn_implementation": "eager", "greedy": True,
                   "max_tokens": common.MAX_TOKENS,
-                  "compressed": "context only, once after its prefill; question prefilled on "
-                                "the compressed cache (kvpress pipeline protocol)",
+                  "compressed": ("whole prompt incl. question, once after its full-attention "
+                                 "prefill; first token from that prefill (query-aware)")
+                                if query_aware else
+                                ("context only, once after its prefill; question prefilled on "
+                                 "the compressed cache (kvpress pipeline protocol)"),
+                  "protocol": args.protocol,
                   "budget": "fraction of the whole prompt kept, question included",
                   "criticalkv": "CriticalKVPress(ExpectedAttentionPress(use_vnorm=False))"},
         "versions": common.versions(), "machine": common.machine(),
         "timing_s": {"total": time.perf_counter() - started},
         "rows": rows, "kvpress_hook_check": check, "decode_path_check": decode_check,
     }
-    common.write_json("kvpress.json", result)
-    common.write_csv("kvpress_samples.csv", records)
+    stem = "kvpress_query_aware" if query_aware else "kvpress"
+    common.write_json(f"{stem}.json", result)
+    common.write_csv(f"{stem}_samples.csv", records)
     common.print_pooled(rows, "press", "Retrieval accuracy, transformers + kvpress")
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; wrote results/kvpress.json", flush=True)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; wrote results/{stem}.json", flush=True)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,30 @@ def headline_rows(summary: dict, kept: dict | None = None) -> list[list]:
     return out
 
 
+#: each plugin policy and its nearest kvpress press (LaProx ~ CriticalKV: both weight attention
+#: by the value's output projection norm; H2O ~ ObservedAttention: accumulated attention)
+PAIRS = (("snapkv", "snapkv"), ("streamingllm", "streamingllm"), ("h2o", "observed_attention"),
+         ("laprox", "criticalkv"))
+LIKE_BUDGETS = (0.25, 0.1, 0.05)
+
+
+def like_for_like_rows(quality: list[dict], pipeline: list[dict], query_aware: list[dict],
+                       contexts) -> list[list]:
+    """Per pair and budget: plugin, kvpress query-aware (like for like), kvpress pipeline —
+    pooled over the same prompts (the query-aware run's context lengths)."""
+    def table(rows, key):
+        return pooled_accuracy([r for r in rows if r["context_tokens"] in contexts], key)
+
+    plugin, qa, pipe = table(quality, "policy"), table(query_aware, "press"), table(pipeline, "press")
+    out = [["full cache", "full", _acc_cell(plugin.get((common.FULL, 1.0))),
+            _acc_cell(qa.get((common.FULL, 1.0))), _acc_cell(pipe.get((common.FULL, 1.0)))]]
+    for policy, press in PAIRS:
+        for b in LIKE_BUDGETS:
+            out.append([f"{policy} ↔ {press}", _pct(b), _acc_cell(plugin.get((policy, b))),
+                        _acc_cell(qa.get((press, b))), _acc_cell(pipe.get((press, b)))])
+    return out
+
+
 def mean_kept(rows: list[dict], key: str) -> dict[tuple, float]:
     """(method, budget) -> mean kept fraction over the rows that report one."""
     acc: dict[tuple, list[float]] = {}
@@ -277,6 +301,28 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
                       "and kvpress presses (dashed) on the same prompts.", ""]
     else:
         lines += ["Not measured.", ""]
+
+    qa = load(results, "kvpress_query_aware.json")
+    if qa and quality.get("rows") and kvp.get("rows"):
+        contexts = qa.get("contexts") or qa["settings"]["contexts"]
+        lines += ["## Like for like: each plugin policy and its nearest kvpress press", "",
+                  f"Same prompts ({qa.get('profile')} profile, contexts "
+                  f"{', '.join(map(str, contexts))} tokens), same budgets (fraction of the whole "
+                  "prompt kept), pooled over tasks and depths, Wilson 95 %. **The query-aware "
+                  "column is the like-for-like one**: the press compresses the whole prompt, "
+                  "question included, right after a full-attention prefill, and the first "
+                  "answer token comes from that prefill - what the plugin does (it scores after "
+                  "the prefill, the question in its observation window). The pipeline column "
+                  "is kvpress's text-generation protocol (context compressed without the "
+                  "question, query-agnostic). Remaining differences: kvpress keeps single "
+                  "tokens per (layer, KV head), the plugin 32-token blocks for all layers; "
+                  "kvpress compresses once, the plugin every 16 decode steps; the plugin row "
+                  f"comes from quality.json (profile `{quality.get('profile')}`, run before "
+                  "budget-scaled protection).", "",
+                  common.markdown_table(["pair", "budget", "plugin (vLLM)",
+                                         "kvpress query-aware", "kvpress pipeline"],
+                                        like_for_like_rows(quality["rows"], kvp["rows"],
+                                                           qa["rows"], contexts)), ""]
 
     s = summary["serving"]
     lines += ["## Serving (plugin / stock)", "",

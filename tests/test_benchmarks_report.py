@@ -135,3 +135,19 @@ def test_drift_steps_compare_argmax_and_kl():
     assert agree and kl > 0
     (agree, _), = bench_quality.drift_steps(p, q, [6])
     assert not agree
+
+
+def test_like_for_like_pairs_each_policy_with_its_press_on_the_same_prompts():
+    quality = _rows("policy", [("full", 1.0, 1.0), ("snapkv", 0.1, 0.5), ("laprox", 0.1, 0.75)])
+    quality += [{**r, "context_tokens": 4096, "accuracy": 0.0, "correct": 0} for r in quality]
+    query_aware = _rows("press", [("full", 1.0, 1.0), ("snapkv", 0.1, 0.25),
+                                  ("criticalkv", 0.1, 0.0)])
+    pipeline = _rows("press", [("full", 1.0, 1.0), ("snapkv", 0.1, 0.0)])
+    rows = {(r[0], r[1]): r[2:] for r in
+            report.like_for_like_rows(quality, pipeline, query_aware, contexts=[1024])}
+    # 4096-token plugin rows are left out: only the query-aware run's prompts are compared
+    assert rows[("snapkv ↔ snapkv", "10%")][0].startswith("50% ") and "n=8" in rows[("snapkv ↔ snapkv", "10%")][0]
+    assert rows[("snapkv ↔ snapkv", "10%")][1].startswith("25% ")
+    assert rows[("laprox ↔ criticalkv", "10%")][:2] == [report._acc_cell((0.75, 8, *common.wilson(6, 8))),
+                                                        report._acc_cell((0.0, 8, *common.wilson(0, 8)))]
+    assert rows[("h2o ↔ observed_attention", "10%")] == ["–", "–", "–"]

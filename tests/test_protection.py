@@ -65,3 +65,29 @@ def test_per_request_overrides_keep_explicit_fields_explicit():
     assert "recent_tokens" in request.model_fields_set
     assert "sink_tokens" not in request.model_fields_set
     assert request.protection(4, 32) == (1, None)
+
+
+def _cap(policy, budget, prompt, hit_blocks, bs=32):
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+
+    from vllm_kvevict.adapter.scheduler import RequestEviction
+    from vllm_kvevict.policies import get_policy
+
+    config = parse_config({"policy": policy, "budget": budget})
+    sched = SimpleNamespace(kv_block_size=bs, kv_requests={
+        "r": RequestEviction(config=config, policy=get_policy(policy, {}))})
+    request = SimpleNamespace(request_id="r", num_prompt_tokens=prompt)
+    blocks = KVCacheBlocks((list(range(hit_blocks)),))
+    capped, n, boundary = EvictingScheduler._cap_prefix_hit(sched, request, blocks, hit_blocks * bs, 0)
+    assert len(capped.blocks[0]) * bs == n and boundary == 0
+    return n
+
+
+def test_prefix_hit_leaves_a_windowed_policy_its_whole_window():
+    # 1000-token prompt, 31 full blocks cached: vLLM would compute only 8 tokens (1000 % 32)
+    n = _cap("snapkv", 0.1, 1000, 31)
+    assert 1000 - n >= 32 and n == 30 * 32
+    assert _cap("snapkv", 0.1, 1024, 31) == 31 * 32  # already 32 queries: hit untouched
+    assert _cap("snapkv", 1.0, 1000, 31) == 31 * 32  # never scored: hit untouched
+    assert _cap("streamingllm", 0.1, 1000, 31) == 31 * 32  # no window
+    assert _cap("hae", 1.0, 1000, 31) == 30 * 32  # selects after prefill even within budget

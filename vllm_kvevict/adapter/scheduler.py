@@ -117,6 +117,35 @@ class EvictingScheduler(Scheduler):
 
         self.kv_cache_manager.allocate_slots = allocate_slots
 
+        original_computed = self.kv_cache_manager.get_computed_blocks
+
+        def get_computed_blocks(request):
+            return self._cap_prefix_hit(request, *original_computed(request))
+
+        self.kv_cache_manager.get_computed_blocks = get_computed_blocks
+
+    def _cap_prefix_hit(self, request, blocks, num_computed: int, *rest):
+        """A windowed policy scores the prompt through the queries computed in its last
+        prefill step; a prefix-cache hit can leave fewer than its ``window`` (a prompt whose
+        length is not a block multiple keeps only ``len % block_size`` queries). So for a
+        request that will be scored at prefill the hit stops where at least ``window`` prompt
+        tokens remain to compute: those blocks are recomputed (exactly: they hold prefix-cache
+        K/V computed with full attention)."""
+        state = self.kv_requests.get(request.request_id)
+        window = state.policy.window if state is not None else 0
+        if not window or not num_computed:
+            return (blocks, num_computed, *rest)
+        bs, prompt = self.kv_block_size, request.num_prompt_tokens
+        scored = (state.config.keep_blocks(prompt, bs) < math.ceil(prompt / bs)
+                  or state.policy.select_after_prefill)
+        limit = max(prompt - window, 0) // bs * bs
+        if not scored or num_computed <= limit:
+            return (blocks, num_computed, *rest)
+        from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+
+        capped = KVCacheBlocks(tuple(list(group[: limit // bs]) for group in blocks.blocks))
+        return (capped, limit, *rest)
+
     # -- request lifecycle ---------------------------------------------------------------------
     def add_request(self, request) -> None:
         try:

@@ -98,12 +98,22 @@ def _scored_layer(bs, group, phase, layout, packed=False, seed=0):
     query = torch.randn(q_start + n_query + 1, hq, D, generator=gen)
     key = torch.randn(q_start + n_query + 1, HKV, D, generator=gen)
     key[q_start: q_start + n_query] = torch.stack(keys[t - n_query:])
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
     weight = torch.randn(24, hq * D, generator=gen)
-    o_proj = SimpleNamespace(weight=weight)
-    if packed:  # vLLM's CPU backend packs the weight for oneDNN and leaves an empty `weight`
+    o_proj = SimpleNamespace(weight=weight, quant_method=UnquantizedLinearMethod())
+    if packed == "cpu":  # vLLM's CPU backend packs the weight for oneDNN, leaves `weight` empty
         o_proj = SimpleNamespace(
             weight=torch.empty(0), input_size_per_partition=hq * D, params_dtype=torch.float32,
             quant_method=SimpleNamespace(apply=lambda layer, x: x @ weight.t()),
+        )
+    elif packed == "fp8":  # a quantised method: fp8 codes stored transposed [in, out] + scale
+        scale = weight.abs().amax() / 448
+        codes = (weight / scale).to(torch.float8_e4m3fn).t().contiguous()
+        weight = codes.t().float() * scale  # what the layer really multiplies by
+        o_proj = SimpleNamespace(
+            weight=codes, input_size_per_partition=hq * D, params_dtype=torch.float32,
+            quant_method=SimpleNamespace(apply=lambda layer, x: x @ (codes.float() * scale)),
         )
     worker = WorkerEviction.__new__(WorkerEviction)
     worker.key_layout, worker.grams = None, {}
@@ -156,9 +166,17 @@ def test_value_norms_from_a_packed_o_proj_weight():
     """The CPU backend drops ``o_proj.weight`` after packing it: W_O is read back through the
     layer's own GEMM, giving the same norms as the plain weight."""
     plain, _ = _scored_layer(16, 3, "decode", "cpu")
-    packed, _ = _scored_layer(16, 3, "decode", "cpu", packed=True)
+    packed, _ = _scored_layer(16, 3, "decode", "cpu", packed="cpu")
     assert bool(plain.layers["value_proj_norm"][0].gt(0).all())
     assert torch.equal(packed.layers["value_proj_norm"][0], plain.layers["value_proj_norm"][0])
+
+
+def test_value_norms_from_a_quantised_o_proj():
+    """An FP8 ``o_proj`` stores transposed codes and a scale: read as a plain weight they are
+    the wrong shape and values; the norms must use the dequantised weight the layer applies."""
+    sr, dense = _scored_layer(16, 3, "decode", "LBNHC", packed="fp8")
+    want = R.dense_value_proj_norm(dense.values, R.wo_gram(dense.o_proj, HKV * 3))
+    torch.testing.assert_close(sr.layers["value_proj_norm"][0], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", GPU_LAYOUTS)

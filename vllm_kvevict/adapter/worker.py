@@ -400,17 +400,23 @@ class WorkerEviction:
 
 
 def _linear_weight(linear) -> torch.Tensor:
-    """``[out, in]`` weight of a vLLM linear layer (this rank's shard).
+    """``[out, in]`` weight of a vLLM linear layer (this rank's shard), as the layer applies it.
 
-    The CPU backend packs linear weights for its GEMM library and leaves ``weight`` empty; the
-    weight is then read back by applying the layer's own GEMM (no bias, no TP all-reduce) to
-    the identity: row ``i`` of ``I · Wᵀ`` is column ``i`` of ``W``, exactly.
+    A plain unquantised weight is used as is. Otherwise — vLLM's CPU backend packs weights for
+    its GEMM library and leaves ``weight`` empty; quantised methods (FP8, AWQ, GPTQ...) keep
+    packed or scaled tensors, some transposed — the weight is read back by applying the layer's
+    own GEMM (no bias, no TP all-reduce) to the identity: row ``i`` of ``I · Wᵀ`` is column
+    ``i`` of the weight the layer really multiplies by (dequantised), exact for a plain one.
     """
-    weight = linear.weight.detach()
-    if weight.dim() == 2 and weight.numel():
-        return weight
-    eye = torch.eye(linear.input_size_per_partition, dtype=linear.params_dtype,
-                    device=weight.device)
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    weight = getattr(linear, "weight", None)
+    if (isinstance(linear.quant_method, UnquantizedLinearMethod) and weight is not None
+            and weight.dim() == 2 and weight.numel()
+            and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return weight.detach()
+    device = next(iter(linear.parameters())).device if weight is None else weight.device
+    eye = torch.eye(linear.input_size_per_partition, dtype=linear.params_dtype, device=device)
     return linear.quant_method.apply(linear, eye).t()
 
 

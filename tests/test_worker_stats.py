@@ -118,7 +118,12 @@ def _scored_layer(bs, group, phase, layout, packed=False, seed=0):
     worker = WorkerEviction.__new__(WorkerEviction)
     worker.key_layout, worker.grams = None, {}
     worker.readers = {LAYER: "gpu" if gpu else "cpu"}
-    worker.runner = SimpleNamespace(get_model=lambda: SimpleNamespace(get_submodule=lambda _: o_proj))
+    def get_submodule(path):
+        if packed == "unnamed":  # a model whose output projection has none of the known names
+            raise AttributeError(path)
+        return o_proj
+
+    worker.runner = SimpleNamespace(get_model=lambda: SimpleNamespace(get_submodule=get_submodule))
     sr = ScoredRequest(
         req_id="r", task=SimpleNamespace(phase=phase),
         policy=SimpleNamespace(needs=STATISTICS, window=WINDOW),
@@ -214,3 +219,8 @@ def test_kernel_layout_replica_equals_vllm_allocation(layout):
     for (name, cache), mine in zip(sorted(real.items()), replica):
         assert cache.shape == mine.shape and cache.stride() == mine.stride(), name
         assert cache.storage_offset() == mine.storage_offset(), name
+
+
+def test_an_unnamed_output_projection_is_not_measured_rather_than_failing_the_step():
+    sr, _ = _scored_layer(16, 1, "decode", "LBNHC", packed="unnamed")
+    assert "value_proj_norm" not in sr.layers and "decode_attn" in sr.layers

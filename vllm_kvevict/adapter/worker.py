@@ -41,6 +41,8 @@ from vllm_kvevict.policies.base import (
 logger = logging.getLogger("vllm_kvevict")
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+#: names of an attention module's output projection across vLLM's model families
+_OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj")
 
 
 @dataclass
@@ -310,8 +312,9 @@ class WorkerEviction:
                 q_window = q_all[sr.q_end - w: sr.q_end].transpose(0, 1)[None]  # [1, Hq, W, D]
                 probs = dispatch.window_attention(q_window, kv, *row, scale).probs
                 sr.record(WINDOW_ATTN, probs[0, :, :, :n])  # [Hq, W, T]
-            if VALUE_PROJ_NORM in needs:
-                norms = dispatch.value_proj_norm(self._gram(index, name, hq), kv, *row)
+            gram = self._gram(index, name, hq) if VALUE_PROJ_NORM in needs else None
+            if gram is not None:  # None: no output projection found (reported as skipped)
+                norms = dispatch.value_proj_norm(gram, kv, *row)
                 sr.record(VALUE_PROJ_NORM, norms[0, :, :n])  # [Hq, T]
             if KEY_BOUNDS in needs:
                 kmin, kmax = dispatch.key_bounds(kv, *row)  # [1, nb, Hkv, D] each
@@ -322,13 +325,23 @@ class WorkerEviction:
         bs = self.runner.input_batch.block_table[0].block_size
         return torch.cat([p * bs + torch.arange(n) for p, n in zip(sr.positions.tolist(), sr.tokens_per_block)])
 
-    def _gram(self, index: int, name: str, hq: int) -> torch.Tensor:
-        """Per-head Gram matrices G_h = W_O^h W_O^hᵀ of this layer's output projection."""
+    def _gram(self, index: int, name: str, hq: int) -> torch.Tensor | None:
+        """Per-head Gram matrices G_h = W_O^h W_O^hᵀ of this layer's output projection (the
+        attention module's ``o_proj``, ``out_proj``, ``dense`` or ``c_proj``), or None when the
+        model names it otherwise: the statistic is then not measured and the scoring task is
+        reported as skipped instead of failing the step."""
         if index not in self.grams:
-            model = self.runner.get_model()
-            o_proj = model.get_submodule(name.rsplit(".", 1)[0] + ".o_proj")
-            # [hidden, Hq*D]: this rank's heads
-            self.grams[index] = dispatch.wo_gram(_linear_weight(o_proj), hq)
+            model, parent = self.runner.get_model(), name.rsplit(".", 1)[0]
+            gram = None
+            for child in _OUTPUT_PROJECTIONS:
+                try:
+                    o_proj = model.get_submodule(f"{parent}.{child}")
+                except AttributeError:
+                    continue
+                # [hidden, Hq*D]: this rank's heads
+                gram = dispatch.wo_gram(_linear_weight(o_proj), hq)
+                break
+            self.grams[index] = gram
         return self.grams[index]
 
     # -- after the forward ---------------------------------------------------------------------

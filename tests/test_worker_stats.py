@@ -49,7 +49,7 @@ def vllm_gpu_caches(layout: str, bs: int) -> dict[str, torch.Tensor]:
     return caches
 
 
-def _scored_layer(bs, group, phase, layout, packed=False, seed=0):
+def _scored_layer(bs, group, phase, layout, packed=False, seed=0, others=()):
     """A KV cache holding one request's resident blocks, the step's query/key, and a worker.
 
     ``layout``: ``cpu``/``cpu_t`` (vLLM's CPU backend, keys plain / transposed per block) or a
@@ -132,12 +132,19 @@ def _scored_layer(bs, group, phase, layout, packed=False, seed=0):
         tokens_per_block=tokens_per_block, query_positions=torch.tensor(positions[t - n_query:]),
         layers={},
     )
-    worker.scored = [sr]
+    # ``others``: more requests of the same step over a prefix of the same blocks, each with
+    # its own newest query (index into the step's tokens): the statistics are batched
+    extra = [ScoredRequest(
+        req_id=f"r{i}", task=SimpleNamespace(phase="decode"), policy=sr.policy, q_start=q, q_end=q + 1,
+        block_ids=torch.tensor(BLOCK_IDS[:nb]), positions=torch.arange(nb),
+        parked=torch.zeros(nb, dtype=torch.bool), tokens_per_block=[bs] * (nb - 1) + [last],
+        query_positions=torch.tensor([0]), layers={}) for i, (q, nb, last) in enumerate(others)]
+    worker.scored = [sr, *extra]
     layer = SimpleNamespace(impl=SimpleNamespace(num_heads=hq, scale=D**-0.5, head_size=D))
     worker._measure_layer(1, LAYER, layer, query.view(len(query), -1), key.view(len(key), -1), raw)
     dense = SimpleNamespace(keys=torch.stack(keys), values=torch.stack(values),
                             positions=torch.tensor(positions), query=query, o_proj=weight)
-    return sr, dense
+    return (sr, *extra) if others else sr, dense
 
 
 @pytest.mark.parametrize("layout", ["cpu", "cpu_t", *GPU_LAYOUTS])
@@ -224,3 +231,27 @@ def test_kernel_layout_replica_equals_vllm_allocation(layout):
 def test_an_unnamed_output_projection_is_not_measured_rather_than_failing_the_step():
     sr, _ = _scored_layer(16, 1, "decode", "LBNHC", packed="unnamed")
     assert "value_proj_norm" not in sr.layers and "decode_attn" in sr.layers
+
+
+@pytest.mark.parametrize("layout", ["cpu", "LBNHC"])
+def test_requests_of_one_step_are_measured_together_as_alone(layout, monkeypatch):
+    """One launch per statistic for all scored requests (rows of different lengths, padded
+    block table) gives each request what it gets in a smaller batch or alone."""
+    from vllm_kvevict.kernels import dispatch
+
+    calls = []
+    for name in ("decode_attention", "value_proj_norm", "key_bounds"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _real=real, _n=name, **k: (
+            calls.append(_n), _real(*a, **k))[1])
+    others = [(0, 2, 5), (1, 3, 16), (0, 1, 1)]  # (newest query index, blocks, tokens in last)
+    (first, *rest), _ = _scored_layer(16, 3, "decode", layout, others=others)
+    assert sorted(calls) == ["decode_attention", "key_bounds", "value_proj_norm"]  # 4 requests
+    for i, sr in enumerate(rest):
+        (_, alone), _ = _scored_layer(16, 3, "decode", layout, others=[others[i]])
+        assert sr.layers.keys() == alone.layers.keys()
+        for stat in sr.layers:
+            assert torch.equal(sr.layers[stat][0], alone.layers[stat][0]), stat
+    solo, _ = _scored_layer(16, 3, "decode", layout)
+    for stat in first.layers:
+        assert torch.equal(first.layers[stat][0], solo.layers[stat][0]), stat

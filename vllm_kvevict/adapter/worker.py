@@ -78,6 +78,26 @@ class ScoredRequest:
         self.layers.setdefault(stat, []).append(value)
 
 
+@dataclass
+class _Batch:
+    """Scored requests as one paged batch: what one kernel launch reads for all of them."""
+
+    members: tuple[ScoredRequest, ...]
+    block_table: torch.Tensor  # [R, max_blocks] int32 (rows padded with block 0, never read)
+    seq_lens: torch.Tensor  # [R] int32, compacted lengths
+    newest: torch.Tensor  # [R] index of each request's newest query in the step's tokens
+
+    @classmethod
+    def of(cls, members) -> _Batch:
+        device = members[0].block_table.device
+        width = max(sr.block_ids.numel() for sr in members)
+        table = torch.zeros(len(members), width, dtype=torch.int32, device=device)
+        for i, sr in enumerate(members):
+            table[i, : sr.block_ids.numel()] = sr.block_table[0]
+        return cls(members, table, torch.cat([sr.seq_lens for sr in members]),
+                   torch.tensor([sr.q_end - 1 for sr in members], device=device))
+
+
 class KeyLayoutError(RuntimeError):
     """The KV cache layout is not one this adapter knows how to read."""
 
@@ -121,6 +141,7 @@ class WorkerEviction:
         """After vLLM's _update_states: install new compacted rows."""
         self.plan = getattr(scheduler_output, PLAN_ATTR, None)
         self.scored = []
+        self._step_batches = None
         self.skipped = {}
         finished = getattr(scheduler_output, "finished_req_ids", ()) or ()
         for key in [k for k in self.policy_state if k[0] in finished]:
@@ -290,36 +311,70 @@ class WorkerEviction:
             raise KeyLayoutError(f"kv_eviction: cannot read keys from the KV cache: {exc}") from exc
 
     def _measure_layer(self, index, name, layer, query, key, kv_cache) -> None:
-        """Record this layer's statistics of every scored request (one ``dispatch`` call each:
-        the Triton kernels on NVIDIA GPUs, their torch references elsewhere)."""
+        """Record this layer's statistics of every scored request: one ``dispatch`` call per
+        statistic for all the requests that need it (the Triton kernels on NVIDIA GPUs, their
+        torch references elsewhere); the observation window, whose length differs per
+        request, one call per request at prefill.
+
+        Args:
+            query: ``[num_tokens, Hq * D]`` (or ``[num_tokens, Hq, D]``) this step's queries.
+            key: ``[num_tokens, Hkv * D]`` this step's keys.
+            kv_cache: the layer's cache, as vLLM hands it to ``impl.forward``.
+        """
         reader = self.readers.get(name)
         if reader is None:  # never guess a layout: a wrong view gives plausible garbage
             raise KeyLayoutError(f"kv_eviction: layer {name} was not checked at startup")
         kv = self._paged_kv(kv_cache, key, reader, _head_size(layer, kv_cache))
         hq, scale = layer.impl.num_heads, layer.impl.scale
         q_all = query.view(-1, hq, kv.head_dim)
+        batches = self._batches()
+        if DECODE_ATTN in batches:
+            b = batches[DECODE_ATTN]
+            probs = dispatch.decode_attention(q_all[b.newest], kv, b.block_table, b.seq_lens,
+                                              scale, token_probs=True).token_probs
+            for i, sr in enumerate(b.members):
+                sr.record(DECODE_ATTN, probs[i, :, :sr.num_tokens])  # [Hq, T]
+        if QUERY in batches:
+            b = batches[QUERY]
+            newest = q_all[b.newest].float() * scale
+            for i, sr in enumerate(b.members):
+                sr.record(QUERY, newest[i])  # [Hq, D]
+        if VALUE_PROJ_NORM in batches:
+            b, gram = batches[VALUE_PROJ_NORM], self._gram(index, name, hq)
+            if gram is not None:  # None: no output projection found (reported as skipped)
+                norms = dispatch.value_proj_norm(gram, kv, b.block_table, b.seq_lens)
+                for i, sr in enumerate(b.members):
+                    sr.record(VALUE_PROJ_NORM, norms[i, :, :sr.num_tokens])  # [Hq, T]
+        if KEY_BOUNDS in batches:
+            b = batches[KEY_BOUNDS]
+            kmin, kmax = dispatch.key_bounds(kv, b.block_table, b.seq_lens)  # [R, nb, Hkv, D]
+            for i, sr in enumerate(b.members):
+                nb = sr.block_ids.numel()
+                sr.record("key_min", kmin[i, :nb].transpose(0, 1).float())  # [Hkv, nb, D]
+                sr.record("key_max", kmax[i, :nb].transpose(0, 1).float())
         for sr in self.scored:
-            needs, row, n = sr.policy.needs, (sr.block_table, sr.seq_lens), sr.num_tokens
-            newest = q_all[sr.q_end - 1: sr.q_end]  # [1, Hq, D]
-            if DECODE_ATTN in needs:
-                probs = dispatch.decode_attention(newest, kv, *row, scale, token_probs=True).token_probs
-                sr.record(DECODE_ATTN, probs[0, :, :n])  # [Hq, T]
-            if QUERY in needs:
-                sr.record(QUERY, newest[0].float() * scale)
-            if WINDOW_ATTN in needs and sr.task.phase == "prefill":
+            if WINDOW_ATTN in sr.policy.needs and sr.task.phase == "prefill":
                 # the window queries are the row's last tokens (checked in _resolve_scored)
                 w = min(sr.policy.window or 32, sr.q_end - sr.q_start)
                 q_window = q_all[sr.q_end - w: sr.q_end].transpose(0, 1)[None]  # [1, Hq, W, D]
-                probs = dispatch.window_attention(q_window, kv, *row, scale).probs
-                sr.record(WINDOW_ATTN, probs[0, :, :, :n])  # [Hq, W, T]
-            gram = self._gram(index, name, hq) if VALUE_PROJ_NORM in needs else None
-            if gram is not None:  # None: no output projection found (reported as skipped)
-                norms = dispatch.value_proj_norm(gram, kv, *row)
-                sr.record(VALUE_PROJ_NORM, norms[0, :, :n])  # [Hq, T]
-            if KEY_BOUNDS in needs:
-                kmin, kmax = dispatch.key_bounds(kv, *row)  # [1, nb, Hkv, D] each
-                sr.record("key_min", kmin[0].transpose(0, 1).float())  # [Hkv, nb, D]
-                sr.record("key_max", kmax[0].transpose(0, 1).float())
+                probs = dispatch.window_attention(q_window, kv, sr.block_table, sr.seq_lens,
+                                                  scale).probs
+                sr.record(WINDOW_ATTN, probs[0, :, :, :sr.num_tokens])  # [Hq, W, T]
+
+    def _batches(self) -> dict[str, _Batch]:
+        """Per statistic, the step's requests that need it as one paged batch (built at the
+        first layer of the step, reused by every layer)."""
+        if getattr(self, "_step_batches", None) is None:
+            by_members: dict[tuple, _Batch] = {}
+            self._step_batches = {}
+            for stat in (DECODE_ATTN, QUERY, VALUE_PROJ_NORM, KEY_BOUNDS):
+                members = tuple(sr for sr in self.scored if stat in sr.policy.needs)
+                if members:
+                    key = tuple(id(sr) for sr in members)
+                    if key not in by_members:
+                        by_members[key] = _Batch.of(members)
+                    self._step_batches[stat] = by_members[key]
+        return self._step_batches
 
     def _token_positions(self, sr: ScoredRequest) -> torch.Tensor:
         bs = self.runner.input_batch.block_table[0].block_size
@@ -371,6 +426,7 @@ class WorkerEviction:
             state = self.policy_state.setdefault((sr.req_id, sr.task.generation), {})
             results.append((sr, sr.policy.block_scores(stats, state).to(torch.float32)))
         self.scored = []
+        self._step_batches = None
         if not results:
             return
         flat, measured = _all_reduce_mean(

@@ -404,6 +404,9 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
         if kvp.get("decode_path_check") is not None:
             lines += [f"Decoding from a per-head shuffled full cache gives the full cache's tokens: "
                       f"{kvp['decode_path_check']}.", ""]
+    natural = results / "natural.md"  # hand-written section (bench_natural.py), kept as is
+    if natural.exists():
+        lines += ["", natural.read_text()]
     path = results / "README.md"
     path.write_text("\n".join(lines))
     return path

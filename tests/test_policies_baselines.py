@@ -93,7 +93,7 @@ def test_snapkv_decode_reuses_prefill_and_fills_new_blocks():
     state2 = {}
     refresh.block_scores(pre, state2)
     got = refresh.block_scores(dec, state2).double()
-    fresh = _normalize(_mix(_per_head_blocks(dec, dec.decode_attn, 1), "mean"))
+    fresh = _normalize(_mix(_per_head_blocks(dec, dec.decode_attn, 1), refresh.config.head_reduce))
     base = _normalize(known.tolist())
     expect = torch.cat([0.75 * base + 0.25 * fresh[:3], fresh[3:]])
     assert torch.allclose(got, expect / expect.sum(), atol=1e-6)

@@ -213,25 +213,36 @@ def number_done(token_texts: list[str]) -> bool:
     return False
 
 
-def continue_answer(model, layers, first: int, position: int, max_tokens: int, eos: int,
-                    decode=None) -> list[int]:
-    """Query-aware answering: the prompt's prefill gave ``first``; greedy decoding goes on from
-    a cache made of ``layers`` at ``position`` (the prompt length)."""
-    import torch
+def _cache_of(layers):
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
-    tokens = [first]
+    return cache
+
+
+def _greedy(model, cache, tokens: list[int], position: int, max_tokens: int, eos: int,
+            decode=None) -> list[int]:
+    """Greedy decoding on ``cache`` after ``tokens`` (the first at ``position``); with
+    ``decode`` (token -> text) it stops once the answer's first number is complete."""
+    import torch
+
     with torch.no_grad():
-        for step in range(max_tokens - 1):
+        for step in range(max_tokens - len(tokens)):
             if tokens[-1] == eos or (decode and number_done([decode(t) for t in tokens])):
                 break
             out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
                         position_ids=torch.tensor([[position + step]]))
             tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
+
+
+def continue_answer(model, layers, first: int, position: int, max_tokens: int, eos: int,
+                    decode=None) -> list[int]:
+    """Query-aware answering: the prompt's prefill gave ``first``; greedy decoding goes on from
+    a cache made of ``layers`` at ``position`` (the prompt length)."""
+    return _greedy(model, _cache_of(layers), [first], position, max_tokens, eos, decode)
 
 
 def answer(model, layers, question: list[int], start: int, max_tokens: int, eos: int,
@@ -240,23 +251,13 @@ def answer(model, layers, question: list[int], start: int, max_tokens: int, eos:
     positions ``start``.. (its original ones), then greedy decoding; with ``decode`` (token ->
     text) it stops once the answer's first number is complete."""
     import torch
-    from transformers import DynamicCache
 
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
+    cache = _cache_of(layers)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([question]), past_key_values=cache,
                     position_ids=torch.arange(start, start + len(question))[None], logits_to_keep=1)
-        tokens = [int(out.logits[0, -1].argmax())]
-        position = start + len(question)
-        for step in range(max_tokens - 1):
-            if tokens[-1] == eos or (decode and number_done([decode(t) for t in tokens])):
-                break
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
-                        position_ids=torch.tensor([[position + step]]))
-            tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
+    tokens = [int(out.logits[0, -1].argmax())]
+    return _greedy(model, cache, tokens, start + len(question), max_tokens, eos, decode)
 
 
 def load_model():

@@ -216,7 +216,7 @@ def test_steps_that_measure_never_replay_a_full_graph(mode, scoring_mode):
     # a windowed policy scoring at decode measures nothing in attention: graphs stay
     assert step(_runner(dispatcher, vllm_config, [_scored(["window_attn"])]), **decode)[0] == stock
     assert scoring_cudagraph_mode(vllm_config.compilation_config).name == scoring_mode
-    assert "dispatch" not in vars(dispatcher) or dispatcher.dispatch.__name__ != "no_full"
+    assert "dispatch" not in vars(dispatcher)  # the dispatcher is left as vLLM made it
 
 
 @pytest.mark.parametrize("level", ["O0", "O1", "O2", "O3"])

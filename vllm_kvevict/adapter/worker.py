@@ -661,7 +661,7 @@ def without_full_cudagraphs(dispatcher):
     """
     from vllm.config import CUDAGraphMode
 
-    dispatch = dispatcher.dispatch
+    dispatch, own = dispatcher.dispatch, "dispatch" in vars(dispatcher)
 
     def no_full(*args, invalid_modes=None, **kwargs):
         invalid = set(invalid_modes or ()) | {CUDAGraphMode.FULL}
@@ -671,4 +671,7 @@ def without_full_cudagraphs(dispatcher):
     try:
         yield
     finally:
-        dispatcher.dispatch = dispatch
+        if own:
+            dispatcher.dispatch = dispatch
+        else:
+            del dispatcher.dispatch  # back to the class's method

@@ -76,6 +76,10 @@ class HAEPolicy(EvictionPolicy):
         visual_first: bool = Field(
             True, description="select: visual blocks leave (bin, then release) before text"
         )
+        head_reduce: Literal["mean", "max"] = Field(
+            "max", description="merge of per-(layer, query head) block attention: max keeps "
+            "what the one retrieving head needs (mean lets the local/sink heads outvote it)"
+        )
 
     def prunable_tokens(self, stats: RequestStats) -> torch.Tensor | None:
         """[T] bool: visual tokens passing both thresholds; None when nothing can be pruned.
@@ -108,7 +112,11 @@ class HAEPolicy(EvictionPolicy):
                 pruned = tokens_to_blocks(tokens.float(), bs, nb) == full
                 state["pruned"] = stats.block_index[pruned]  # positions: once, at prefill
         received = received_attention(stats)  # [L, Hq, T]
-        step = None if received is None else tokens_to_blocks(received.mean(dim=(0, 1)), bs, nb)
+        step = None
+        if received is not None and self.config.head_reduce == "mean":
+            step = tokens_to_blocks(received.mean(dim=(0, 1)), bs, nb)
+        elif received is not None:  # the (layer, head) that needs the block most
+            step = tokens_to_blocks(received, bs, nb).amax(dim=(0, 1))
         acc = accumulate_blocks(state, "hae", stats.block_index, step, self.config.decay)
         base = recency(stats.block_index) if acc is None else acc.nan_to_num(0.0)
         none = torch.empty(0, dtype=torch.long, device=device)

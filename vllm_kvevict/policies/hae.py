@@ -19,8 +19,10 @@ Readings we had to choose (no public code; [U] in algorithms.md):
   tokens; any text token protects its block. Pruned blocks score exactly 0, which ``select``
   reads as "release now" (scores are all that reach the scheduler). Pruning is threshold-driven,
   so the policy asks the engine to run ``select`` after prefill even within budget.
-* decode score ("dynamically reweighted attention"): attention mass per block, mean over
-  layers and heads, accumulated with the past down-weighted by ``decay`` at each scoring
+* decode score ("dynamically reweighted attention"): attention mass per block and (layer,
+  head), merged by ``head_reduce`` (``max`` by default: one block serves every layer and head,
+  and on ordinary text the mean let the many local/sink heads outvote the few retrieving ones,
+  benchmarks/results/natural.md), accumulated with the past down-weighted by ``decay`` at each scoring
   (``decay=1``: H2O's plain sum; ``0``: the latest query only). The prefill window's attention
   seeds it. Text and visual blocks share this score; ``visual_first`` makes ``select`` move
   every visual block out (bin, then release) before any text block.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.util
 import math
 import re
 import sys
@@ -40,28 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ensure_kernels_importable() -> None:
-    """``vllm_kvevict.kernels`` without a package install (same shim as tests/kernels/conftest.py).
-
-    Installed (editable or not), pyproject maps ``kernels/`` to that name; in a bare checkout
-    the folder is registered under it by hand. A no-op when the import already works.
-    """
-    try:
-        import vllm_kvevict.kernels  # noqa: F401
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("vllm_kvevict", "vllm_kvevict.kernels"):
-            raise
+    """``vllm_kvevict.kernels`` from a bare checkout too (``vllm_kvevict/__init__.py``)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import vllm_kvevict  # light: imports nothing
+    import vllm_kvevict  # dependency-free
 
-    folder = ROOT / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "vllm_kvevict.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    vllm_kvevict.kernels = module
+    vllm_kvevict.ensure_kernels_importable()
 
 
 def make_inputs(batch, context, args, device, seed=0):

@@ -20,7 +20,6 @@ computed from the same half-precision inputs (see ``TOLERANCES``).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -33,29 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def ensure_kernels_importable() -> None:
-    """Import ``kernels/`` as ``vllm_kvevict.kernels`` when the package is not installed.
-
-    The name exists only through pyproject's package-dir mapping once installed (editable or
-    not); in a bare checkout the folder is registered under that name by hand. A no-op when
-    the import already works. ``benchmarks/bench_kernels.py`` has the same shim.
-    """
-    try:
-        import vllm_kvevict.kernels  # noqa: F401
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("vllm_kvevict", "vllm_kvevict.kernels"):
-            raise
+    """``vllm_kvevict.kernels`` from a bare checkout too (``vllm_kvevict/__init__.py``)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import vllm_kvevict  # light: imports nothing
+    import vllm_kvevict  # dependency-free
 
-    folder = ROOT / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "vllm_kvevict.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    vllm_kvevict.kernels = module
+    vllm_kvevict.ensure_kernels_importable()
 
 
 ensure_kernels_importable()

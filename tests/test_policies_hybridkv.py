@@ -113,16 +113,34 @@ def test_budget_weights_brute_force(budget, hq, hkv):
     assert state["weights"].sum().item() == pytest.approx(1.0)
 
 
-def test_prefill_scores_text_prior_brute_force():
+@pytest.mark.parametrize("head_reduce", ["mean", "max"])
+def test_prefill_scores_text_prior_brute_force(head_reduce):
     st = crafted_stats([[static_row(), dynamic_row()], [dynamic_row(), static_row()]])
-    _, scores, state = classify({"static_visual_keep": 0.25, "budget": "uniform"}, st)
+    _, scores, state = classify({"static_visual_keep": 0.25, "budget": "uniform",
+                                 "head_reduce": head_reduce}, st)
     # static heads keep text + the top 2 of 8 visual tokens (14, 15: distinct values)
     keep = ~VISUAL
     keep[[14, 15]] = True
     static_need = (static_row() * keep).reshape(-1, BS).sum(-1)
     dynamic_need = dynamic_row().reshape(-1, BS).sum(-1)
-    expect = static_need / static_need.sum() + dynamic_need / dynamic_need.sum()
+    static_need, dynamic_need = static_need / static_need.sum(), dynamic_need / dynamic_need.sum()
+    # uniform weights: the mixture is the sum of the needs, max their elementwise max
+    expect = (static_need + dynamic_need if head_reduce == "mean"
+              else torch.maximum(static_need, dynamic_need))
     assert torch.allclose(scores, expect / expect.sum(), atol=1e-6)
+
+
+def test_max_merge_lets_one_retrieving_head_outrank_many_local_ones():
+    """Nine heads attend locally (blocks 3-5, decaying), one retrieves block 2: the mixture
+    ranks block 2 below every local block, max ranks it first."""
+    local = torch.tensor([0.0] * 12 + [0.15 / 4] * 4 + [0.3 / 4] * 4 + [0.55 / 4] * 4)
+    retrieving = torch.tensor([0.0] * 8 + [0.25] * 4 + [0.0] * 12)
+    rows = [[local] * 9 + [retrieving]]
+    ranks = {}
+    for how in ("mean", "max"):
+        _, scores, _ = classify({"budget": "uniform", "head_reduce": how}, crafted_stats(rows, visual=None))
+        ranks[how] = torch.argsort(scores, descending=True, stable=True).tolist().index(2)
+    assert ranks == {"max": 0, "mean": 3}
 
 
 def test_all_static_releases_unneeded_visual_blocks_dynamic_parks_them():
@@ -143,9 +161,11 @@ def test_all_static_releases_unneeded_visual_blocks_dynamic_parks_them():
 
 
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (6, 2)])
-def test_decode_retrieval_brute_force(hq, hkv):
+@pytest.mark.parametrize("head_reduce", ["mean", "max"])
+def test_decode_retrieval_brute_force(hq, hkv, head_reduce):
     frac = 0.5
-    policy = get_policy("hybridkv", {"window": 4, "retrieval_fraction": frac})
+    policy = get_policy("hybridkv", {"window": 4, "retrieval_fraction": frac,
+                                     "head_reduce": head_reduce})
     state = {}
     policy.block_scores(make_stats(hq=hq, hkv=hkv, tokens=20, window=4, needs=policy.needs)[0], state)
     state["static"] = torch.tensor([[True, False], [False, True]])
@@ -173,7 +193,8 @@ def test_decode_retrieval_brute_force(hq, hkv):
             z = sum(math.exp(bounds[b]) for b in top)
             for b in top:
                 need[li, kv, b] = math.exp(bounds[b]) / z
-    expect = (state["weights"][..., None] * need).sum((0, 1))
+    weighted = state["weights"][..., None] * need
+    expect = weighted.sum((0, 1)) if head_reduce == "mean" else weighted.amax((0, 1))
     expect = (expect / expect.sum()).clamp_min(1e-12)
     assert torch.allclose(scores, expect, atol=1e-6)
 

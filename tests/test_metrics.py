@@ -42,6 +42,18 @@ def test_snapshots_of_two_engines_are_summed_per_policy(tmp_path, monkeypatch):
     assert samples[("vllm_kvevict_released_blocks_total", (("policy", "snapkv"),))] == 0
 
 
+def test_evicted_tokens_carry_a_modality_label(tmp_path, monkeypatch):
+    monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
+    metrics = EvictionMetrics(block_bytes=1)
+    c = metrics.policy("hae")
+    c.visual_evicted_tokens, c.text_evicted_tokens = 96, 32
+    metrics.publish()
+    samples = _scrape(tmp_path)
+    name = "vllm_kvevict_evicted_tokens_total"
+    assert samples[(name, (("modality", "visual"), ("policy", "hae")))] == 96
+    assert samples[(name, (("modality", "text"), ("policy", "hae")))] == 32
+
+
 def test_nothing_is_written_without_changes_or_a_directory(tmp_path, monkeypatch):
     monkeypatch.delenv(METRICS_DIR_ENV, raising=False)
     metrics = EvictionMetrics()

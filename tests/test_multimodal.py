@@ -229,6 +229,18 @@ def test_visual_spans_keep_only_embedded_runs():
     assert visual_spans(SimpleNamespace(mm_features=None)) == []
 
 
+def test_visual_token_count_splits_mixed_blocks_by_token():
+    from vllm_kvevict.adapter.scheduler import visual_token_count
+
+    spans = [(10, 64), (100, 3)]  # tokens 10..73 and 100..102
+    assert visual_token_count(spans, [0], 32) == 22  # 10..31
+    assert visual_token_count(spans, [1], 32) == 32
+    assert visual_token_count(spans, [2], 32) == 10  # 64..73
+    assert visual_token_count(spans, [3], 32) == 3
+    assert visual_token_count(spans, [0, 1, 2, 3, 4], 32) == 67
+    assert visual_token_count([], [0, 1], 32) == 0
+
+
 def test_the_model_prepares_offline(vlm_path):
     """The folder: Idefics3 config (tiny vision tower, 64 tokens per image), tokenizer with the
     image tokens, processor, chat template placing images; the text weights are SmolLM2's."""
@@ -296,6 +308,9 @@ def test_multi_image_request_with_hae_evicts(hae_run):
     assert rep["evicted_blocks"] > 0 and rep["evicted_tokens"] > 0, rep
     assert rep["attended_tokens"] < rep["total_tokens"]
     assert len(out.outputs[0].token_ids) == MAX_TOKENS
+    # by modality: visual first, so released image tokens dominate; the split adds up
+    assert rep["visual_evicted_tokens"] + rep["text_evicted_tokens"] == rep["evicted_tokens"]
+    assert rep["visual_evicted_tokens"] > rep["text_evicted_tokens"], rep
     assert log and log[0][0] == len(out.prompt_token_ids)  # decided right after the prefill
 
 
@@ -346,6 +361,7 @@ def test_hae_prunes_only_image_blocks_within_budget(llm, image_token_id):
     rep = report(out)
     assert rep["evicted_blocks"] == len(image_blocks) > 0, rep
     assert rep["evicted_tokens"] == len(image_blocks) * BLOCK_SIZE  # released, not parked
+    assert rep["visual_evicted_tokens"] == rep["evicted_tokens"] and rep["text_evicted_tokens"] == 0
     assert finished_log(llm, out.request_id)[0][1] == image_blocks
 
 

@@ -39,6 +39,8 @@ class PolicyCounters:
     decision_seconds_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     requests_with_eviction: int = 0
     scoring_skipped: int = 0  # scoring tasks whose statistics were not measured
+    visual_evicted_tokens: int = 0  # tokens of released blocks that are image tokens
+    text_evicted_tokens: int = 0  # the other tokens of released blocks
 
     def merge(self, snapshot: dict) -> None:
         """Add another engine's snapshot of the same counters."""
@@ -171,6 +173,14 @@ class EvictionCollector:
             for policy, values in sorted(per_policy.items()):
                 family.add_metric([policy], getattr(values, counter))
             yield family
+        tokens = CounterMetricFamily(
+            f"{PREFIX}_evicted_tokens", "tokens of KV blocks returned to the block pool, by "
+            "modality (visual = multimodal placeholder tokens; a mixed block counts each token "
+            "by its own)", labels=["policy", "modality"])
+        for policy, values in sorted(per_policy.items()):
+            tokens.add_metric([policy, "visual"], values.visual_evicted_tokens)
+            tokens.add_metric([policy, "text"], values.text_evicted_tokens)
+        yield tokens
         hist = HistogramMetricFamily(
             f"{PREFIX}_decision_seconds", "time of one eviction decision (policy + bookkeeping)",
             labels=["policy"],

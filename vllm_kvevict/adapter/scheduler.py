@@ -49,6 +49,7 @@ class RequestEviction:
     fresh: bool = False  # scores arrived since the last decision
     decode_steps: int = 0  # decode steps since the last scoring
     evicted_tokens: int = 0  # released to the pool, cumulative (for reporting)
+    visual_evicted_tokens: int = 0  # of those, multimodal embedding (image) tokens
     evicted_blocks: int = 0  # taken out of attention (parked or released), cumulative
     select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
 
@@ -71,6 +72,17 @@ def visual_spans(request) -> list[tuple[int, int]]:
         else:
             spans.extend((start, end + 1 - start) for start, end in pos.extract_embeds_range())
     return [(int(offset), int(length)) for offset, length in spans if length > 0]
+
+
+def visual_token_count(spans: list[tuple[int, int]], positions, block_size: int) -> int:
+    """Visual tokens held by the blocks at ``positions``: a block mixing text and image tokens
+    counts each token by its own modality (decisions, in contrast, treat a mixed block as text:
+    see ``EvictingScheduler._visual_blocks``)."""
+    total = 0
+    for p in positions:
+        lo, hi = p * block_size, (p + 1) * block_size
+        total += sum(max(0, min(hi, off + n) - max(lo, off)) for off, n in spans)
+    return total
 
 
 def request_config(default: EvictionConfig, request) -> EvictionConfig:
@@ -202,6 +214,9 @@ class EvictingScheduler(Scheduler):
             "total_tokens": total,
             "attended_tokens": total - excluded,  # in attention at the end
             "evicted_tokens": state.evicted_tokens,  # returned to the pool
+            # by modality (image placeholder tokens vs the rest; sums to evicted_tokens)
+            "visual_evicted_tokens": state.visual_evicted_tokens,
+            "text_evicted_tokens": state.evicted_tokens - state.visual_evicted_tokens,
             "parked_tokens": len(rb.parked) * bs if rb else 0,
             "evicted_blocks": state.evicted_blocks,  # ever taken out of attention
         }
@@ -315,18 +330,32 @@ class EvictingScheduler(Scheduler):
         restored = self.ledger.restore(req_id, parked & set(decision.keep.tolist()))
         to_release = decision.release.tolist()
         from_bin = len(parked & set(to_release))
-        released = self.ledger.release(req_id, to_release, committed)
+        released = self._release(request, to_release, committed)
         newly_parked = self.ledger.park(
             req_id, [p for p in decision.park.tolist() if p not in parked], committed
         )
-        self._count(state, restored=restored, released=released, parked=newly_parked,
-                    evicted=released - from_bin + newly_parked)
+        self._count(state, restored=restored, released=len(released), parked=newly_parked,
+                    evicted=len(released) - from_bin + newly_parked,
+                    visual=self._visual_tokens(request, released))
         self._log(req_id, committed)
 
+    def _release(self, request, positions, committed: int) -> set[int]:
+        """Release ``positions`` of ``request`` to the pool; the positions really freed."""
+        rb = self.ledger.requests.get(request.request_id)
+        before = set(rb.released) if rb is not None else set()
+        self.ledger.release(request.request_id, positions, committed)
+        return self.ledger.requests[request.request_id].released - before
+
+    def _visual_tokens(self, request, positions) -> int:
+        spans = visual_spans(request)
+        return visual_token_count(spans, positions, self.kv_block_size) if spans else 0
+
     def _count(self, state: RequestEviction, *, restored: int = 0, released: int = 0,
-               parked: int = 0, evicted: int = 0, pressure: int = 0) -> None:
-        """Update the per-policy metrics and the request's own report."""
+               parked: int = 0, evicted: int = 0, pressure: int = 0, visual: int = 0) -> None:
+        """Update the per-policy metrics and the request's own report; ``visual`` of the
+        ``released`` blocks' tokens are image tokens."""
         state.evicted_tokens += released * self.kv_block_size
+        state.visual_evicted_tokens += visual
         if not (restored or released or parked or evicted):
             return
         metrics = self.kv_metrics
@@ -340,6 +369,8 @@ class EvictingScheduler(Scheduler):
         counters.evicted_blocks += evicted
         counters.pool_pressure_released_blocks += pressure
         counters.bytes_freed += released * metrics.block_bytes
+        counters.visual_evicted_tokens += visual
+        counters.text_evicted_tokens += released * self.kv_block_size - visual
         metrics.parked_blocks_now = self.ledger.num_parked_total()
 
     def _log(self, req_id: str, committed: int) -> None:
@@ -364,9 +395,11 @@ class EvictingScheduler(Scheduler):
     def _free_under_pressure(self, need: int) -> bool:
         """Pool-pressure mode: release parked blocks first, then the globally least important
         evictable blocks of running requests. Returns False if nothing could be freed."""
-        candidates = []  # (is_kept, score, req_id, position)
+        candidates = []  # (is_kept, shared, score, req_id, position, committed)
+        running = {}
         for request in self.running:
             req_id = request.request_id
+            running[req_id] = request
             state = self.kv_requests.get(req_id)
             if state is None:
                 continue
@@ -388,10 +421,11 @@ class EvictingScheduler(Scheduler):
         candidates.sort()
         freed = 0
         for is_kept, _, _, req_id, pos, committed in candidates[:need]:
-            released = self.ledger.release(req_id, [pos], committed)
-            freed += released
-            self._count(self.kv_requests[req_id], released=released, pressure=released,
-                        evicted=released if is_kept else 0)
+            released = self._release(running[req_id], [pos], committed)
+            freed += len(released)
+            self._count(self.kv_requests[req_id], released=len(released), pressure=len(released),
+                        evicted=len(released) if is_kept else 0,
+                        visual=self._visual_tokens(running[req_id], released))
             self._log(req_id, committed)
         return freed > 0
 

@@ -84,6 +84,13 @@ def install_decision_hook() -> None:
     EvictingScheduler._decide = _decide
 
 
+def disable_prefix_cap() -> None:
+    """The scheduler before its prefix-hit cap: the hit vLLM finds is used as is."""
+    from vllm_kvevict.adapter.scheduler import EvictingScheduler
+
+    EvictingScheduler._cap_prefix_hit = lambda self, request, *found: found
+
+
 def find_decision(request_id: str) -> dict | None:
     hits = [v for k, v in DECISIONS.items() if k == request_id or k.startswith(f"{request_id}-")]
     return hits[-1] if hits else None
@@ -196,6 +203,9 @@ def main() -> None:
     parser.add_argument("--variants", default="{}",
                         help='JSON {label: [policy, {options}]}: extra policy labels for --policies')
     parser.add_argument("--capture", default="", help="save laprox prefill stats here (1st ctx)")
+    parser.add_argument("--no-prefix-cap", action="store_true",
+                        help="measure without the scheduler's prefix-hit cap (a windowed policy "
+                             "then sees only the queries the prefix cache leaves to compute)")
     parser.add_argument("--out", default="natural.json")
     parser.add_argument("--profile", default="", choices=["", *sorted(common.PROFILES)],
                         help="instead of the natural task: that bench_quality profile's prompts "
@@ -217,6 +227,8 @@ def main() -> None:
     from tasks import make_samples
 
     install_decision_hook()
+    if args.no_prefix_cap:
+        disable_prefix_cap()
     captured = install_capture(args.capture) if args.capture else None
     started = time.perf_counter()
     llm = build_llm()
@@ -226,6 +238,7 @@ def main() -> None:
     result = {"command": common.command(), "task": "natural", "contexts": contexts,
               "prompts": dict(zip(contexts, counts)), "budgets": budgets, "policies": policies,
               "arms": {a: ARMS[a] for a in arms}, "options": options, "variants": variants,
+              "prefix_cap": not args.no_prefix_cap,
               "engine": "bench_quality.build_llm (block 32, max_model_len 8192, prefix caching, "
                         "no chunked prefill, greedy, max_tokens 10, float32 SmolLM2-135M)",
               "versions": common.versions(), "machine": common.machine(), "timing_s": timing}

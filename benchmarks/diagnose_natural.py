@@ -49,16 +49,17 @@ def stats_of(c: dict, window: int | None = None) -> RequestStats:
 
 
 def protected_mask(arm: str, budget: float, nb: int, committed: int, bs: int) -> torch.Tensor:
-    """The scheduler's _protected for a prompt of whole blocks, all blocks scored."""
+    """The scheduler's own ``_protected`` for a prompt of ``committed`` tokens in ``nb`` blocks,
+    every block scored; also the number of blocks the budget keeps."""
+    from types import SimpleNamespace
+
+    from vllm_kvevict.adapter.scheduler import EvictingScheduler
+
     cfg = EvictionConfig(policy="snapkv", budget=budget, **ARMS[arm])
-    keep = cfg.keep_blocks(committed, bs)
-    sink, room = cfg.protection(keep, bs)
-    recent_start = max(committed - cfg.recent_tokens, 0) // bs
-    full = committed // bs
-    if room is not None:
-        recent_start = max(recent_start, full - room)
-    p = torch.arange(nb)
-    return (p < sink) | (p >= recent_start) | (p >= full), keep
+    positions = list(range(nb))
+    protected = EvictingScheduler._protected(SimpleNamespace(kv_block_size=bs), cfg, positions,
+                                             committed, dict.fromkeys(positions, 1.0))
+    return protected, cfg.keep_blocks(committed, bs)
 
 
 def mass_profile(c: dict) -> dict:

@@ -255,6 +255,74 @@ def detail_rows(rows: list[dict], key: str, kept: dict) -> list[list]:
     return out
 
 
+GRANULARITY_NOTE = (
+    "Each policy's prefill decision applied at four granularities in one transformers reference "
+    "(`bench_granularity.py`; the engine is not involved): 32- and 16-token blocks and single "
+    "tokens with one kept set for every layer and head, and single tokens chosen per (layer, KV "
+    "head) with the same count for each (`token/head`: the policy run on each (layer, KV head) "
+    "alone). Same prompts, same budgets, the scheduler's protection rule in the unit of the "
+    "granularity, one decision after the prefill, greedy answer. `block32` is what the engine "
+    "does (compare with the engine's own rows above as a check of the reference).")
+GRANULARITY_ENGINE = (
+    "What `token/head` would need in the engine: block tables fix only how many tokens a "
+    "request holds, so kept tokens could be compacted inside its blocks, each (layer, KV head) "
+    "moving its own kept tokens to the front of the request's blocks. (1) Rewritten blocks "
+    "no longer hold the tokens their prefix-cache hash names: they must leave the prefix cache "
+    "(today's guard does so only for blocks computed after an eviction). (2) The recycle bin "
+    "parks whole blocks; token-level parking would need a per-(layer, head) side store to "
+    "restore from. (3) Positions: RoPE is applied before caching, so moved keys keep their "
+    "rotation, but new tokens' slot mapping and the attention length become per (layer, KV "
+    "head), which vLLM's attention metadata (one `seq_lens` per request) cannot express: every "
+    "head would have to keep the same count, as here. (4) The exactness reference becomes this "
+    "benchmark's mask: a per-(layer, query head) set of hidden keys.")
+
+
+def multimodal_section(mm: dict, plot: bool) -> list[str]:
+    """Accuracy and kept fraction by modality on image-heavy prompts (bench_multimodal.py)."""
+    rows = [[r["policy"], _pct(r["budget"]), f"{r['correct']}/{r['n']}",
+             f"{r['ci_low']:.2f}-{r['ci_high']:.2f}", _pct(r["kept"]), _pct(r["visual_kept"]),
+             _pct(r["text_kept"])] for r in mm["summary"]]
+    lines = ["## Multimodal: image-heavy prompts, the answer in a text note", "",
+             f"`bench_multimodal.py` on `{mm.get('model')}`: {mm.get('prompts')} prompts of "
+             f"{mm.get('images_per_prompt')} seeded pictures (64 image tokens each), each picture "
+             "followed by a short note, one note holding a 5-digit code asked at the end. The "
+             "vision tower is untrained: this measures whether a policy keeps the text the "
+             "answer needs when most of the KV cache is visual, not image understanding. "
+             "`visual kept` / `text kept`: share of the prompt's image / other tokens not "
+             "released, from each request's eviction report. Wilson 95 %.", "",
+             common.markdown_table(["policy", "budget", "correct/n", "95 % CI", "kept",
+                                    "visual kept", "text kept"], rows), ""]
+    if plot:
+        lines += ["![multimodal accuracy vs budget](multimodal.png)", ""]
+    return lines
+
+
+def granularity_section(gran: dict) -> list[str]:
+    """Accuracy by granularity (bench_granularity.py), one table per prompt set."""
+    order = list(gran.get("granularities") or ["block32", "block16", "token", "token/head"])
+    budgets = sorted(gran.get("budgets") or [], reverse=True)
+    lines = ["## What token granularity would buy", "", GRANULARITY_NOTE, ""]
+    for label, title in (("natural", "natural-text haystack"), ("templated", "templated tasks"),
+                         ("all", "all prompts")):
+        summary = gran.get(f"summary_{label}")
+        if not summary:
+            continue
+        cell = {(r["policy"], r["budget"], r["granularity"]): r for r in summary}
+        full = cell.get(("full", 1.0, "-"))
+        n = full["n"] if full else max(r["n"] for r in summary)
+        head = f"{title}, {n} prompts" + (f"; full cache {full['correct']}/{full['n']}" if full else "")
+        rows = []
+        for policy in gran["policies"]:
+            for b in budgets:
+                rows.append([policy, _pct(b)] + [
+                    (f"{c['correct']}/{c['n']} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
+                     if (c := cell.get((policy, b, g))) else "–") for g in order])
+        lines += [f"**{head}** (correct/n, Wilson 95 %):", "",
+                  common.markdown_table(["policy", "budget", *order], rows), ""]
+    lines += [GRANULARITY_ENGINE, ""]
+    return lines
+
+
 def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
     quality = load(results, "quality.json") or {}
     kvp = load(results, "kvpress.json") or {}
@@ -324,6 +392,14 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
                                          "kvpress query-aware", "kvpress pipeline"],
                                         like_for_like_rows(quality["rows"], kvp["rows"],
                                                            qa["rows"], contexts)), ""]
+
+    gran = load(results, "granularity.json")
+    if gran and gran.get("summary_all"):
+        lines += granularity_section(gran)
+
+    mm = load(results, "multimodal.json")
+    if mm and mm.get("summary"):
+        lines += multimodal_section(mm, (results / "multimodal.png").exists())
 
     s = summary["serving"]
     lines += ["## Serving (plugin / stock)", "",

@@ -151,3 +151,25 @@ def test_like_for_like_pairs_each_policy_with_its_press_on_the_same_prompts():
     assert rows[("laprox ↔ criticalkv", "10%")][:2] == [report._acc_cell((0.75, 8, *common.wilson(6, 8))),
                                                         report._acc_cell((0.0, 8, *common.wilson(0, 8)))]
     assert rows[("h2o ↔ observed_attention", "10%")] == ["–", "–", "–"]
+
+
+def test_granularity_and_multimodal_sections_come_from_their_json(results):
+    gran = [{"policy": "full", "budget": 1.0, "granularity": "-", "correct": 4, "n": 4,
+             "ci_low": 0.5, "ci_high": 1.0}]
+    gran += [{"policy": "snapkv", "budget": 0.1, "granularity": g, "correct": c, "n": 4,
+              "ci_low": 0.1, "ci_high": 0.9} for g, c in (("block32", 3), ("token/head", 1))]
+    _write(results, "granularity.json", {
+        "policies": ["snapkv"], "budgets": [0.1], "summary_all": gran, "summary_natural": gran,
+        "granularities": {"block32": [32, False], "block16": [16, False], "token": [1, False],
+                          "token/head": [1, True]}})
+    _write(results, "multimodal.json", {
+        "model": "smollm2-vlm", "prompts": 4, "images_per_prompt": 10, "summary": [
+            {"policy": "hae", "budget": 0.25, "correct": 3, "n": 4, "ci_low": 0.3, "ci_high": 0.95,
+             "kept": 0.25, "visual_kept": 0.125, "text_kept": 0.5}]})
+    summary = report.build_summary(results)
+    text = report.write_readme(results, summary, {}).read_text()
+    assert "## What token granularity would buy" in text
+    assert "| snapkv | 10% | 3/4 [0.10, 0.90] | – | – | 1/4 [0.10, 0.90] |" in text
+    assert "natural-text haystack, 4 prompts; full cache 4/4" in text
+    assert "## Multimodal: image-heavy prompts" in text
+    assert "| hae | 25% | 3/4 | 0.30-0.95 | 25% | 12% | 50% |" in text

@@ -97,6 +97,32 @@ def top_logprobs(completion) -> list[dict[int, float]]:
     return [{tok: lp.logprob for tok, lp in pos.items()} for pos in completion.logprobs]
 
 
+def seeded_images(n: int, seed: int = 0):
+    """``n`` seeded RGB noise images of assorted sizes (all resized to 256x256 by the processor
+    of ``smollm2-vlm``); the same ``(n, seed)`` gives the same pixels in any process."""
+    import numpy as np
+    from PIL import Image
+
+    rs = np.random.RandomState(seed)
+    sizes = [(240, 320), (256, 256), (300, 200), (128, 192)]
+    return [Image.fromarray(rs.randint(0, 256, (*sizes[i % 4], 3), dtype=np.uint8))
+            for i in range(n)]
+
+
+def attention_mask(n: int, excluded, dtype):
+    """``[1, 1, n, n]`` additive mask: causal, and the query at position ``p`` cannot see the key
+    positions ``excluded(p)`` (``finfo.min`` where hidden, 0 where seen)."""
+    import torch
+
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    for q in range(n):
+        hidden = excluded(q)
+        if hidden:
+            allowed[q, sorted(hidden)] = False
+    mask = torch.zeros(1, 1, n, n, dtype=dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 class HFReference:
     """SmolLM2 in transformers (float32, eager attention) with an explicit attention mask.
 
@@ -104,35 +130,67 @@ class HFReference:
     the original positions, exactly like the plugin's compacted view.
     """
 
+    model_name = "smollm2"
+
     def __init__(self, dtype: str = "float32"):
         import torch
-        from transformers import AutoModelForCausalLM
 
         from vllm_kvevict.models import model_path
 
         self.torch = torch
         self.dtype = getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_path()), dtype=self.dtype, attn_implementation="eager"
+        self.folder = str(model_path(self.model_name))
+        self.model = self._model_class().from_pretrained(
+            self.folder, dtype=self.dtype, attn_implementation="eager"
         ).eval()
 
-    def logprobs(self, token_ids: list[int], excluded):
+    @staticmethod
+    def _model_class():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def logprobs(self, token_ids: list[int], excluded, **inputs):
+        """``[len(token_ids), vocab]`` log-probabilities of the next token at each position;
+        ``inputs``: further model inputs (the pixel values of an image prompt)."""
         torch = self.torch
         n = len(token_ids)
-        allowed = torch.ones(n, n, dtype=torch.bool).tril()
-        for q in range(n):
-            hidden = excluded(q)
-            if hidden:
-                allowed[q, sorted(hidden)] = False
-        mask = torch.zeros(1, 1, n, n, dtype=self.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         with torch.no_grad():
             logits = self.model(
                 input_ids=torch.tensor([token_ids]),
-                attention_mask=mask,
+                attention_mask=attention_mask(n, excluded, self.dtype),
                 position_ids=torch.arange(n)[None],
+                **inputs,
             ).logits[0]
         return torch.log_softmax(logits.to(self.dtype), -1)
+
+
+class HFVLMReference(HFReference):
+    """``smollm2-vlm`` in transformers (``Idefics3ForConditionalGeneration``, eager attention):
+    the same 4-D mask reaches its Llama text model (a 4-D mask is used as given); the vision
+    tower and connector see every patch, as in vLLM. ``encode`` runs the folder's processor, as
+    vLLM does, so a prompt's token ids and pixel values are vLLM's."""
+
+    model_name = "smollm2-vlm"
+
+    def __init__(self, dtype: str = "float32"):
+        from transformers import AutoProcessor
+
+        super().__init__(dtype)
+        self.processor = AutoProcessor.from_pretrained(self.folder)
+
+    @staticmethod
+    def _model_class():
+        from transformers import Idefics3ForConditionalGeneration
+
+        return Idefics3ForConditionalGeneration
+
+    def encode(self, prompt: str, images) -> tuple[list[int], dict]:
+        """The prompt's token ids (each ``<image>`` expanded) and its pixel inputs."""
+        enc = self.processor(text=prompt, images=[list(images)], return_tensors="pt")
+        pixels = {"pixel_values": enc["pixel_values"].to(self.dtype),
+                  "pixel_attention_mask": enc["pixel_attention_mask"]}
+        return enc["input_ids"][0].tolist(), pixels
 
 
 def excluded_from_log(log, block_size: int = BLOCK_SIZE):
@@ -146,3 +204,20 @@ def excluded_from_log(log, block_size: int = BLOCK_SIZE):
         return {b * block_size + i for b in current for i in range(block_size)}
 
     return excluded
+
+
+def stock_run(spec: dict) -> list[dict]:
+    """Run ``spec`` (see ``stock_run.py``) through stock vLLM in a subprocess: plugin not loaded,
+    engine core in process, this environment otherwise."""
+    import json
+    import subprocess
+    import sys
+
+    stock = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "stock_run.py")],
+        input=json.dumps(spec), capture_output=True, text=True, timeout=600,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    line = [ln for ln in stock.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, stock.stderr[-3000:]
+    return json.loads(line[-1][len("RESULT "):])

@@ -6,11 +6,6 @@ One engine serves the whole module (≈30–50 s to start on 2 cores). The defau
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 from engine_helpers import (
     BLOCK_SIZE,
@@ -21,6 +16,7 @@ from engine_helpers import (
     passkey_prompt,
     scheduler,
     shutdown,
+    stock_run,
     token_logprobs,
     top_logprobs,
 )
@@ -63,20 +59,6 @@ def params(kv=None, max_tokens=MAX_TOKENS, logprobs=0):
     return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs, extra_args=extra)
 
 
-def stock_reference(prompts, max_tokens=MAX_TOKENS, logprobs=0) -> list[dict]:
-    """The same batch through stock vLLM (``stock_run.py``: plugin not loaded, same engine
-    arguments, engine core in process, this environment) in a subprocess."""
-    stock = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "stock_run.py")],
-        input=json.dumps({"prompts": prompts, "max_tokens": max_tokens, "logprobs": logprobs}),
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-    )
-    line = [ln for ln in stock.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert line, stock.stderr[-3000:]
-    return json.loads(line[-1][len("RESULT "):])
-
-
 def test_zero_eviction_is_identical_to_stock_vllm(llm):
     """Without eviction the engine is stock vLLM, bit for bit, on a mixed batch: a multi-block
     prompt (1285 tokens, 41 blocks), a 325-token prompt whose first two blocks it shares (an
@@ -115,7 +97,7 @@ def test_zero_eviction_is_identical_to_stock_vllm(llm):
     assert steps[1:] == [[1, 1, 1]] * (MAX_TOKENS - 1)
     logged = scheduler(llm).kv_log_finished
     assert not any(k.startswith(f"{o.request_id}-") or k == o.request_id for o in outs for k in logged)
-    expected = stock_reference(prompts, logprobs=top)
+    expected = stock_run({"prompts": prompts, "max_tokens": MAX_TOKENS, "logprobs": top})
     assert [o.num_cached_tokens for o in outs] == [0, 2 * BLOCK_SIZE, 0]
     assert [r["num_cached_tokens"] for r in expected] == [0, 2 * BLOCK_SIZE, 0]
     for out, ref in zip(outs, expected):

@@ -8,6 +8,10 @@ workers, the visual mask HAE's prefill pruning sees, and the per-request evictio
 Idefics3 in vLLM 0.32 replaces each ``<image>`` of the prompt with
 ``<fake_token_around_image><global-img>`` + 64 ``<image>`` + ``<fake_token_around_image>``
 (67 tokens, no image splitting); the 64 ``<image>`` tokens take the encoder's embeddings.
+
+Exactness with images: evicted image (and text) blocks match transformers' Idefics3 on the same
+token ids and pixel values with the logged positions masked; without eviction the plugin engine
+equals stock vLLM (``stock_run.py``, one more engine in a subprocess) bit for bit.
 """
 
 from __future__ import annotations
@@ -25,25 +29,27 @@ import urllib.error
 import urllib.request
 
 import pytest
-from engine_helpers import BLOCK_SIZE, make_llm, scheduler, shutdown, token_logprobs, top_logprobs
+from engine_helpers import (
+    BLOCK_SIZE,
+    HFVLMReference,
+    excluded_from_log,
+    make_llm,
+    scheduler,
+    shutdown,
+    stock_run,
+    token_logprobs,
+    top_logprobs,
+)
+from engine_helpers import seeded_images as images
 
 pytestmark = pytest.mark.engine
 
 DEFAULT = {"policy": "hae", "budget": 0.25}
+#: the module engine's arguments beyond ``make_llm``'s (the stock reference uses them too)
+ENGINE = {"enable_prefix_caching": True}
 MAX_TOKENS = 12
 IMAGE_SEQ_LEN = 64
 FILLER = "The grass is green. The sky is blue. "
-
-
-def images(n: int, seed: int = 0):
-    """``n`` seeded RGB noise images of assorted sizes (all resized to 256x256 by the processor)."""
-    import numpy as np
-    from PIL import Image
-
-    rs = np.random.RandomState(seed)
-    sizes = [(240, 320), (256, 256), (300, 200), (128, 192)]
-    return [Image.fromarray(rs.randint(0, 256, (*sizes[i % 4], 3), dtype=np.uint8))
-            for i in range(n)]
 
 
 def data_uri(image) -> str:
@@ -159,7 +165,7 @@ def vlm_path():
 
 @pytest.fixture(scope="module")
 def llm(vlm_path):
-    engine = make_llm({"kv_eviction": DEFAULT}, model=str(vlm_path), enable_prefix_caching=True)
+    engine = make_llm({"kv_eviction": DEFAULT}, model=str(vlm_path), **ENGINE)
     yield engine
     shutdown(engine)
 
@@ -365,11 +371,17 @@ def test_hae_prunes_only_image_blocks_within_budget(llm, image_token_id):
     assert finished_log(llm, out.request_id)[0][1] == image_blocks
 
 
-def test_no_eviction_on_an_image_request_is_identical(llm):
-    """On an image request, tracked at budget 1.0 (HAE scored at prefill, thresholds that prune
-    nothing; the attention policy) and opted out (policy ``none``) give the same tokens and
-    logprobs (top 5, bit for bit)."""
-    request = {"prompt": image_prompt(2), "multi_modal_data": {"image": images(2, 5)}}
+#: the image request of the zero-eviction tests (two images, seed 5)
+ZERO_REQUEST = (2, 5)
+
+
+@pytest.fixture(scope="module")
+def zero_runs(llm):
+    """One image request, each prompt computed from scratch: tracked at budget 1.0 (HAE scored
+    at prefill with thresholds that prune nothing; the attention policy) and opted out (policy
+    ``none``): per run, (tokens, sampled logprobs, top-5 logprobs, kv_transfer_params, prompt)."""
+    n, seed = ZERO_REQUEST
+    request = {"prompt": image_prompt(n), "multi_modal_data": {"image": images(n, seed)}}
     runs = {}
     for name, kv in {
         "none": {"policy": "none"},
@@ -381,11 +393,116 @@ def test_no_eviction_on_an_image_request_is_identical(llm):
         out = llm.generate([request], params(kv, logprobs=5))[0]
         completion = out.outputs[0]
         runs[name] = (list(completion.token_ids), token_logprobs(completion),
-                      top_logprobs(completion), out.kv_transfer_params)
+                      top_logprobs(completion), out.kv_transfer_params, list(out.prompt_token_ids))
+    return runs
+
+
+def test_no_eviction_on_an_image_request_is_identical(zero_runs):
+    """Tracked at budget 1.0 and opted out give the same tokens and logprobs (top 5, bit for
+    bit)."""
+    runs = zero_runs
     assert runs["none"][3] is None  # not tracked
     for name in ("hae", "attention"):
         assert runs[name][3]["kv_eviction"]["evicted_blocks"] == 0
         assert runs[name][:3] == runs["none"][:3], name
+
+
+def test_zero_eviction_on_an_image_request_is_identical_to_stock_vllm(zero_runs, vlm_path):
+    """The same image request on stock vLLM (``stock_run.py`` in a subprocess: plugin not loaded,
+    no ``kv_eviction`` config, the module engine's arguments, the images recreated from their
+    seed): the plugin engine's ``none`` and ``hae`` at budget 1.0 runs give its tokens and every
+    returned logprob (top 5 and the sampled token's) exactly, as the text test requires."""
+    n, seed = ZERO_REQUEST
+    (ref,) = stock_run({
+        "prompts": [{"prompt": image_prompt(n), "images": [n, seed]}],
+        "max_tokens": MAX_TOKENS, "logprobs": 5, "ignore_eos": True,
+        "engine": {"model": str(vlm_path), **ENGINE},
+    })
+    assert ref["plugin_loaded"] is False
+    assert ref["num_cached_tokens"] == 0
+    for name in ("none", "hae"):
+        tokens, logprobs, top, _, prompt = zero_runs[name]
+        assert prompt == ref["prompt_token_ids"], name  # the same images, the same expansion
+        assert tokens == ref["token_ids"], name
+        assert logprobs == ref["logprobs"], name  # bit-identical
+        assert [{str(t): lp for t, lp in pos.items()} for pos in top] == ref["top"], name
+
+
+# -- exactness: evicted image blocks vs a masked transformers reference ---------------------
+
+#: the text tests' bound (test_engine): max |logprob| difference of each generated token between
+#: the plugin (float32) and the float32 transformers reference masking the evicted positions
+EXACT = 5e-5
+#: (images, seed) of the two evicting requests
+EXACT_REQUESTS = {"hae": (3, 0), "snapkv": (2, 12)}
+
+
+@pytest.fixture(scope="module")
+def vlm_reference():
+    return HFVLMReference()
+
+
+@pytest.fixture(scope="module")
+def snapkv_run(llm):
+    """Two images, SnapKV at 25 %, 20 tokens: decided after the prefill and again at the first
+    check after the decode filled a block (the mask changes mid-generation)."""
+    n, seed = EXACT_REQUESTS["snapkv"]
+    llm.reset_prefix_cache()
+    out = llm.generate([{"prompt": image_prompt(n), "multi_modal_data": {"image": images(n, seed)}}],
+                       params({"policy": "snapkv", "budget": 0.25}, max_tokens=20))[0]
+    return out, finished_log(llm, out.request_id)
+
+
+def _deltas(ref, start: int, completion) -> list[float]:
+    """Per generated token: |reference logprob - vLLM's logprob| of the token vLLM sampled."""
+    got = token_logprobs(completion)
+    return [abs(ref[start + i, t].item() - got[i]) for i, t in enumerate(completion.token_ids)]
+
+
+@pytest.mark.parametrize("case", sorted(EXACT_REQUESTS))
+def test_evicted_image_blocks_match_the_masked_hf_reference(case, request, vlm_reference,
+                                                             image_token_id):
+    """Evicting image blocks changes nothing but which keys are attended: transformers'
+    ``Idefics3ForConditionalGeneration`` (float32, eager) on the same prompt, token ids and pixel
+    values from the folder's processor (equal to vLLM's), run over prompt + generated tokens with
+    a 4-D mask hiding from each query the positions the scheduler's log excluded at that point
+    (original RoPE positions), gives every generated token's logprob within the text tests'
+    bound (HAE at 25 %: one decision after the prefill; SnapKV at 25 %: a second one during the
+    decode). The mutant (log ignored, nothing masked) differs far beyond it."""
+    if case == "hae":
+        out, _, _, log = request.getfixturevalue("hae_run")
+    else:
+        out, log = request.getfixturevalue("snapkv_run")
+    n, seed = EXACT_REQUESTS[case]
+    ids, pixels = vlm_reference.encode(image_prompt(n), images(n, seed))
+    assert ids == list(out.prompt_token_ids)
+    completion = out.outputs[0]
+
+    # the log hid image blocks, and text blocks too: otherwise the test proves nothing
+    evicted = set().union(*(blocks for _, blocks in log))
+    kinds = [{t == image_token_id for t in ids[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]}
+             for b in range(len(ids) // BLOCK_SIZE)]
+    image_blocks = {b for b, kind in enumerate(kinds) if kind == {True}}
+    text_blocks = {b for b, kind in enumerate(kinds) if kind == {False}}
+    assert evicted & image_blocks and evicted & text_blocks, (log, image_blocks)
+    assert log[0][0] == len(ids)  # decided right after the prefill
+    if case == "snapkv":
+        assert len(log) == 2 and log[0][1] < log[1][1], log  # then more, during the decode
+
+    seq = ids + list(completion.token_ids)
+    start = len(ids) - 1
+    ref = vlm_reference.logprobs(seq, excluded_from_log(log), **pixels)
+    deltas = _deltas(ref, start, completion)
+    delta_full = max(_deltas(vlm_reference.logprobs(seq, lambda p: set(), **pixels), start,
+                             completion))
+    print(f"{case}: evicted blocks {sorted(evicted)} (image-only {sorted(evicted & image_blocks)}); "
+          f"max |Δlogprob| vs masked reference {max(deltas):.2e}, vs unmasked {delta_full:.2e}")
+    assert max(deltas) <= EXACT, deltas
+    for i, token in enumerate(completion.token_ids):  # HF's greedy choice, up to a tie
+        top = int(ref[start + i].argmax())
+        assert top == token or ref[start + i, top] - ref[start + i, token] <= 2 * EXACT, i
+    # the mutant: ignoring the log (full attention) misses the bound by far, so this can fail
+    assert delta_full > 100 * max(deltas)
 
 
 def test_chat_with_base64_image_urls(llm, image_token_id):

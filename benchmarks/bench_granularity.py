@@ -28,6 +28,7 @@ with ``natural.json`` / ``quality.json`` as a check of the reference.
 
     python benchmarks/bench_granularity.py                         # natural 1536 x 12 + quick
     python benchmarks/bench_granularity.py --natural 1536:12 --profile "" --policies laprox
+    python benchmarks/bench_granularity.py --resume      # add the prompts not yet in the file
 
 Writes ``results/granularity.json`` (rows + summary) and prints the table.
 """
@@ -256,6 +257,8 @@ def main() -> None:
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--out", default="granularity.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the prompts already in --out, measure only the others")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -271,19 +274,28 @@ def main() -> None:
     if args.profile:
         samples += common.profile_samples(common.PROFILES[args.profile])
     started = time.perf_counter()
-    ref = Reference()
     rows: list[dict] = []
     result = {"command": common.command(), "protocol": __doc__.split("Protocol, per prompt")[1]
               .split("    python")[0].strip(), "natural": args.natural, "profile": args.profile,
               "policies": policies, "budgets": budgets, "granularities": GRANULARITIES,
               "versions": common.versions(), "machine": common.machine()}
-    for i, s in enumerate(samples):
+    path = common.RESULTS / args.out
+    if args.resume and path.exists():  # keep the prompts already measured, add the others
+        import json
+
+        old = json.loads(path.read_text())
+        rows = old["rows"]
+        result["command"] = f"{old['command']} + {result['command']}"
+    done = {r["prompt_id"] for r in rows}
+    todo = [s for s in samples if s.seed not in done]
+    ref = Reference() if todo else None
+    for i, s in enumerate(todo):
         rows += evaluate(ref, s, policies, budgets)
-        result.update(rows=rows, summary=summarize(rows),
-                      elapsed_s=time.perf_counter() - started, prompts_done=i + 1)
+        result.update(rows=rows, summary=summarize(rows), elapsed_s=time.perf_counter() - started)
         common.write_json(args.out, result)
-        print(f"  {i + 1}/{len(samples)} prompts ({s.task} {s.context_tokens}), "
+        print(f"  {i + 1}/{len(todo)} prompts ({s.task} {s.context_tokens}), "
               f"{time.perf_counter() - started:.0f} s", flush=True)
+    result.update(rows=rows, summary=summarize(rows), prompts_done=len({r["prompt_id"] for r in rows}))
     for label, keep in (("natural", lambda r: r["task"] == "natural"),
                         ("templated", lambda r: r["task"] != "natural"), ("all", lambda r: True)):
         part = [r for r in rows if keep(r)]

@@ -305,8 +305,9 @@ def granularity_section(gran: dict) -> list[str]:
     for label, title in (("natural", "natural-text haystack"), ("templated", "templated tasks"),
                          ("all", "all prompts")):
         summary = gran.get(f"summary_{label}")
-        if not summary:
-            continue
+        if not summary or (label == "all" and not (gran.get("summary_natural")
+                                                   and gran.get("summary_templated"))):
+            continue  # "all" only when it differs from the one set measured
         cell = {(r["policy"], r["budget"], r["granularity"]): r for r in summary}
         full = cell.get(("full", 1.0, "-"))
         n = full["n"] if full else max(r["n"] for r in summary)

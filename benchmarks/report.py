@@ -386,9 +386,8 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
                   "question, query-agnostic). Remaining differences: kvpress keeps single "
                   "tokens per (layer, KV head), the plugin 32-token blocks for all layers; "
                   "kvpress compresses once, the plugin every 16 decode steps; the plugin row "
-                  f"comes from quality.json (profile `{quality.get('profile')}`, run before "
-                  "budget-scaled protection and with SnapKV's former `head_reduce: mean` "
-                  "default; see the natural-text section for both changes).", "",
+                  f"comes from quality.json (profile `{quality.get('profile')}`, commit "
+                  f"{str((quality.get('versions') or {}).get('vllm-kvevict-commit', '?'))[:7]}).", "",
                   common.markdown_table(["pair", "budget", "plugin (vLLM)",
                                          "kvpress query-aware", "kvpress pipeline"],
                                         like_for_like_rows(quality["rows"], kvp["rows"],

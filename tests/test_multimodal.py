@@ -98,13 +98,15 @@ def finished_log(llm, request_id: str):
     return matches[-1] if matches else []
 
 
-# -- the OpenAI server (slow: its own engine; runs before the module's engine exists) ---------
+# -- the OpenAI server (its own engine; runs before the module's engine exists) ------------
 
 
-@pytest.mark.slow
-def test_chat_completions_with_two_base64_images():
-    """``vllm-kvevict serve smollm2-vlm --kv-eviction hae``: a chat completion with two
-    ``image_url`` data URIs evicts and reports it (the engine core in its own process)."""
+def test_openai_client_chat_with_two_base64_images():
+    """``vllm-kvevict serve smollm2-vlm --kv-eviction hae`` and the ``openai`` client: a chat
+    completion with two ``image_url`` data URIs evicts and reports it (engine core in its own
+    process, as a user runs it)."""
+    import openai
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -128,29 +130,27 @@ def test_chat_completions_with_two_base64_images():
                     break
                 except (urllib.error.URLError, ConnectionError, OSError):
                     time.sleep(1)
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600)
             a, b = images(2, seed=1)
-            body = {"model": "smollm2-vlm", "max_tokens": MAX_TOKENS, "temperature": 0,
-                    "messages": [{"role": "user", "content": [
-                        {"type": "text", "text": "Here are two pictures."},
-                        {"type": "image_url", "image_url": {"url": data_uri(a)}},
-                        {"type": "image_url", "image_url": {"url": data_uri(b)}},
-                        {"type": "text", "text": FILLER * 12 + "What do they show?"}]}]}
-            request = urllib.request.Request(f"{base}/v1/chat/completions",
-                                             data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=600) as resp:
-                assert resp.status == 200
-                out = json.loads(resp.read())
+            out = client.chat.completions.create(
+                model="smollm2-vlm", max_tokens=MAX_TOKENS, temperature=0,
+                messages=[{"role": "user", "content": [
+                    {"type": "text", "text": "Here are two pictures."},
+                    {"type": "image_url", "image_url": {"url": data_uri(a)}},
+                    {"type": "image_url", "image_url": {"url": data_uri(b)}},
+                    {"type": "text", "text": FILLER * 12 + "What do they show?"}]}],
+            )
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    assert out["usage"]["prompt_tokens"] > 2 * (IMAGE_SEQ_LEN + 3)
-    assert out["choices"][0]["message"]["content"]
-    rep = out["kv_transfer_params"]["kv_eviction"]
+    assert out.usage.prompt_tokens > 2 * (IMAGE_SEQ_LEN + 3)
+    assert out.choices[0].message.content
+    rep = out.model_extra["kv_transfer_params"]["kv_eviction"]
     assert rep["policy"] == "hae" and rep["evicted_blocks"] > 0, rep
+    assert rep["visual_evicted_tokens"] > 0, rep
 
 
 # -- the offline engine ---------------------------------------------------------------------

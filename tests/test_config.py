@@ -148,3 +148,16 @@ def test_unsupported_vllm_version_is_refused():
     check_vllm_version("0.32.0")
     with pytest.raises(UnsupportedConfigError, match="found vLLM 0.33.1"):
         check_vllm_version("0.33.1")
+
+
+def test_serve_alias_resolves_to_the_folder_and_serves_under_its_alias(monkeypatch, tmp_path):
+    from vllm_kvevict import cli, models
+
+    monkeypatch.setattr(models, "model_path", lambda name: tmp_path / name)
+    assert cli._resolve_model_aliases(["serve", "smollm2-vlm", "--kv-eviction", "hae"]) == [
+        "serve", str(tmp_path / "smollm2-vlm"), "--kv-eviction", "hae",
+        "--served-model-name", "smollm2-vlm"]
+    mine = ["serve", "smollm2", "--served-model-name=mine"]
+    assert cli._resolve_model_aliases(mine) == ["serve", str(tmp_path / "smollm2"), mine[2]]
+    other = ["serve", "/some/folder", "--port", "1"]
+    assert cli._resolve_model_aliases(other) == other

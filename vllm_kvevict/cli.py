@@ -41,14 +41,19 @@ def _alias_vllm_distribution() -> None:
 
 
 def _resolve_model_aliases(argv: list[str]) -> list[str]:
-    """``serve ALIAS ...`` -> ``serve FOLDER ...`` for the aliases of ``vllm_kvevict.models.MODELS``
-    (the folder prepared if needed); any other command line is returned unchanged."""
+    """``serve ALIAS ...`` -> ``serve FOLDER ... --served-model-name ALIAS`` for the aliases of
+    ``vllm_kvevict.models.MODELS`` (the folder prepared if needed), so that clients name the
+    model by its alias; a ``--served-model-name`` given is kept. Any other command line is
+    returned unchanged."""
     from vllm_kvevict.models import MODELS, model_path
 
     if len(argv) >= 2 and argv[0] == "serve" and argv[1] in MODELS:
         # the embedded model is on disk: nothing may be fetched from the hub for it
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return [argv[0], str(model_path(argv[1])), *argv[2:]]
+        named = any(a == "--served-model-name" or a.startswith("--served-model-name=")
+                    for a in argv[2:])
+        name = [] if named else ["--served-model-name", argv[1]]
+        return [argv[0], str(model_path(argv[1])), *argv[2:], *name]
     return argv
 
 

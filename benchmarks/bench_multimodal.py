@@ -80,6 +80,16 @@ def build_llm():
                     max_num_batched_tokens=8192)
 
 
+def block_kinds(ids: list[int], image_token_id: int, block_size: int = 32) -> dict[str, int]:
+    """Prompt blocks made only of image tokens, only of other tokens, or mixed (which every
+    decision treats as text)."""
+    kinds = {"image": 0, "mixed": 0, "text": 0}
+    for b in range(0, len(ids), block_size):
+        n = sum(t == image_token_id for t in ids[b:b + block_size])
+        kinds["image" if n == len(ids[b:b + block_size]) else "text" if n == 0 else "mixed"] += 1
+    return kinds
+
+
 def run(llm, jobs: list[dict], image_token_id: int) -> None:
     from tasks import extract_answer, is_correct
     from vllm import SamplingParams
@@ -95,6 +105,7 @@ def run(llm, jobs: list[dict], image_token_id: int) -> None:
         total = rep.get("total_tokens", len(ids))
         j.update(output=text, extracted=extract_answer(text), correct=is_correct(text, j["answer"]),
                  prompt_tokens=len(ids), visual_tokens=visual,
+                 blocks=block_kinds(ids, image_token_id),
                  visual_kept=1 - rep.get("visual_evicted_tokens", 0) / max(visual, 1),
                  text_kept=1 - rep.get("text_evicted_tokens", 0) / max(total - visual, 1),
                  kept=1 - rep.get("evicted_tokens", 0) / max(total, 1))
@@ -177,6 +188,7 @@ def main() -> None:
               "engine": "block 32, max_model_len 8192, prefix caching (reset per prompt), no "
                         "chunked prefill, greedy, max_tokens 10, float32",
               "versions": common.versions(), "machine": common.machine(), "timing_s": timing,
+              "blocks_per_prompt": [r["blocks"] for r in rows if r["policy"] == common.FULL],
               "rows": rows, "summary": summary}
     common.write_json(args.out, result)
     plot(summary, common.RESULTS / "multimodal.png")

@@ -297,6 +297,12 @@ def multimodal_section(mm: dict, plot: bool) -> list[str]:
     return lines
 
 
+def multimodal_notes(results: Path) -> list[str]:
+    """The hand-written findings (multimodal.md) under the generated table, if present."""
+    notes = results / "multimodal.md"
+    return [notes.read_text(), ""] if notes.exists() else []
+
+
 def granularity_section(gran: dict) -> list[str]:
     """Accuracy by granularity (bench_granularity.py), one table per prompt set."""
     order = list(gran.get("granularities") or ["block32", "block16", "token", "token/head"])
@@ -400,6 +406,7 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
     mm = load(results, "multimodal.json")
     if mm and mm.get("summary"):
         lines += multimodal_section(mm, (results / "multimodal.png").exists())
+        lines += multimodal_notes(results)
 
     s = summary["serving"]
     lines += ["## Serving (plugin / stock)", "",

@@ -114,7 +114,8 @@ def test_only_full_committed_blocks_can_leave_attention():
         ledger.release("a", [2], committed_tokens=10)
     with pytest.raises(ValueError, match="not a full committed block"):
         ledger.park("a", [1], committed_tokens=7)
-    assert ledger.release("a", [1], committed_tokens=10) == 1
+    assert ledger.release("a", [1], committed_tokens=10) == [1]
+    assert ledger.release("a", [1, 0], committed_tokens=10) == [0]  # 1 is already released
 
 
 def test_poison_boundary_is_the_first_exclusion():

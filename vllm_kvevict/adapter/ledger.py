@@ -91,11 +91,12 @@ class BlockLedger:
         if rb.poison_from_token is None:
             rb.poison_from_token = committed_tokens
 
-    def release(self, req_id: str, positions, committed_tokens: int) -> int:
-        """Free blocks to the pool (kept or parked); returns how many this request let go."""
+    def release(self, req_id: str, positions, committed_tokens: int) -> list[int]:
+        """Free blocks to the pool (kept or parked); returns the positions this request let go
+        (already released ones are skipped)."""
         rb = self.state(req_id)
         blocks = self.blocks(req_id)
-        freed = []
+        freed, let_go = [], []
         for pos in sorted(set(positions), reverse=True):
             self._check_evictable(req_id, pos, committed_tokens)
             block = blocks[pos]
@@ -105,11 +106,12 @@ class BlockLedger:
             rb.parked.discard(pos)
             rb.released.add(pos)
             freed.append(block)
+            let_go.append(pos)
         if freed:
             # tail-first order, like vLLM's own free(): older blocks stay cached longer
             self.block_pool.free_blocks(freed)
             self._mark_excluded(rb, committed_tokens)
-        return len(freed)
+        return let_go
 
     def park(self, req_id: str, positions, committed_tokens: int) -> int:
         """Exclude blocks from attention but keep their memory (bounded by ``bin_capacity``)."""

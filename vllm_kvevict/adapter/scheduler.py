@@ -330,7 +330,7 @@ class EvictingScheduler(Scheduler):
         restored = self.ledger.restore(req_id, parked & set(decision.keep.tolist()))
         to_release = decision.release.tolist()
         from_bin = len(parked & set(to_release))
-        released = self._release(request, to_release, committed)
+        released = self.ledger.release(req_id, to_release, committed)
         newly_parked = self.ledger.park(
             req_id, [p for p in decision.park.tolist() if p not in parked], committed
         )
@@ -338,13 +338,6 @@ class EvictingScheduler(Scheduler):
                     evicted=len(released) - from_bin + newly_parked,
                     visual=self._visual_tokens(request, released))
         self._log(req_id, committed)
-
-    def _release(self, request, positions, committed: int) -> set[int]:
-        """Release ``positions`` of ``request`` to the pool; the positions really freed."""
-        rb = self.ledger.requests.get(request.request_id)
-        before = set(rb.released) if rb is not None else set()
-        self.ledger.release(request.request_id, positions, committed)
-        return self.ledger.requests[request.request_id].released - before
 
     def _visual_tokens(self, request, positions) -> int:
         spans = visual_spans(request)
@@ -421,7 +414,7 @@ class EvictingScheduler(Scheduler):
         candidates.sort()
         freed = 0
         for is_kept, _, _, req_id, pos, committed in candidates[:need]:
-            released = self._release(running[req_id], [pos], committed)
+            released = self.ledger.release(req_id, [pos], committed)
             freed += len(released)
             self._count(self.kv_requests[req_id], released=len(released), pressure=len(released),
                         evicted=len(released) if is_kept else 0,

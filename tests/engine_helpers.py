@@ -87,6 +87,30 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
+def sampling(kv=None, max_tokens: int = 16, logprobs: int = 0, **kwargs):
+    """Greedy ``SamplingParams`` with per-request ``kv_eviction`` options (None: the server's)."""
+    from vllm import SamplingParams
+
+    extra = {"kv_eviction": kv} if kv is not None else None
+    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs,
+                          extra_args=extra, **kwargs)
+
+
+def finished_log(llm, request_id: str) -> list:
+    """The scheduler's eviction log of a finished request, ``[]`` if it evicted nothing (vLLM
+    suffixes the ids it uses internally)."""
+    logs = scheduler(llm).kv_log_finished
+    matches = [v for k, v in logs.items() if k == request_id or k.startswith(f"{request_id}-")]
+    return matches[-1] if matches else []
+
+
+def logprob_deltas(ref, start: int, completion) -> list[float]:
+    """Per generated token: |reference logprob − vLLM's| of the token vLLM sampled; ``ref`` is
+    ``[positions, vocab]`` over prompt + completion, ``start`` the last prompt position."""
+    got = token_logprobs(completion)
+    return [abs(ref[start + i, t].item() - got[i]) for i, t in enumerate(completion.token_ids)]
+
+
 def token_logprobs(completion) -> list[float]:
     """Log-probability of each sampled token."""
     return [lp[tok].logprob for tok, lp in zip(completion.token_ids, completion.logprobs)]
@@ -158,11 +182,43 @@ class HFReference:
         with torch.no_grad():
             logits = self.model(
                 input_ids=torch.tensor([token_ids]),
-                attention_mask=attention_mask(n, excluded, self.dtype),
+                attention_mask=self.mask(n, excluded),
                 position_ids=torch.arange(n)[None],
                 **inputs,
             ).logits[0]
         return torch.log_softmax(logits.to(self.dtype), -1)
+
+    def mask(self, n: int, excluded):
+        return attention_mask(n, excluded, self.dtype)
+
+
+def sliding_window_mask(n: int, window: int, dtype):
+    """``[1, 1, n, n]`` additive causal mask over the last ``window`` positions (the query's
+    own included): a sliding-window layer's attention."""
+    import torch
+
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None]
+    allowed = (k <= q) & (q - k < window)
+    return torch.zeros(1, 1, n, n, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class HFGemma3Reference(HFReference):
+    """Gemma-3-270M in transformers (``Gemma3ForCausalLM``, eager attention). Its layers take
+    a mask per layer kind: ``excluded`` hides keys from the full-attention layers only (where
+    the plugin evicts); the sliding-window layers get their plain window (``masked_sliding``:
+    hide them there too, to show a test tells the two apart)."""
+
+    model_name = "gemma3"
+
+    def __init__(self, dtype: str = "float32", masked_sliding: bool = False):
+        super().__init__(dtype)
+        self.masked_sliding = masked_sliding
+
+    def mask(self, n: int, excluded):
+        full = attention_mask(n, excluded, self.dtype)
+        window = sliding_window_mask(n, self.model.config.sliding_window, self.dtype)
+        sliding = self.torch.minimum(full, window) if self.masked_sliding else window
+        return {"full_attention": full, "sliding_attention": sliding}
 
 
 class HFVLMReference(HFReference):

@@ -12,8 +12,11 @@ from engine_helpers import (
     HFReference,
     engine_core,
     excluded_from_log,
+    finished_log,
+    logprob_deltas,
     make_llm,
     passkey_prompt,
+    sampling,
     scheduler,
     shutdown,
     stock_run,
@@ -45,18 +48,13 @@ def reference64():
 
 
 def eviction_log(llm, request_id):
-    """The scheduler's eviction log of a finished request (vLLM suffixes internal ids)."""
-    logs = scheduler(llm).kv_log_finished
-    matches = [v for k, v in logs.items() if k == request_id or k.startswith(f"{request_id}-")]
-    assert matches, f"no eviction recorded for request {request_id}"
-    return matches[-1]
+    log = finished_log(llm, request_id)
+    assert log, f"no eviction recorded for request {request_id}"
+    return log
 
 
 def params(kv=None, max_tokens=MAX_TOKENS, logprobs=0):
-    from vllm import SamplingParams
-
-    extra = {"kv_eviction": kv} if kv is not None else None
-    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs, extra_args=extra)
+    return sampling(kv, max_tokens, logprobs)
 
 
 def test_zero_eviction_is_identical_to_stock_vllm(llm):
@@ -131,8 +129,7 @@ def test_nothing_to_evict_means_nothing_scored(llm):
 
 
 def _max_delta(ref, start, completion) -> float:
-    got = token_logprobs(completion)
-    return max(abs(ref[start + i, t].item() - got[i]) for i, t in enumerate(completion.token_ids))
+    return max(logprob_deltas(ref, start, completion))
 
 
 def test_evicted_output_matches_masked_reference(llm, reference, reference64):

@@ -169,7 +169,7 @@ def _dispatcher(mode_name: str):
     return dispatcher, vllm_config
 
 
-def _runner(dispatcher, vllm_config, scored):
+def _runner(dispatcher, vllm_config, scored, group_lens=None):
     """Just what ``GPUModelRunner._determine_batch_execution_and_padding`` reads."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -182,6 +182,7 @@ def _runner(dispatcher, vllm_config, scored):
     )
     ev = W.WorkerEviction.__new__(W.WorkerEviction)
     ev.scored = scored
+    ev.group_lens = group_lens
     runner.__dict__["_kvevict"] = ev
     return runner
 
@@ -217,6 +218,58 @@ def test_steps_that_measure_never_replay_a_full_graph(mode, scoring_mode):
     assert step(_runner(dispatcher, vllm_config, [_scored(["window_attn"])]), **decode)[0] == stock
     assert scoring_cudagraph_mode(vllm_config.compilation_config).name == scoring_mode
     assert "dispatch" not in vars(dispatcher)  # the dispatcher is left as vLLM made it
+
+
+@pytest.mark.parametrize("mode, eager_mode", [
+    ("FULL_AND_PIECEWISE", "PIECEWISE"), ("FULL_DECODE_ONLY", "NONE"), ("PIECEWISE", "PIECEWISE"),
+])
+def test_hybrid_steps_with_compaction_never_replay_a_full_graph(mode, eager_mode):
+    """A hybrid model's full group attends over lengths its own metadata build supplies (a
+    full graph would replay the shared, uncompacted ones): a step where some E > 0 gets no
+    full graph even when nothing is scored; a step without compaction keeps vLLM's choice."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_kvevict.adapter import install
+
+    install()
+    dispatcher, vllm_config = _dispatcher(mode)
+    decode = dict(num_tokens=4, num_reqs=4, num_scheduled_tokens_np=torch.ones(4).numpy(),
+                  max_num_scheduled_tokens=1)
+    step = GPUModelRunner._determine_batch_execution_and_padding
+    lens = (torch.full((4,), 90, dtype=torch.int32), torch.full((4,), 90, dtype=torch.int32))
+    stock = step(_runner(dispatcher, vllm_config, []), **decode)[0]
+    assert step(_runner(dispatcher, vllm_config, [], group_lens=lens), **decode)[0].name == eager_mode
+    assert stock.name == ("PIECEWISE" if mode == "PIECEWISE" else "FULL")
+
+
+def test_hybrid_full_group_metadata_gets_its_own_lengths():
+    """The full group's builder sees ``seq_lens − E`` (device lengths, CPU upper bound and
+    maximum); the step's shared metadata, which the sliding-window groups copy, is unchanged;
+    a step without compaction passes vLLM's metadata through as is."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    seq_lens = torch.tensor([700, 40, 0], dtype=torch.int32)  # 2 requests, 1 padded row
+    shared = CommonAttentionMetadata(
+        query_start_loc=torch.tensor([0, 1, 2, 2]), query_start_loc_cpu=torch.tensor([0, 1, 2, 2]),
+        seq_lens=seq_lens, seq_lens_cpu_upper_bound=seq_lens.clone(), num_reqs=3,
+        num_actual_tokens=2, max_query_len=1, max_seq_len=700,
+        block_table_tensor=torch.zeros(3, 22, dtype=torch.int32),
+        slot_mapping=torch.zeros(2, dtype=torch.int64),
+    )
+    built = []
+    group = SimpleNamespace(build_metadata=lambda cm, ubatch_idx=0, **kw: built.append(cm) or cm)
+    ev = W.WorkerEviction.__new__(W.WorkerEviction)
+    ev._wrap_metadata(group)
+    ev._wrap_metadata(group)  # idempotent: wrapped once
+    group.build_metadata(shared)
+    assert built[-1] is shared
+    compact = torch.tensor([700 - 512, 40, 0], dtype=torch.int32)
+    ev.group_lens = (compact, compact.clone())
+    cm = group.build_metadata(shared, 0)
+    assert cm.seq_lens.tolist() == [188, 40, 0] and cm.seq_lens_cpu_upper_bound.tolist() == [188, 40, 0]
+    assert cm.max_seq_len == 188 and cm.block_table_tensor is shared.block_table_tensor
+    assert shared.seq_lens.tolist() == [700, 40, 0] and shared.max_seq_len == 700
+    assert len(built) == 2
 
 
 @pytest.mark.parametrize("level", ["O0", "O1", "O2", "O3"])

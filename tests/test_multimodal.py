@@ -33,7 +33,10 @@ from engine_helpers import (
     BLOCK_SIZE,
     HFVLMReference,
     excluded_from_log,
+    finished_log,
+    logprob_deltas,
     make_llm,
+    sampling,
     scheduler,
     shutdown,
     stock_run,
@@ -66,11 +69,7 @@ def image_prompt(n: int) -> str:
 
 
 def params(kv=None, max_tokens=MAX_TOKENS, logprobs=0):
-    from vllm import SamplingParams
-
-    extra = {"kv_eviction": kv} if kv is not None else None
-    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs,
-                          ignore_eos=True, extra_args=extra)
+    return sampling(kv, max_tokens, logprobs, ignore_eos=True)
 
 
 def embed_runs(token_ids: list[int], token_id: int) -> list[tuple[int, int]]:
@@ -90,12 +89,6 @@ def report(output) -> dict:
     params_ = output.kv_transfer_params or {}
     assert "kv_eviction" in params_, f"no eviction report on request {output.request_id}"
     return params_["kv_eviction"]
-
-
-def finished_log(llm, request_id: str):
-    logs = scheduler(llm).kv_log_finished
-    matches = [v for k, v in logs.items() if k == request_id or k.startswith(f"{request_id}-")]
-    return matches[-1] if matches else []
 
 
 # -- the OpenAI server (its own engine; runs before the module's engine exists) ------------
@@ -453,12 +446,6 @@ def snapkv_run(llm):
     return out, finished_log(llm, out.request_id)
 
 
-def _deltas(ref, start: int, completion) -> list[float]:
-    """Per generated token: |reference logprob - vLLM's logprob| of the token vLLM sampled."""
-    got = token_logprobs(completion)
-    return [abs(ref[start + i, t].item() - got[i]) for i, t in enumerate(completion.token_ids)]
-
-
 @pytest.mark.parametrize("case", sorted(EXACT_REQUESTS))
 def test_evicted_image_blocks_match_the_masked_hf_reference(case, request, vlm_reference,
                                                              image_token_id):
@@ -492,8 +479,8 @@ def test_evicted_image_blocks_match_the_masked_hf_reference(case, request, vlm_r
     seq = ids + list(completion.token_ids)
     start = len(ids) - 1
     ref = vlm_reference.logprobs(seq, excluded_from_log(log), **pixels)
-    deltas = _deltas(ref, start, completion)
-    delta_full = max(_deltas(vlm_reference.logprobs(seq, lambda p: set(), **pixels), start,
+    deltas = logprob_deltas(ref, start, completion)
+    delta_full = max(logprob_deltas(vlm_reference.logprobs(seq, lambda p: set(), **pixels), start,
                              completion))
     print(f"{case}: evicted blocks {sorted(evicted)} (image-only {sorted(evicted & image_blocks)}); "
           f"max |Δlogprob| vs masked reference {max(deltas):.2e}, vs unmasked {delta_full:.2e}")

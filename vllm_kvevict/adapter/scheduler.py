@@ -94,14 +94,16 @@ def request_config(default: EvictionConfig, request) -> EvictionConfig:
 
 class EvictingScheduler(Scheduler):
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
-        check_kv_cache_config(kv_cache_config)
+        #: the KV-cache group evicted in (the full-attention one); other groups are untouched
+        self.kv_gid = check_kv_cache_config(kv_cache_config)
+        self.kv_hybrid = len(kv_cache_config.kv_cache_groups) > 1
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self.kv_default = config_from_additional(vllm_config.additional_config) or EvictionConfig()
-        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        manager = self.kv_cache_manager.coordinator.single_type_managers[self.kv_gid]
         self.ledger = BlockLedger(manager, bin_capacity=self.kv_default.recycle_bin_total_blocks)
         self.kv_block_size = manager.block_size
         self.kv_requests: dict[str, RequestEviction] = {}
-        group = kv_cache_config.kv_cache_groups[0]
+        group = kv_cache_config.kv_cache_groups[self.kv_gid]
         self.kv_metrics = EvictionMetrics(
             block_bytes=group.kv_cache_spec.page_size_bytes * len(group.layer_names)
         )
@@ -162,7 +164,9 @@ class EvictingScheduler(Scheduler):
         length is not a block multiple keeps only ``len % block_size`` queries). So for a
         request that will be scored at prefill the hit stops where at least ``window`` prompt
         tokens remain to compute: those blocks are recomputed (exactly: they hold prefix-cache
-        K/V computed with full attention)."""
+        K/V computed with full attention). A hybrid model gets no hit instead: a shorter hit
+        is not valid for its sliding-window groups, whose cached rows hold only the blocks
+        of the window before the hit's end (the rest are null blocks)."""
         state = self.kv_requests.get(request.request_id)
         window = state.policy.window if state is not None else 0
         if not window or not num_computed:
@@ -173,6 +177,8 @@ class EvictingScheduler(Scheduler):
         limit = max(prompt - window, 0) // bs * bs
         if not scored or num_computed <= limit:
             return (blocks, num_computed, *rest)
+        if self.kv_hybrid:
+            return (self.kv_cache_manager.empty_kv_cache_blocks, 0, *rest)
         from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
         capped = KVCacheBlocks(tuple(list(group[: limit // bs]) for group in blocks.blocks))

@@ -26,17 +26,31 @@ TOUCHED_INTERNALS = (
     ("vllm.v1.outputs.ModelRunnerOutput", "extra attribute kv_eviction_scores (pickled as-is)"),
     ("vllm.v1.request.Request.mm_features[i].mm_position (vllm.multimodal.inputs.PlaceholderRange: "
      "offset, length, is_embed, extract_embeds_range)", "read: the visual spans (embedded runs only)"),
-    ("KVCacheManager.coordinator.single_type_managers[0].req_to_blocks", "positional block lists; "
-     "evicted entries replaced by block_pool.null_block"),
+    ("KVCacheConfig.kv_cache_groups[i].kv_cache_spec (FullAttentionSpec, SlidingWindowSpec), "
+     ".layer_names", "the full-attention group is the one evicted; sliding groups untouched"),
+    ("KVCacheManager.coordinator.single_type_managers[gid].req_to_blocks", "positional block "
+     "lists of the full-attention group; evicted entries replaced by block_pool.null_block"),
     ("KVCacheManager.allocate_slots", "wrapped on the instance: pool-pressure eviction, only for "
      "requests with status RequestStatus.RUNNING (vllm.v1.request)"),
     ("KVCacheCoordinator.cache_blocks", "wrapped on the instance: prefix-cache poison guard"),
     ("BlockPool.free_blocks / get_num_free_blocks / null_block", "return evicted blocks"),
     ("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states", "wrapped: compacted block rows"),
-    ("GPUModelRunner._prepare_inputs", "wrapped: seq_lens/optimistic_seq_lens_cpu -= E, "
-     "slot mapping from positions - E"),
+    ("GPUModelRunner._prepare_inputs", "wrapped: one KV-cache group: seq_lens/"
+     "optimistic_seq_lens_cpu -= E in place; hybrid: per-group copies (see build_metadata)"),
     ("GPUModelRunner.execute_model / sample_tokens", "wrapped: scoring context, scores on output"),
-    ("GPUModelRunner.requests[req_id].block_ids, input_batch.block_table.add_row", "row replace"),
+    ("GPUModelRunner._prepare_inputs / _calc_mrope_positions / _preprocess with uses_mrope",
+     "relied on for M-RoPE models: seq_lens and the slot mapping (block_table."
+     "compute_slot_mapping) come from the 1-D self.positions (num_computed_tokens + query_pos), "
+     "as for any model; the 3-D mrope_positions (prompt: get_mrope_input_positions, decode: "
+     "num_computed_tokens + mrope_position_delta) reach only the model's rotary embedding "
+     "(_preprocess) and are left untouched"),
+    ("GPUModelRunner.requests[req_id].block_ids[gid], input_batch.block_table[gid].add_row",
+     "row replace (full-attention group)"),
+    ("MultiGroupBlockTable[gid].compute_slot_mapping(num_reqs, query_start_loc, positions)",
+     "slot mapping of the full-attention group from positions - E"),
+    ("GPUModelRunner.attn_groups[gid][i].build_metadata(common_attn_metadata, ...)", "wrapped "
+     "(hybrid models): the full group gets CommonAttentionMetadata.seq_lens / "
+     "seq_lens_cpu_upper_bound / max_seq_len minus E; other groups keep vLLM's"),
     ("compilation_config.static_forward_context[layer].impl.forward", "wrapped: attention statistics"),
     ("CPU attention KV layout [blocks, kv_heads, 2*block_size, head_dim]", "read to score"),
     ("GPU layer KV cache [blocks, kv_heads, block_size, 2*head_size] in a KVCacheLayout stride "
@@ -95,8 +109,7 @@ def check_engine_config(vllm_config) -> None:
     if getattr(pc, "decode_context_parallel_size", 1) > 1:
         problems.append("decode context parallelism")
     mc = vllm_config.model_config
-    if mc is not None and getattr(mc, "uses_mrope", False):
-        problems.append("M-RoPE models (positions are 3-D)")
+    # M-RoPE models (model_config.uses_mrope) run as any other: see TOUCHED_INTERNALS
     if mc is not None and getattr(mc, "use_mla", False):
         problems.append("MLA attention (latent KV cache, no per-head keys/values to score)")
     cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
@@ -113,21 +126,53 @@ def check_engine_config(vllm_config) -> None:
         )
 
 
-def check_kv_cache_config(kv_cache_config) -> None:
-    """One full-attention KV-cache group only (hybrid models need per-group offsets)."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+def check_kv_cache_config(kv_cache_config) -> int:
+    """The KV-cache group the adapter evicts in: the one full-attention group.
 
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
+    A model with one attention kind has one group. A hybrid model (Gemma 2/3, GPT-OSS,
+    Mistral-style windows with vLLM's hybrid KV-cache manager) has one group per window kind
+    and layer slice: eviction happens only in the full-attention group; sliding-window groups
+    keep every block vLLM keeps (vLLM already drops their out-of-window blocks), their block
+    rows, slot mappings and lengths untouched.
+
+    Args:
+        kv_cache_config: ``vllm.v1.kv_cache_interface.KVCacheConfig`` (``kv_cache_groups``,
+            each with a ``kv_cache_spec`` and ``layer_names``).
+    Returns:
+        The index of the full-attention group in ``kv_cache_groups``.
+    Raises:
+        UnsupportedConfigError naming each group kind that is not full or sliding-window
+        attention (mamba / linear attention, chunked-local attention, MLA, cross-attention,
+        ...), and models with several full-attention groups.
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    full, problems = [], []
+    for gid, group in enumerate(kv_cache_config.kv_cache_groups):
+        spec = group.kv_cache_spec
+        kind = type(spec).__name__
+        if type(spec) is FullAttentionSpec:
+            if getattr(spec, "attention_chunk_size", None):
+                problems.append(f"chunked-local attention layers ({kind} with "
+                                f"attention_chunk_size={spec.attention_chunk_size})")
+            else:
+                full.append(gid)
+        elif type(spec) is not SlidingWindowSpec:
+            what = ("mamba / linear-attention layers" if "Mamba" in kind else
+                    "chunked-local attention layers" if "ChunkedLocal" in kind else
+                    "MLA attention" if "MLA" in kind else
+                    "cross-attention layers" if "Cross" in kind else f"{kind} layers")
+            problems.append(f"{what} (KV-cache group {gid}: {kind})")
+    if not full and not problems:
+        problems.append("no full-attention layers (only sliding-window groups)")
+    if len(full) > 1:
+        problems.append(f"{len(full)} full-attention KV-cache groups ({full}); one is supported")
+    if problems:
         raise UnsupportedConfigError(
-            f"kv_eviction supports models with one KV-cache group; this model has {len(groups)} "
-            "(hybrid sliding-window/full or mamba layers)."
+            "kv_eviction evicts in full-attention layers beside any sliding-window layers; "
+            "this model has " + "; ".join(problems) + ". Remove kv_eviction for this model."
         )
-    spec = groups[0].kv_cache_spec
-    if type(spec) is not FullAttentionSpec:
-        raise UnsupportedConfigError(
-            f"kv_eviction supports full attention only; KV-cache spec is {type(spec).__name__}."
-        )
+    return full[0]
 
 
 def pin_v1_model_runner(environ=os.environ) -> None:

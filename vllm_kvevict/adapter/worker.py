@@ -4,10 +4,15 @@ The scheduler keeps positional block lists; the worker sees a *compacted* view: 
 holds only blocks in attention, the attention length is ``seq_len − E`` and new K/V go to slot
 ``position − E`` (E = excluded tokens of that request). RoPE keeps the original positions, so
 stock attention kernels need no change. With E = 0 nothing here touches vLLM's tensors.
+
+A hybrid model (sliding-window layers beside full-attention ones) is evicted in its
+full-attention KV-cache group only: that group gets the compacted rows, slot mapping and
+lengths; the sliding-window groups attend exactly as in stock vLLM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from contextlib import contextmanager
@@ -105,6 +110,13 @@ class KeyLayoutError(RuntimeError):
 class WorkerEviction:
     """Per-runner eviction state; created only when the engine has a kv_eviction config."""
 
+    #: the KV-cache group evicted in (the full-attention one) and whether there are others
+    gid: int = 0
+    hybrid: bool = False
+    #: hybrid models, steps with some E > 0: the full group's own (device seq_lens, CPU upper
+    #: bound) per batch row, what its attention metadata is built from; else None
+    group_lens: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def __init__(self, runner):
         self.runner = runner
         self.plan: StepPlan | None = None
@@ -126,21 +138,69 @@ class WorkerEviction:
     def check_layers(self) -> None:
         """After vLLM's initialize_kv_cache: refuse (by name) attention layers whose cache the
         statistics cannot read, then hook every layer's forward once."""
-        from vllm_kvevict.adapter.vllm_internals import check_attention_layers
+        from vllm_kvevict.adapter.vllm_internals import (
+            UnsupportedConfigError,
+            check_attention_layers,
+            check_kv_cache_config,
+        )
 
         runner = self.runner
-        layers = _attention_layers(runner.vllm_config.compilation_config.static_forward_context)
+        groups = runner.kv_cache_config.kv_cache_groups
+        self.gid = check_kv_cache_config(runner.kv_cache_config)
+        self.hybrid = len(groups) > 1
+        if self.hybrid and getattr(runner.parallel_config, "enable_dbo", False):
+            raise UnsupportedConfigError(
+                "kv_eviction cannot run a hybrid (sliding-window + full attention) model with "
+                "dual-batch overlap (--enable-dbo): the full group's compacted lengths are "
+                "per batch, not per micro-batch. Remove --enable-dbo or kv_eviction."
+            )
+        layers = _attention_layers(runner.vllm_config.compilation_config.static_forward_context,
+                                   names=groups[self.gid].layer_names)
         layout = runner.cache_config.get_resolved_kv_cache_layout().name
-        block_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        block_size = groups[self.gid].kv_cache_spec.block_size
         self.readers = check_attention_layers(layers, layout, block_size)
         if not self.hooked:
-            self._hook_attention()
+            self._hook_attention(list(layers))
+        if self.hybrid:
+            for attn_group in runner.attn_groups[self.gid]:
+                self._wrap_metadata(attn_group)
+
+    def _wrap_metadata(self, attn_group) -> None:
+        """The full group's attention metadata is built from its own compacted lengths.
+
+        vLLM builds one ``CommonAttentionMetadata`` per step and shallow-copies it per KV-cache
+        group, swapping only the block table and slot mapping: ``seq_lens`` is shared. Here
+        the full group's copy gets ``seq_lens − E`` (and the CPU upper bound and maximum to
+        match) on steps where some E > 0; the sliding-window groups keep vLLM's lengths.
+        """
+        if getattr(attn_group, "_kvevict_wrapped", False):
+            return
+        original = attn_group.build_metadata
+
+        def build_metadata(common_attn_metadata, *args, **kwargs):
+            if self.group_lens is not None:
+                seq_lens, upper = self.group_lens
+                n = common_attn_metadata.num_reqs
+                common_attn_metadata = dataclasses.replace(
+                    common_attn_metadata, seq_lens=seq_lens[:n],
+                    seq_lens_cpu_upper_bound=upper[:n], max_seq_len=int(upper[:n].max()),
+                )
+            return original(common_attn_metadata, *args, **kwargs)
+
+        attn_group.build_metadata = build_metadata
+        attn_group._kvevict_wrapped = True
+
+    @property
+    def block_table(self):
+        """The input batch's block table of the evicted (full-attention) group."""
+        return self.runner.input_batch.block_table[self.gid]
 
     # -- step plumbing -------------------------------------------------------------------------
     def begin_step(self, scheduler_output) -> None:
         """After vLLM's _update_states: install new compacted rows."""
         self.plan = getattr(scheduler_output, PLAN_ATTR, None)
         self.scored = []
+        self.group_lens = None
         self._step_batches = None
         self.skipped = {}
         finished = getattr(scheduler_output, "finished_req_ids", ()) or ()
@@ -153,14 +213,24 @@ class WorkerEviction:
             req_state = self.runner.requests.get(req_id)
             if req_state is None:
                 continue
-            req_state.block_ids[0][:] = block_ids
+            req_state.block_ids[self.gid][:] = block_ids
             row = batch.req_id_to_index.get(req_id)
             if row is not None:
-                batch.block_table[0].add_row(list(block_ids), row)
+                self.block_table.add_row(list(block_ids), row)
 
     def fix_inputs(self, num_scheduled_tokens: np.ndarray) -> None:
         """After vLLM's _prepare_inputs: compacted seq_lens and slot mapping (hazard-free when
-        every E is 0: then this returns before touching anything)."""
+        every E is 0: then this returns before touching anything).
+
+        One KV-cache group: ``runner.seq_lens`` / ``optimistic_seq_lens_cpu`` are compacted
+        in place (persistent buffers, so a full CUDA graph replays with them). Hybrid: those
+        stay vLLM's (the sliding-window groups read them) and the full group gets compacted
+        copies through its metadata builders (:meth:`_wrap_metadata`); such steps replay no
+        full CUDA graph (:attr:`needs_eager_attention`).
+
+        Args:
+            num_scheduled_tokens: ``[num_reqs]`` this step's tokens per batch row.
+        """
         if not self.plan:
             return
         runner = self.runner
@@ -171,11 +241,17 @@ class WorkerEviction:
         if offsets.any():
             e = torch.from_numpy(offsets)
             total = int(num_scheduled_tokens.sum())
-            runner.seq_lens[:num_reqs] -= e.to(runner.seq_lens.device, runner.seq_lens.dtype)
-            runner.optimistic_seq_lens_cpu[:num_reqs] -= e.to(runner.optimistic_seq_lens_cpu.dtype)
+            if self.hybrid:
+                seq_lens, upper = runner.seq_lens.clone(), runner.optimistic_seq_lens_cpu.clone()
+            else:
+                seq_lens, upper = runner.seq_lens, runner.optimistic_seq_lens_cpu
+            seq_lens[:num_reqs] -= e.to(seq_lens.device, seq_lens.dtype)
+            upper[:num_reqs] -= e.to(upper.dtype)
+            if self.hybrid:
+                self.group_lens = (seq_lens, upper)
             per_token = torch.from_numpy(np.repeat(offsets, num_scheduled_tokens))
             shifted = runner.positions[:total] - per_token.to(runner.positions.device)
-            batch.block_table.compute_slot_mapping(
+            self.block_table.compute_slot_mapping(
                 num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], shifted
             )
         if self.plan.score:
@@ -183,16 +259,16 @@ class WorkerEviction:
 
     def _resolve_scored(self, req_ids) -> None:
         runner = self.runner
-        batch = runner.input_batch
         qsl = runner.query_start_loc.np
-        bs = batch.block_table[0].block_size
-        table = batch.block_table[0].block_table.np
-        seq_lens = runner.seq_lens.cpu() if runner.seq_lens.is_cuda else runner.seq_lens
+        bs = self.block_table.block_size
+        table = self.block_table.block_table.np
+        seq_lens = runner.seq_lens if self.group_lens is None else self.group_lens[0]
+        seq_lens = seq_lens.cpu() if seq_lens.is_cuda else seq_lens
         for row, req_id in enumerate(req_ids):
             task = self.plan.score.get(req_id)
             if task is None:
                 continue
-            n_row = int(batch.block_table[0].num_blocks_per_row[row])
+            n_row = int(self.block_table.num_blocks_per_row[row])
             if n_row != len(task.kept_positions):
                 self._skip(req_id, f"block row has {n_row} blocks, the plan "
                            f"{len(task.kept_positions)}")
@@ -227,10 +303,11 @@ class WorkerEviction:
             self.scored.append(sr)
 
     @property
-    def measures_in_attention(self) -> bool:
-        """Some request scored this step needs statistics that only the attention hooks
-        measure: this step must not replay a full CUDA graph (no Python runs inside one)."""
-        return any(_expected_stats(sr) for sr in self.scored)
+    def needs_eager_attention(self) -> bool:
+        """This step must not replay a full CUDA graph (no Python runs inside one): some
+        request scored this step needs statistics that only the attention hooks measure, or
+        a hybrid model's full group attends over lengths its own metadata build supplies."""
+        return self.group_lens is not None or any(_expected_stats(sr) for sr in self.scored)
 
     def _skip(self, req_id: str, reason: str) -> None:
         self.skipped[req_id] = reason
@@ -246,9 +323,9 @@ class WorkerEviction:
         return self.policies[key]
 
     # -- attention hook ------------------------------------------------------------------------
-    def _hook_attention(self) -> None:
+    def _hook_attention(self, names: list[str]) -> None:
+        """Wrap ``impl.forward`` of the layers ``names`` (the evicted group's, layer order)."""
         ctx = self.runner.vllm_config.compilation_config.static_forward_context
-        names = list(_attention_layers(ctx))
         for index, name in enumerate(names):
             impl = ctx[name].impl
             original = impl.forward
@@ -377,7 +454,7 @@ class WorkerEviction:
         return self._step_batches
 
     def _token_positions(self, sr: ScoredRequest) -> torch.Tensor:
-        bs = self.runner.input_batch.block_table[0].block_size
+        bs = self.block_table.block_size
         return torch.cat([p * bs + torch.arange(n) for p, n in zip(sr.positions.tolist(), sr.tokens_per_block)])
 
     def _gram(self, index: int, name: str, hq: int) -> torch.Tensor | None:
@@ -414,7 +491,7 @@ class WorkerEviction:
                 continue
             device = _stats_device(sr)
             stats = RequestStats(
-                block_size=self.runner.input_batch.block_table[0].block_size,
+                block_size=self.block_table.block_size,
                 block_index=sr.positions.to(device),
                 num_tokens=sr.num_tokens,
                 num_kv_heads=self.runner.model_config.get_num_kv_heads(self.runner.parallel_config),
@@ -532,14 +609,17 @@ def _tp_world_size() -> int:
         return 1
 
 
-def _attention_layers(ctx: dict) -> dict:
-    """Attention layers with a KV cache from ``static_forward_context``, in layer order."""
+def _attention_layers(ctx: dict, names=None) -> dict:
+    """Attention layers with a KV cache from ``static_forward_context``, in layer order
+    (only those in ``names`` when given: one KV-cache group's ``layer_names``)."""
     def index(name: str) -> int:
         match = _LAYER_INDEX.search(name + ".")
         return int(match.group(1)) if match else 0
 
+    wanted = None if names is None else set(names)
     names = sorted((n for n, layer in ctx.items()
-                    if hasattr(layer, "impl") and hasattr(layer, "kv_cache")), key=index)
+                    if hasattr(layer, "impl") and hasattr(layer, "kv_cache")
+                    and (wanted is None or n in wanted)), key=index)
     return {n: ctx[n] for n in names}
 
 
@@ -620,7 +700,7 @@ def install_runner_hooks() -> None:
 
     def _determine_execution_hook(self, *a, **k):
         ev = _eviction(self)
-        if ev is None or not ev.measures_in_attention:
+        if ev is None or not ev.needs_eager_attention:
             return determine_execution(self, *a, **k)
         with without_full_cudagraphs(self.cudagraph_dispatcher):
             return determine_execution(self, *a, **k)

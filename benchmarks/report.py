@@ -277,11 +277,16 @@ GRANULARITY_ENGINE = (
     "benchmark's mask: a per-(layer, query head) set of hidden keys.")
 
 
-def multimodal_section(mm: dict, plot: bool) -> list[str]:
-    """Accuracy and kept fraction by modality on image-heavy prompts (bench_multimodal.py)."""
-    rows = [[r["policy"], _pct(r["budget"]), f"{r['correct']}/{r['n']}",
-             f"{r['ci_low']:.2f}-{r['ci_high']:.2f}", _pct(r["kept"]), _pct(r["visual_kept"]),
-             _pct(r["text_kept"])] for r in mm["summary"]]
+def multimodal_section(mm: dict, plot: bool, aligned: dict | None = None) -> list[str]:
+    """Accuracy and kept fraction by modality on image-heavy prompts (bench_multimodal.py), and
+    the same prompts block-aligned (``--aligned``) when measured."""
+    def table(data):
+        return common.markdown_table(
+            ["policy", "budget", "correct/n", "95 % CI", "kept", "visual kept", "text kept"],
+            [[r["policy"], _pct(r["budget"]), f"{r['correct']}/{r['n']}",
+              f"{r['ci_low']:.2f}-{r['ci_high']:.2f}", _pct(r["kept"]), _pct(r["visual_kept"]),
+              _pct(r["text_kept"])] for r in data["summary"]])
+
     lines = ["## Multimodal: image-heavy prompts, the answer in a text note", "",
              f"`bench_multimodal.py` on `{mm.get('model')}`: {mm.get('prompts')} prompts of "
              f"{mm.get('images_per_prompt')} seeded pictures (64 image tokens each), each picture "
@@ -290,10 +295,13 @@ def multimodal_section(mm: dict, plot: bool) -> list[str]:
              "answer needs when most of the KV cache is visual, not image understanding. "
              "`visual kept` / `text kept`: share of the prompt's image / other tokens not "
              "released, from each request's eviction report. Wilson 95 %.", "",
-             common.markdown_table(["policy", "budget", "correct/n", "95 % CI", "kept",
-                                    "visual kept", "text kept"], rows), ""]
+             "**As written** (notes share blocks with image tokens):", "", table(mm), ""]
     if plot:
         lines += ["![multimodal accuracy vs budget](multimodal.png)", ""]
+    if aligned and aligned.get("summary"):
+        lines += ["**Block-aligned** (`--aligned`: the same prompts padded so each picture's 64 "
+                  "image tokens fill exactly two all-image blocks and every other block is all "
+                  "text):", "", table(aligned), ""]
     return lines
 
 
@@ -455,7 +463,8 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
 
     mm = load(results, "multimodal.json")
     if mm and mm.get("summary"):
-        lines += multimodal_section(mm, (results / "multimodal.png").exists())
+        lines += multimodal_section(mm, (results / "multimodal.png").exists(),
+                                    load(results, "multimodal_aligned.json"))
         lines += _notes(results, "multimodal.md")
 
     s = summary["serving"]

@@ -8,7 +8,7 @@ arms, same engine, per-request config:
 * ``new``: the default protection (scales with the budget, config.EvictionConfig.protection);
 * ``old``: explicit ``sink_tokens: 4, recent_tokens: 64`` (the behaviour before that change).
 
-Every evicting request's first decision is recorded by wrapping the scheduler's ``_decide``:
+Every evicting request's first decision is recorded by wrapping the scheduler's ``_decide_batch``:
 the block scores it saw, the protected blocks and the blocks it excluded, so the answer block's
 fate and rank are read from the engine itself.
 
@@ -62,26 +62,28 @@ def answer_span(sample) -> tuple[int, int]:
 def install_decision_hook() -> None:
     from vllm_kvevict.adapter.scheduler import EvictingScheduler
 
-    original = EvictingScheduler._decide
+    original = EvictingScheduler._decide_batch
 
-    def _decide(self, request, state):
-        req_id = request.request_id
-        first = req_id not in DECISIONS
-        if first:
+    def _decide_batch(self, deciding):
+        snaps = {}
+        for request, state in deciding:
+            req_id = request.request_id
+            if req_id in DECISIONS:
+                continue
             committed = self._committed_tokens(request)
             positions = self.ledger.resident_positions(req_id)
             protected = self._protected(state.config, positions, committed, state.scores)
-            snap = {"committed": committed, "positions": list(positions),
-                    "scores": dict(state.scores),
-                    "protected": [p for p, f in zip(positions, protected.tolist()) if f],
-                    "keep_blocks": state.config.keep_blocks(committed, self.kv_block_size)}
-        original(self, request, state)
-        if first:
+            snaps[req_id] = {"committed": committed, "positions": list(positions),
+                             "scores": dict(state.scores),
+                             "protected": [p for p, f in zip(positions, protected.tolist()) if f],
+                             "keep_blocks": state.config.keep_blocks(committed, self.kv_block_size)}
+        original(self, deciding)
+        for req_id, snap in snaps.items():
             snap["excluded"] = sorted(self.ledger.excluded_positions(req_id))
             if snap["excluded"]:
                 DECISIONS[req_id] = snap
 
-    EvictingScheduler._decide = _decide
+    EvictingScheduler._decide_batch = _decide_batch
 
 
 def disable_prefix_cap() -> None:

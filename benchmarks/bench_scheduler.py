@@ -3,18 +3,25 @@
 No engine and no model: the plugin's real ``EvictingScheduler`` is built over a real vLLM
 ``KVCacheManager`` / ``BlockPool`` (as tests/test_ledger.py builds them; only vLLM's own
 ``Scheduler.__init__`` is replaced by a stub that installs that manager). For R running
-requests of B full blocks each (32-token blocks), every request holds fresh per-block scores
-(seeded random), and one call of the scheduler's ``_apply_decisions`` is timed: for each
-request, the protected mask, ``policy.select`` at a 25 % budget, and the ``BlockLedger``
-bookkeeping (release to the pool, log). That is the worst step: all R requests decide at once
-(in an engine they decide every ``interval`` steps, staggered). The workers' block scoring
-happens during the forward pass and is not part of it. Setup (allocation) is not timed.
+requests of B full blocks each (32-token blocks) with fresh per-block scores (seeded random),
+one step's decisions are timed: the protected masks, the selection at a 25 % budget and the
+``BlockLedger`` bookkeeping (release to the pool, log). Two patterns:
 
-    python benchmarks/bench_scheduler.py --profile quick     # ~1 min
+* ``all``: every request takes its first decision in this step (75 % of its blocks released)
+  - the worst step;
+* ``staggered``: the steady state of a serving engine - every request at its budget already,
+  ``1/16`` of them (the default ``interval``) deciding in the step, each grown by 4 blocks.
+
+and two implementations, in one run: ``batched`` (the scheduler: one ``select_batch`` for all
+the step's decisions) and ``per_request`` (one selection per request, as before batching). The
+workers' block scoring happens during the forward pass and is not part of it. Setup
+(allocation, the untimed first decision of ``staggered``) is not timed.
+
+    python benchmarks/bench_scheduler.py --profile quick     # ~3 min
     python benchmarks/bench_scheduler.py --profile full
 
 Writes ``results/scheduler.json``; ``ms`` is the median step time over repeats, per policy;
-``select_ms`` the part spent in ``policy.select``.
+``select_ms`` the part spent in ``select_batch``; ``summaries``: the slowest policy per cell.
 """
 
 from __future__ import annotations
@@ -32,11 +39,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
 
 REQUESTS = (1, 16, 256)
 BLOCKS = (64, 512, 4096)
 BLOCK_SIZE = 32
 BUDGET = 0.25
+INTERVAL = 16  # decode steps between a request's decisions (the default ``interval``)
+#: staggered pattern: blocks each deciding request grew by since its last decision (4 rather
+#: than the half block of 16 decode tokens, so that every timed decision releases blocks)
+GROWTH = 4
 PROFILES = {"quick": {"repeats": 2}, "full": {"repeats": 7}}
 
 
@@ -75,9 +87,18 @@ def build_scheduler(num_blocks: int, max_blocks_per_request: int):
         return EvictingScheduler(vllm_config, config)
 
 
-def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.Random) -> tuple[float, float]:
-    """(seconds of one _apply_decisions over all requests, seconds inside policy.select)."""
-    from vllm_kvevict.adapter.scheduler import RequestEviction
+def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.Random,
+              batched: bool = True, staggered: bool = False) -> tuple[float, float]:
+    """(seconds of one step's decisions, seconds inside the selection).
+
+    ``staggered=False``: every request decides its first decision in this step (the worst
+    step: 75 % of every request's blocks released). ``staggered=True``: the steady state of a
+    serving engine - all requests already at their budget (an untimed first decision), then
+    ``1/INTERVAL`` of them grown by ``GROWTH`` blocks and deciding (fresh scores) in the timed
+    step. ``batched``: the scheduler's one batched selection for all of them; False: one
+    selection per request (a batch of one), as the scheduler decided before batching.
+    """
+    from vllm_kvevict.adapter import scheduler as S
     from vllm_kvevict.config import EvictionConfig
     from vllm_kvevict.policies import get_policy
 
@@ -85,41 +106,68 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
     config = EvictionConfig(policy=policy_name, budget=BUDGET)
     tokens = blocks * BLOCK_SIZE
     select_s = [0.0]
+    original_select = S.select_batch
+
+    def timed_select(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original_select(*a, **k)
+        finally:
+            select_s[0] += time.perf_counter() - t0
+
+    def fresh(state, n_blocks):
+        state.scores = {p: rng.random() for p in range(n_blocks)}
+        state.score_positions = np.arange(n_blocks, dtype=np.int64)
+        state.score_values = np.array([state.scores[p] for p in range(n_blocks)], dtype=np.float32)
+        state.fresh = True
+
     for i in range(requests):
         rid = f"r{i}"
         manager.allocate_new_blocks(rid, tokens, tokens)
-        policy = get_policy(policy_name)
-        original = policy.select
-
-        def timed(*a, _orig=original, **k):
-            t0 = time.perf_counter()
-            try:
-                return _orig(*a, **k)
-            finally:
-                select_s[0] += time.perf_counter() - t0
-
-        policy.select = timed
-        state = RequestEviction(config=config, policy=policy)
-        state.scores = {p: rng.random() for p in range(blocks)}
-        state.fresh = True
+        state = S.RequestEviction(config=config, policy=get_policy(policy_name))
+        fresh(state, blocks)
         sched.kv_requests[rid] = state
         sched.running.append(SimpleNamespace(request_id=rid, num_computed_tokens=tokens,
                                              num_in_flight_tokens=0, mm_features=None))
-    started = time.perf_counter()
-    sched._apply_decisions()
-    elapsed = time.perf_counter() - started
-    expected_release = blocks - max(-(-int(BUDGET * tokens) // BLOCK_SIZE), 4)
-    released = sum(len(sched.ledger.requests[f"r{i}"].released) for i in range(requests)
-                   if f"r{i}" in sched.ledger.requests)
+    deciding = list(range(requests))
+    if staggered:
+        sched._apply_decisions()  # untimed: everyone at its budget
+        deciding = list(range(0, requests, INTERVAL))
+        for i in deciding:
+            rid, request = f"r{i}", sched.running[i]
+            grown = tokens + GROWTH * BLOCK_SIZE
+            request.num_computed_tokens = grown
+            manager.allocate_new_blocks(rid, grown, grown)
+            fresh(sched.kv_requests[rid], blocks + GROWTH)
+    before = sum(len(sched.ledger.requests[f"r{i}"].released) for i in deciding
+                 if f"r{i}" in sched.ledger.requests)
+    S.select_batch = timed_select
+    try:
+        started = time.perf_counter()
+        if batched:
+            sched._apply_decisions()
+        else:
+            for request in sched.running:
+                state = sched.kv_requests[request.request_id]
+                if state.fresh:
+                    state.fresh = False
+                    sched._decide_batch([(request, state)])
+        elapsed = time.perf_counter() - started
+    finally:
+        S.select_batch = original_select
+    released = sum(len(sched.ledger.requests[f"r{i}"].released) for i in deciding
+                   if f"r{i}" in sched.ledger.requests) - before
     for i in range(requests):
         manager.free(f"r{i}")
         sched.ledger.forget(f"r{i}")
     sched.kv_requests.clear()
     sched.running.clear()
     sched.kv_log.clear()
-    if blocks > 8 and released < requests * expected_release * 0.9:
-        raise RuntimeError(f"{policy_name}: only {released} blocks released; the decision did "
-                           "not run as intended")
+    expected = (len(deciding) * (blocks - max(-(-int(BUDGET * tokens) // BLOCK_SIZE), 4))
+                if not staggered else len(deciding) * (GROWTH - 2))
+    if blocks > 8 and released < 0.9 * expected:
+        raise RuntimeError(f"{policy_name}: only {released} blocks released (expected about "
+                           f"{expected}); the decision did not run as intended")
     return elapsed, select_s[0]
 
 
@@ -135,39 +183,56 @@ def main() -> None:
     repeats = PROFILES[args.profile]["repeats"]
     policies = [p for p in args.policies.split(",") if p]
     started = time.perf_counter()
-    sched = build_scheduler(max(REQUESTS) * max(BLOCKS) + 1, max(BLOCKS))
+    sched = build_scheduler(max(REQUESTS) * (max(BLOCKS) + GROWTH) + 1, max(BLOCKS) + GROWTH)
     setup_s = time.perf_counter() - started
     rng = random.Random(common.SEED)
     rows = []
-    for requests in REQUESTS:
-        for blocks in BLOCKS:
-            for policy in policies:
-                time_step(sched, policy, requests, blocks, rng)  # warm-up
-                runs = [time_step(sched, policy, requests, blocks, rng) for _ in range(repeats)]
-                ms = statistics.median(r[0] for r in runs) * 1e3
-                rows.append({"requests": requests, "blocks": blocks, "policy": policy,
-                             "ms": ms, "ms_per_request": ms / requests,
-                             "select_ms": statistics.median(r[1] for r in runs) * 1e3,
-                             "repeats": repeats})
-                print(f"  {requests:4d} requests x {blocks:5d} blocks  {policy:12s} "
-                      f"{ms:10.3f} ms", flush=True)
-    worst = {}
-    for r in rows:
-        key = (r["requests"], r["blocks"])
-        if key not in worst or r["ms"] > worst[key]["ms"]:
-            worst[key] = r
-    summary = [{"requests": k[0], "blocks": k[1], "ms": v["ms"], "policy": v["policy"]}
-               for k, v in worst.items()]
-    print("\nOne scheduling step, every request deciding (ms, slowest policy; per request)")
-    print(common.markdown_table(
-        ["requests \\ blocks per request", *map(str, BLOCKS)],
-        [[str(n)] + [f"{worst[(n, b)]['ms']:.2f} ({worst[(n, b)]['ms'] / n:.3f})" for b in BLOCKS]
-         for n in REQUESTS]))
+    for pattern in ("all", "staggered"):
+        for requests in REQUESTS:
+            for blocks in BLOCKS:
+                for policy in policies:
+                    for impl in ("batched", "per_request"):
+                        kw = dict(batched=impl == "batched", staggered=pattern == "staggered")
+                        time_step(sched, policy, requests, blocks, rng, **kw)  # warm-up
+                        runs = [time_step(sched, policy, requests, blocks, rng, **kw)
+                                for _ in range(repeats)]
+                        ms = statistics.median(r[0] for r in runs) * 1e3
+                        rows.append({"pattern": pattern, "impl": impl, "requests": requests,
+                                     "blocks": blocks, "policy": policy, "ms": ms,
+                                     "ms_per_request": ms / requests,
+                                     "select_ms": statistics.median(r[1] for r in runs) * 1e3,
+                                     "repeats": repeats})
+                        print(f"  {pattern:9s} {impl:11s} {requests:4d} x {blocks:5d} "
+                              f"{policy:12s} {ms:10.3f} ms", flush=True)
+
+    def worst(pattern, impl):
+        out = {}
+        for r in rows:
+            if r["pattern"] == pattern and r["impl"] == impl:
+                key = (r["requests"], r["blocks"])
+                if key not in out or r["ms"] > out[key]["ms"]:
+                    out[key] = r
+        return [{"requests": k[0], "blocks": k[1], "ms": v["ms"], "policy": v["policy"]}
+                for k, v in out.items()]
+
+    summaries = {f"{p}_{i}": worst(p, i) for p in ("all", "staggered")
+                 for i in ("batched", "per_request")}
+    for pattern, title in (("all", "every request deciding"),
+                           ("staggered", f"steady state, 1/{INTERVAL} of them deciding")):
+        cell = {(r["requests"], r["blocks"]): r["ms"] for r in summaries[f"{pattern}_batched"]}
+        before = {(r["requests"], r["blocks"]): r["ms"]
+                  for r in summaries[f"{pattern}_per_request"]}
+        print(f"\nOne scheduling step, {title} (ms, slowest policy; batched / per-request)")
+        print(common.markdown_table(
+            ["requests \\ blocks per request", *map(str, BLOCKS)],
+            [[str(n)] + [f"{cell[(n, b)]:.2f} / {before[(n, b)]:.2f}" for b in BLOCKS]
+             for n in REQUESTS]))
     common.write_json("scheduler.json", {
         "command": common.command(), "profile": args.profile, "budget": BUDGET,
-        "block_size": BLOCK_SIZE, "versions": common.versions(), "machine": common.machine(),
+        "block_size": BLOCK_SIZE, "interval": INTERVAL, "growth_blocks": GROWTH,
+        "versions": common.versions(), "machine": common.machine(),
         "setup_s": setup_s, "total_s": time.perf_counter() - started,
-        "rows": rows, "summary": summary,
+        "rows": rows, "summary": summaries["all_batched"], "summaries": summaries,
     })
     print(f"\ntotal {time.perf_counter() - started:.0f} s; wrote results/scheduler.json")
 

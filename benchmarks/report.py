@@ -386,6 +386,59 @@ def _notes(results: Path, name: str) -> list[str]:
     return [notes.read_text(), ""] if notes.exists() else []
 
 
+def scheduler_section(sched: dict, all_batched: list[dict]) -> list[str]:
+    """bench_scheduler.py: the worst step (every request deciding) and the steady state, the
+    batched decisions beside one selection per request, from the same run."""
+    summaries = sched.get("summaries") or {"all_batched": all_batched}
+
+    def table(pattern):
+        after = {(r["requests"], r["blocks"]): r["ms"] for r in summaries.get(f"{pattern}_batched", [])}
+        before = {(r["requests"], r["blocks"]): r["ms"]
+                  for r in summaries.get(f"{pattern}_per_request", [])}
+        blocks = sorted({k[1] for k in after})
+        reqs = sorted({k[0] for k in after})
+
+        def cell(key):
+            if key not in before:
+                return f"{after[key]:.2f}"
+            return f"{after[key]:.2f} / {before[key]:.2f} (×{before[key] / after[key]:.1f})"
+
+        return common.markdown_table(["requests \\ blocks per request", *map(str, blocks)],
+                                     [[str(n)] + [cell((n, b)) for b in blocks] for n in reqs])
+
+    lines = ["## Scheduler cost", "",
+             "One scheduling step's eviction decisions (selection + block bookkeeping on vLLM's "
+             "BlockPool), ms, slowest policy; batched (one `select_batch` for the step) / one "
+             "selection per request, same run. **Every request deciding** (each releasing 75 % "
+             "of its blocks: the worst step):", "", table("all"), ""]
+    if "staggered_batched" in summaries:
+        lines += [f"**Steady state**: every request at its budget, 1/{sched.get('interval', 16)} "
+                  f"of them deciding in the step, each grown by {sched.get('growth_blocks', 4)} "
+                  "blocks:", "", table("staggered"), ""]
+    return lines
+
+
+def worker_section(worker: dict | None) -> list[str]:
+    """bench_worker.py: statistic calls, host bytes and host time per scored step."""
+    if not worker or not worker.get("rows"):
+        return []
+    return ["## Worker cost of scoring", "",
+            f"`bench_worker.py` on SmolLM2 ({worker['layers']} layers), {worker['prompt_tokens']}"
+            "-token prompts at a 25 % budget: per step that scores R requests, the statistic "
+            "calls (one kernel launch each on NVIDIA), the bytes the worker moves to the host "
+            "per scored request (one float32 per block + one flag) and its host-side time per "
+            "request outside the statistics. H2O and HybridKV are scored at decode steps; "
+            "SnapKV's scored steps are its prefills, whose observation window is one call per "
+            "request and layer (windows differ in length).", "",
+            common.markdown_table(
+                ["policy", "requests scored", "statistic calls / step", "calls / layer",
+                 "host bytes / request", "bytes / block", "worker host ms / request"],
+                [[r["policy"], r["requests"], f"{r['calls_per_step']:.0f}",
+                  f"{r['calls_per_step_per_layer']:.1f}", f"{r['host_bytes_per_request']:.0f}",
+                  f"{r['host_bytes_per_block']:.2f}", f"{r['worker_host_ms_per_request']:.3f}"]
+                 for r in worker["rows"]]), ""]
+
+
 def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
     quality = load(results, "quality.json") or {}
     kvp = load(results, "kvpress.json") or {}
@@ -495,16 +548,11 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
             lines += ["![KV blocks in use over time](serving_blocks.png)", ""]
 
     if summary["scheduler_ms"]:
-        blocks = sorted({r["blocks"] for r in summary["scheduler_ms"]})
-        reqs = sorted({r["requests"] for r in summary["scheduler_ms"]})
-        ms = {(r["requests"], r["blocks"]): r["ms"] for r in summary["scheduler_ms"]}
-        lines += ["## Scheduler cost", "",
-                  "One scheduling step in which every running request takes an eviction decision "
-                  "(policy.select + block bookkeeping on vLLM's BlockPool), ms, slowest policy:", "",
-                  common.markdown_table(["requests \\ blocks per request", *map(str, blocks)],
-                                        [[str(n)] + [ms.get((n, b)) for b in blocks] for n in reqs]), ""]
+        lines += scheduler_section(sched, summary["scheduler_ms"])
         if plots.get("scheduler"):
             lines += ["![scheduler cost](scheduler_cost.png)", ""]
+        lines += _notes(results, "scheduler.md")
+    lines += worker_section(load(results, "worker.json"))
 
     drift = quality.get("drift") or []
     if drift:

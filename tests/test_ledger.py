@@ -94,6 +94,11 @@ def test_random_sequences_never_leak_or_double_free(ops):
         assert len(ids) == len(set(ids)), "a block is held twice"
         assert pool.get_num_free_blocks() + len(ids) == initial_free, "a block leaked"
         assert ledger.num_parked_total() <= ledger.bin_capacity
+        # the running counters and masks agree with a scan of vLLM's lists
+        assert ledger.num_parked_total() == sum(len(rb.parked) for rb in ledger.requests.values())
+        for rid in tokens:
+            scan = [i for i, b in enumerate(manager.req_to_blocks[rid]) if b is not null]
+            assert ledger.resident_positions(rid) == scan
         for rid, rb in ledger.requests.items():
             blocks = manager.req_to_blocks.get(rid, [])
             assert all(blocks[p] is not null for p in rb.parked)

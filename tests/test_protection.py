@@ -67,19 +67,21 @@ def test_per_request_overrides_keep_explicit_fields_explicit():
     assert request.protection(4, 32) == (1, None)
 
 
-def _cap(policy, budget, prompt, hit_blocks, bs=32):
+def _cap(policy, budget, prompt, hit_blocks, bs=32, groups=1):
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
     from vllm_kvevict.adapter.scheduler import RequestEviction
     from vllm_kvevict.policies import get_policy
 
     config = parse_config({"policy": policy, "budget": budget})
-    sched = SimpleNamespace(kv_block_size=bs, kv_requests={
-        "r": RequestEviction(config=config, policy=get_policy(policy, {}))})
+    empty = KVCacheBlocks(tuple(() for _ in range(groups)))
+    sched = SimpleNamespace(kv_block_size=bs, kv_hybrid=groups > 1, kv_requests={
+        "r": RequestEviction(config=config, policy=get_policy(policy, {}))},
+        kv_cache_manager=SimpleNamespace(empty_kv_cache_blocks=empty))
     request = SimpleNamespace(request_id="r", num_prompt_tokens=prompt)
-    blocks = KVCacheBlocks((list(range(hit_blocks)),))
+    blocks = KVCacheBlocks(tuple(list(range(hit_blocks)) for _ in range(groups)))
     capped, n, boundary = EvictingScheduler._cap_prefix_hit(sched, request, blocks, hit_blocks * bs, 0)
-    assert len(capped.blocks[0]) * bs == n and boundary == 0
+    assert all(len(group) * bs == n for group in capped.blocks) and boundary == 0
     return n
 
 
@@ -91,3 +93,11 @@ def test_prefix_hit_leaves_a_windowed_policy_its_whole_window():
     assert _cap("snapkv", 1.0, 1000, 31) == 31 * 32  # never scored: hit untouched
     assert _cap("streamingllm", 0.1, 1000, 31) == 31 * 32  # no window
     assert _cap("hae", 1.0, 1000, 31) == 30 * 32  # selects after prefill even within budget
+
+
+def test_a_hybrid_model_gets_no_hit_where_the_hit_would_be_capped():
+    """A shorter hit is not valid for sliding-window groups (their cached rows hold only the
+    window before the hit's end): where the window would need capping, no hit at all."""
+    assert _cap("snapkv", 0.1, 1000, 31, groups=6) == 0
+    assert _cap("snapkv", 0.1, 1024, 31, groups=6) == 31 * 32  # nothing to cap: hit kept
+    assert _cap("streamingllm", 0.1, 1000, 31, groups=6) == 31 * 32

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class RequestBlocks:
@@ -18,6 +20,9 @@ class RequestBlocks:
 
     parked: set[int] = field(default_factory=set)
     released: set[int] = field(default_factory=set)
+    #: ``released`` as a bool mask by position (grown on demand): resident positions in O(1)
+    #: array operations instead of a scan of the block list
+    released_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     #: tokens computed when the first block left attention: K/V of later tokens were computed
     #: without the excluded context, so blocks past this point must never become cache hits.
     poison_from_token: int | None = None
@@ -34,6 +39,7 @@ class BlockLedger:
         self.block_size = manager.block_size
         self.bin_capacity = bin_capacity  # parked blocks held across all requests, at most
         self.requests: dict[str, RequestBlocks] = {}
+        self._parked_total = 0  # sum of len(rb.parked) over requests, kept up to date
 
     # -- queries -----------------------------------------------------------------------------
     def blocks(self, req_id: str) -> list:
@@ -43,7 +49,7 @@ class BlockLedger:
         return self.requests.setdefault(req_id, RequestBlocks())
 
     def num_parked_total(self) -> int:
-        return sum(len(r.parked) for r in self.requests.values())
+        return self._parked_total
 
     def excluded_positions(self, req_id: str) -> set[int]:
         rb = self.requests.get(req_id)
@@ -56,7 +62,20 @@ class BlockLedger:
 
     def resident_positions(self, req_id: str) -> list[int]:
         """Positions whose block is in memory (kept or parked), in order."""
-        return [i for i, b in enumerate(self.blocks(req_id)) if b is not self.null_block]
+        return self.resident_array(req_id).tolist()
+
+    def resident_array(self, req_id: str) -> np.ndarray:
+        """:meth:`resident_positions` as an int64 array. In a full-attention group the only
+        null blocks are those this ledger released (vLLM nulls blocks only in sliding-window
+        and mamba groups), so they are read from the released mask, not from the list."""
+        n = len(self.blocks(req_id))
+        rb = self.requests.get(req_id)
+        if rb is None or not rb.released:
+            return np.arange(n, dtype=np.int64)
+        mask = rb.released_mask[:n]
+        if len(mask) < n:
+            mask = np.concatenate([mask, np.zeros(n - len(mask), dtype=bool)])
+        return np.flatnonzero(~mask)
 
     def compacted_row(self, req_id: str) -> tuple[list[int], list[int]]:
         """(block ids, positions) of the blocks the worker attends to, in positional order."""
@@ -96,17 +115,25 @@ class BlockLedger:
         (already released ones are skipped)."""
         rb = self.state(req_id)
         blocks = self.blocks(req_id)
-        freed, let_go = [], []
-        for pos in sorted(set(positions), reverse=True):
-            self._check_evictable(req_id, pos, committed_tokens)
-            block = blocks[pos]
-            if block is self.null_block:
-                continue
-            blocks[pos] = self.null_block
-            rb.parked.discard(pos)
-            rb.released.add(pos)
-            freed.append(block)
-            let_go.append(pos)
+        order = sorted(set(positions), reverse=True)
+        if order:  # the extremes bound every position: one check for the whole list
+            self._check_evictable(req_id, order[0], committed_tokens)
+            self._check_evictable(req_id, order[-1], committed_tokens)
+        null = self.null_block
+        let_go = [pos for pos in order if blocks[pos] is not null]
+        freed = [blocks[pos] for pos in let_go]
+        for pos in let_go:
+            blocks[pos] = null
+        if let_go:
+            before = len(rb.parked)
+            rb.parked.difference_update(let_go)
+            self._parked_total -= before - len(rb.parked)
+            rb.released.update(let_go)
+            if len(rb.released_mask) <= let_go[0]:  # let_go is descending
+                grown = np.zeros(max(let_go[0] + 1, 2 * len(rb.released_mask)), dtype=bool)
+                grown[: len(rb.released_mask)] = rb.released_mask
+                rb.released_mask = grown
+            rb.released_mask[let_go] = True
         if freed:
             # tail-first order, like vLLM's own free(): older blocks stay cached longer
             self.block_pool.free_blocks(freed)
@@ -128,6 +155,7 @@ class BlockLedger:
             if added >= room:
                 raise ValueError(f"recycle bin full ({self.bin_capacity} blocks)")
             rb.parked.add(pos)
+            self._parked_total += 1
             added += 1
         if added:
             self._mark_excluded(rb, committed_tokens)
@@ -140,6 +168,7 @@ class BlockLedger:
         for pos in set(positions):
             if pos in rb.parked:
                 rb.parked.remove(pos)
+                self._parked_total -= 1
                 restored += 1
         if restored:
             rb.changed = True
@@ -148,7 +177,9 @@ class BlockLedger:
     def forget(self, req_id: str) -> None:
         """Drop the request's eviction state (call when vLLM frees its blocks: finish,
         abort, preemption). Parked blocks are still in vLLM's list, so ``free()`` returns them."""
-        self.requests.pop(req_id, None)
+        rb = self.requests.pop(req_id, None)
+        if rb is not None:
+            self._parked_total -= len(rb.parked)
 
     def take_changed(self, req_id: str) -> bool:
         rb = self.requests.get(req_id)

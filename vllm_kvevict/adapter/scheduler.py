@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
@@ -36,6 +37,7 @@ from vllm_kvevict.config import (
 )
 from vllm_kvevict.metrics import EvictionMetrics
 from vllm_kvevict.policies import get_policy
+from vllm_kvevict.policies.base import EvictionPolicy, select_batch
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -46,12 +48,38 @@ class RequestEviction:
     policy: Any  # EvictionPolicy | None
     generation: int = 0
     scores: dict[int, float] = field(default_factory=dict)  # position -> latest score
+    #: the same scores as arrays (positions ascending), what the batched decisions read
+    score_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    score_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     fresh: bool = False  # scores arrived since the last decision
     decode_steps: int = 0  # decode steps since the last scoring
     evicted_tokens: int = 0  # released to the pool, cumulative (for reporting)
     visual_evicted_tokens: int = 0  # of those, multimodal embedding (image) tokens
     evicted_blocks: int = 0  # taken out of attention (parked or released), cumulative
     select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
+
+
+@dataclass
+class _Pending:
+    """One request's decision inputs, gathered before the step's batched selection."""
+
+    request: Any
+    state: RequestEviction
+    positions: np.ndarray  # [nb] resident positional block indices, ascending
+    committed: int
+    parked: set[int]
+    scores: np.ndarray  # [nb] float32 (0 where unscored; those are protected)
+    protected: np.ndarray  # [nb] bool
+    keep_blocks: int
+    bin_blocks: int
+    release_zero: bool
+    tier: np.ndarray | None  # [nb] int, release_zero policies only
+    visual: torch.Tensor | None  # [nb] bool all-image blocks, multimodal requests only
+
+
+def _custom_select(policy) -> bool:
+    """The policy overrides ``EvictionPolicy.select`` (the batched path cannot run it)."""
+    return type(policy).select is not EvictionPolicy.select
 
 
 def visual_spans(request) -> list[tuple[int, int]]:
@@ -83,6 +111,26 @@ def visual_token_count(spans: list[tuple[int, int]], positions, block_size: int)
         lo, hi = p * block_size, (p + 1) * block_size
         total += sum(max(0, min(hi, off + n) - max(lo, off)) for off, n in spans)
     return total
+
+
+def protected_mask(config: EvictionConfig, positions: np.ndarray, committed: int,
+                   scored: np.ndarray, block_size: int) -> np.ndarray:
+    """[nb] bool: blocks a decision must keep - the sink, the recent window (shrunk with the
+    budget), blocks not yet full or committed, and blocks without a score.
+
+    Args:
+        positions: ``[nb]`` positional block indices (int64).
+        committed: tokens computed and not in flight.
+        scored: ``[nb]`` bool, the block has a score from the workers.
+    """
+    bs = block_size
+    sink_blocks, recent_room = config.protection(config.keep_blocks(committed, bs), bs)
+    recent_start = max(committed - config.recent_tokens, 0) // bs
+    full_blocks = committed // bs
+    if recent_room is not None:  # shrunk default: at most recent_room full recent blocks
+        recent_start = max(recent_start, full_blocks - recent_room)
+    return ((positions < sink_blocks) | (positions >= recent_start)
+            | (positions >= full_blocks) | ~scored)
 
 
 def request_config(default: EvictionConfig, request) -> EvictionConfig:
@@ -278,6 +326,9 @@ class EvictingScheduler(Scheduler):
                 if state is None or state.generation != block_scores.generation:
                     continue  # finished or preempted since: the scores describe old blocks
                 state.scores = dict(zip(block_scores.positions, block_scores.scores))
+                order = np.argsort(np.asarray(block_scores.positions, dtype=np.int64), kind="stable")
+                state.score_positions = np.asarray(block_scores.positions, dtype=np.int64)[order]
+                state.score_values = np.asarray(block_scores.scores, dtype=np.float32)[order]
                 state.fresh = True
 
     # -- decisions -----------------------------------------------------------------------------
@@ -286,64 +337,114 @@ class EvictingScheduler(Scheduler):
 
     def _protected(self, config: EvictionConfig, positions: list[int], committed: int,
                    scores: dict[int, float]) -> torch.Tensor:
-        bs = self.kv_block_size
-        sink_blocks, recent_room = config.protection(config.keep_blocks(committed, bs), bs)
-        recent_start = max(committed - config.recent_tokens, 0) // bs
-        full_blocks = committed // bs
-        if recent_room is not None:  # shrunk default: at most recent_room full recent blocks
-            recent_start = max(recent_start, full_blocks - recent_room)
-        return torch.tensor(
-            [p < sink_blocks or p >= recent_start or p >= full_blocks or p not in scores
-             for p in positions],
-            dtype=torch.bool,
-        )
+        """:func:`protected_mask` for a position list and a ``{position: score}`` dict."""
+        scored = np.fromiter((p in scores for p in positions), dtype=bool, count=len(positions))
+        pos = np.asarray(positions, dtype=np.int64)
+        return torch.from_numpy(protected_mask(config, pos, committed, scored, self.kv_block_size))
 
     def _apply_decisions(self) -> None:
+        """Decide for every running request with fresh scores: the inputs of each gathered,
+        one :func:`select_batch` per selection rule for all of them, then the ledger."""
+        deciding = []
         for request in self.running:
             state = self.kv_requests.get(request.request_id)
-            if state is None or not state.fresh:
-                continue
-            state.fresh = False
-            started = time.perf_counter()
-            self._decide(request, state)
-            elapsed = time.perf_counter() - started
-            self.kv_metrics.policy(state.config.policy).observe_decision(elapsed)
+            if state is not None and state.fresh:
+                state.fresh = False
+                deciding.append((request, state))
+        if deciding:
+            self._decide_batch(deciding)
 
     def _decide(self, request, state: RequestEviction) -> None:
+        """One request's decision (the batched path with a batch of one)."""
+        self._decide_batch([(request, state)])
+
+    def _decide_batch(self, deciding: list) -> None:
+        started = time.perf_counter()
+        pending = [p for p in (self._decision_input(r, s) for r, s in deciding) if p is not None]
+        for p in [p for p in pending if _custom_select(p.state.policy)]:
+            self._select_one(p)
+        pending = [p for p in pending if not _custom_select(p.state.policy)]
+        for release_zero in (False, True):
+            group = [p for p in pending if p.release_zero == release_zero]
+            if group:
+                self._select_and_apply(group, release_zero)
+        share = (time.perf_counter() - started) / len(deciding)
+        for _, state in deciding:
+            self.kv_metrics.policy(state.config.policy).observe_decision(share)
+
+    def _decision_input(self, request, state: RequestEviction) -> _Pending | None:
+        """What a decision needs, as arrays; None when this request has nothing to decide."""
         req_id, bs = request.request_id, self.kv_block_size
         committed = self._committed_tokens(request)
-        positions = self.ledger.resident_positions(req_id)
-        if not positions:
-            return
+        pos = self.ledger.resident_array(req_id)
+        if not len(pos):
+            return None
         config = state.config
         keep_blocks = config.keep_blocks(committed, bs)
         rb = self.ledger.requests.get(req_id)
         parked = set(rb.parked) if rb else set()
         select_anyway, state.select_anyway = state.select_anyway, False
-        if len(positions) - len(parked) <= keep_blocks and not parked and not select_anyway:
-            return
-        protected = self._protected(config, positions, committed, state.scores)
-        scores = torch.tensor([state.scores.get(p, 0.0) for p in positions], dtype=torch.float32)
+        if len(pos) - len(parked) <= keep_blocks and not parked and not select_anyway:
+            return None
+        known = state.score_positions
+        idx = np.minimum(np.searchsorted(known, pos), max(len(known) - 1, 0))
+        scored = (known[idx] == pos) if len(known) else np.zeros(len(pos), dtype=bool)
+        scores = np.where(scored, state.score_values[idx] if len(known) else 0.0, 0.0)
         room = self.ledger.bin_capacity - self.ledger.num_parked_total() + len(parked)
-        decision = state.policy.select(
-            scores,
-            block_index=torch.tensor(positions, dtype=torch.int64),
-            keep_blocks=keep_blocks,
-            protected=protected,
+        visual = self._visual_blocks(request, pos.tolist()) if getattr(request, "mm_features", None) else None
+        tier = state.policy.tier(visual) if state.policy.release_zero else None
+        return _Pending(
+            request=request, state=state, positions=pos, committed=committed, parked=parked,
+            scores=scores.astype(np.float32), keep_blocks=keep_blocks,
+            protected=protected_mask(config, pos, committed, scored, bs),
             bin_blocks=max(0, min(config.recycle_bin_blocks, room)),
-            visual_blocks=self._visual_blocks(request, positions),
+            release_zero=state.policy.release_zero,
+            tier=None if tier is None else tier.cpu().numpy(), visual=visual,
         )
-        restored = self.ledger.restore(req_id, parked & set(decision.keep.tolist()))
-        to_release = decision.release.tolist()
-        from_bin = len(parked & set(to_release))
-        released = self.ledger.release(req_id, to_release, committed)
-        newly_parked = self.ledger.park(
-            req_id, [p for p in decision.park.tolist() if p not in parked], committed
+
+    def _select_one(self, p: _Pending) -> None:
+        """A policy with its own ``select`` (an extension point): called as is, per request."""
+        decision = p.state.policy.select(
+            torch.from_numpy(p.scores), block_index=torch.from_numpy(p.positions),
+            keep_blocks=p.keep_blocks, protected=torch.from_numpy(p.protected),
+            bin_blocks=p.bin_blocks, visual_blocks=p.visual,
         )
-        self._count(state, restored=restored, released=len(released), parked=newly_parked,
+        self._apply(p, decision.keep.tolist(), decision.park.tolist(), decision.release.tolist())
+
+    def _select_and_apply(self, group: list[_Pending], release_zero: bool) -> None:
+        width = max(len(p.positions) for p in group)
+        shape = (len(group), width)
+        scores, valid = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=bool)
+        protected, tier = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int64)
+        for i, p in enumerate(group):
+            n = len(p.positions)
+            scores[i, :n], valid[i, :n], protected[i, :n] = p.scores, True, p.protected
+            if p.tier is not None:
+                tier[i, :n] = p.tier
+        has_tier = release_zero and any(p.tier is not None for p in group)
+        decision = select_batch(
+            scores, valid, protected, np.array([p.keep_blocks for p in group]),
+            np.array([p.bin_blocks for p in group]), release_zero=release_zero,
+            tier=tier if has_tier else None,
+        )
+        for i, p in enumerate(group):
+            n = len(p.positions)
+            self._apply(p, p.positions[decision.keep[i, :n]].tolist(),
+                        p.positions[decision.park[i, :n]].tolist(),
+                        p.positions[decision.release[i, :n]].tolist())
+
+    def _apply(self, p: _Pending, keep: list[int], park: list[int], release: list[int]) -> None:
+        """Carry out one request's decision through the ledger: restore parked blocks it
+        keeps, release, park; count and log."""
+        req_id, parked = p.request.request_id, p.parked
+        restored = self.ledger.restore(req_id, parked.intersection(keep))
+        from_bin = len(parked.intersection(release))
+        released = self.ledger.release(req_id, release, p.committed)
+        newly_parked = self.ledger.park(req_id, [q for q in park if q not in parked], p.committed)
+        self._count(p.state, restored=restored, released=len(released), parked=newly_parked,
                     evicted=len(released) - from_bin + newly_parked,
-                    visual=self._visual_tokens(request, released))
-        self._log(req_id, committed)
+                    visual=self._visual_tokens(p.request, released))
+        self._log(req_id, p.committed)
 
     def _visual_tokens(self, request, positions) -> int:
         spans = visual_spans(request)
@@ -464,7 +565,7 @@ class EvictingScheduler(Scheduler):
             return None  # a middle prefill chunk
         req_id = request.request_id
         rb = self.ledger.requests.get(req_id)
-        kept = len(self.ledger.resident_positions(req_id)) - (len(rb.parked) if rb else 0)
+        kept = len(self.ledger.resident_array(req_id)) - (len(rb.parked) if rb else 0)
         over = kept > state.config.keep_blocks(done, self.kv_block_size)
         threshold = phase == "prefill" and state.policy.select_after_prefill
         # windowed methods (SnapKV, LaProx, HAE, HybridKV) only see the prompt's window now

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -177,6 +178,67 @@ def select_tiered(
         bin_blocks=min(max(int(bin_blocks), 0), live - n_keep),
     )
     return decision
+
+
+@dataclass
+class BatchDecision:
+    """Masks over a padded ``[R, N]`` batch of requests' resident blocks (padding all False)."""
+
+    keep: np.ndarray  # [R, N] bool
+    park: np.ndarray  # [R, N] bool
+    release: np.ndarray  # [R, N] bool
+
+
+def select_batch(
+    scores: np.ndarray,
+    valid: np.ndarray,
+    protected: np.ndarray,
+    keep_blocks: np.ndarray,
+    bin_blocks: np.ndarray,
+    *,
+    release_zero: bool = False,
+    tier: np.ndarray | None = None,
+) -> BatchDecision:
+    """:func:`select_blocks` (or, with ``release_zero``, :func:`select_tiered`) for ``R``
+    requests at once, on the host: the scheduler's decisions of one step in a few array
+    operations instead of a dozen tensor operations per request. Same decisions, ties
+    included (stable sort of the same float64 keys).
+
+    Args:
+        scores: ``[R, N]`` block scores, row ``r`` valid in its first entries (``valid``).
+        valid: ``[R, N]`` bool, the request's resident blocks (positional order) vs padding.
+        protected: ``[R, N]`` bool, always kept.
+        keep_blocks: ``[R]`` blocks to keep (at least the protected ones are kept).
+        bin_blocks: ``[R]`` of the rest, how many to park (the best-scored ones).
+        tier: ``[R, N]`` int rank classes (``release_zero`` only), or None.
+    Returns:
+        keep / park / release masks, each ``[R, N]``.
+    """
+    scores = scores.astype(np.float64)
+    n_valid = valid.sum(axis=1)
+    n_protected = (protected & valid).sum(axis=1)
+    bins = np.maximum(bin_blocks.astype(np.int64), 0)
+    if release_zero:
+        dead = (scores <= 0) & ~protected & valid
+        key = np.maximum(scores, 0.0)
+        if tier is not None:
+            row_max = np.where(valid, key, -np.inf).max(axis=1, keepdims=True)
+            key = tier.astype(np.float64) * (1.0 + row_max) + key
+        key = np.where(dead, -1.0, key)
+        live = n_valid - dead.sum(axis=1)
+        n_keep = np.minimum(np.maximum(keep_blocks, n_protected), live)
+        bins = np.minimum(bins, live - n_keep)
+    else:
+        key = scores
+        n_keep = np.minimum(np.maximum(keep_blocks, n_protected), n_valid)
+    key = np.where(protected, np.inf, key)
+    key = np.where(valid, key, -np.inf)  # padding ranks last
+    order = np.argsort(-key, axis=1, kind="stable")  # descending, ties keep positional order
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
+    keep = (rank < n_keep[:, None]) & valid
+    park = (rank >= n_keep[:, None]) & (rank < (n_keep + bins)[:, None]) & valid
+    return BatchDecision(keep=keep, park=park, release=valid & ~keep & ~park)
 
 
 class EvictionPolicy:

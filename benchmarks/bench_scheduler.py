@@ -39,7 +39,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
-import numpy as np  # noqa: E402
 
 REQUESTS = (1, 16, 256)
 BLOCKS = (64, 512, 4096)
@@ -116,9 +115,7 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
             select_s[0] += time.perf_counter() - t0
 
     def fresh(state, n_blocks):
-        state.scores = {p: rng.random() for p in range(n_blocks)}
-        state.score_positions = np.arange(n_blocks, dtype=np.int64)
-        state.score_values = np.array([state.scores[p] for p in range(n_blocks)], dtype=np.float32)
+        state.set_scores(range(n_blocks), [rng.random() for _ in range(n_blocks)])
         state.fresh = True
 
     for i in range(requests):

@@ -47,8 +47,7 @@ class RequestEviction:
     config: EvictionConfig
     policy: Any  # EvictionPolicy | None
     generation: int = 0
-    scores: dict[int, float] = field(default_factory=dict)  # position -> latest score
-    #: the same scores as arrays (positions ascending), what the batched decisions read
+    #: the latest block scores from the workers: positions ascending, float32 values
     score_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     score_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     fresh: bool = False  # scores arrived since the last decision
@@ -57,6 +56,18 @@ class RequestEviction:
     visual_evicted_tokens: int = 0  # of those, multimodal embedding (image) tokens
     evicted_blocks: int = 0  # taken out of attention (parked or released), cumulative
     select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
+
+    def set_scores(self, positions, values) -> None:
+        """Take the workers' ``positions`` / ``values`` (any order) as the latest scores."""
+        pos = np.asarray(positions, dtype=np.int64)
+        order = np.argsort(pos, kind="stable")
+        self.score_positions = pos[order]
+        self.score_values = np.asarray(values, dtype=np.float32)[order]
+
+    @property
+    def scores(self) -> dict[int, float]:
+        """``{position: score}`` view of the latest scores (reports, tests)."""
+        return dict(zip(self.score_positions.tolist(), self.score_values.tolist()))
 
 
 @dataclass
@@ -75,6 +86,17 @@ class _Pending:
     release_zero: bool
     tier: np.ndarray | None  # [nb] int, release_zero policies only
     visual: torch.Tensor | None  # [nb] bool all-image blocks, multimodal requests only
+
+
+def _scores_at(state: RequestEviction, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([nb] bool has a score, [nb] float32 score or 0) of the request's latest scores at
+    ``positions``."""
+    known = state.score_positions
+    if not len(known):
+        return np.zeros(len(positions), dtype=bool), np.zeros(len(positions), dtype=np.float32)
+    idx = np.minimum(np.searchsorted(known, positions), len(known) - 1)
+    scored = known[idx] == positions
+    return scored, np.where(scored, state.score_values[idx], 0.0).astype(np.float32)
 
 
 def _custom_select(policy) -> bool:
@@ -292,7 +314,7 @@ class EvictingScheduler(Scheduler):
                     self.kv_log_finished.pop(next(iter(self.kv_log_finished)))
         else:
             state.generation += 1
-            state.scores.clear()
+            state.set_scores([], [])
             state.fresh = False
             state.decode_steps = 0
 
@@ -325,10 +347,7 @@ class EvictingScheduler(Scheduler):
                 state = self.kv_requests.get(req_id)
                 if state is None or state.generation != block_scores.generation:
                     continue  # finished or preempted since: the scores describe old blocks
-                state.scores = dict(zip(block_scores.positions, block_scores.scores))
-                order = np.argsort(np.asarray(block_scores.positions, dtype=np.int64), kind="stable")
-                state.score_positions = np.asarray(block_scores.positions, dtype=np.int64)[order]
-                state.score_values = np.asarray(block_scores.scores, dtype=np.float32)[order]
+                state.set_scores(block_scores.positions, block_scores.scores)
                 state.fresh = True
 
     # -- decisions -----------------------------------------------------------------------------
@@ -353,10 +372,6 @@ class EvictingScheduler(Scheduler):
                 deciding.append((request, state))
         if deciding:
             self._decide_batch(deciding)
-
-    def _decide(self, request, state: RequestEviction) -> None:
-        """One request's decision (the batched path with a batch of one)."""
-        self._decide_batch([(request, state)])
 
     def _decide_batch(self, deciding: list) -> None:
         started = time.perf_counter()
@@ -386,16 +401,13 @@ class EvictingScheduler(Scheduler):
         select_anyway, state.select_anyway = state.select_anyway, False
         if len(pos) - len(parked) <= keep_blocks and not parked and not select_anyway:
             return None
-        known = state.score_positions
-        idx = np.minimum(np.searchsorted(known, pos), max(len(known) - 1, 0))
-        scored = (known[idx] == pos) if len(known) else np.zeros(len(pos), dtype=bool)
-        scores = np.where(scored, state.score_values[idx] if len(known) else 0.0, 0.0)
+        scored, scores = _scores_at(state, pos)
         room = self.ledger.bin_capacity - self.ledger.num_parked_total() + len(parked)
         visual = self._visual_blocks(request, pos.tolist()) if getattr(request, "mm_features", None) else None
         tier = state.policy.tier(visual) if state.policy.release_zero else None
         return _Pending(
             request=request, state=state, positions=pos, committed=committed, parked=parked,
-            scores=scores.astype(np.float32), keep_blocks=keep_blocks,
+            scores=scores, keep_blocks=keep_blocks,
             protected=protected_mask(config, pos, committed, scored, bs),
             bin_blocks=max(0, min(config.recycle_bin_blocks, room)),
             release_zero=state.policy.release_zero,
@@ -494,8 +506,13 @@ class EvictingScheduler(Scheduler):
 
     def _free_under_pressure(self, need: int) -> bool:
         """Pool-pressure mode: release parked blocks first, then the globally least important
-        evictable blocks of running requests. Returns False if nothing could be freed."""
-        candidates = []  # (is_kept, shared, score, req_id, position, committed)
+        evictable blocks of running requests. Returns False if nothing could be freed.
+
+        The candidates of every running request are gathered as arrays and ordered in one
+        ``np.lexsort``: parked before kept, blocks only this request holds before blocks
+        shared through a prefix hit (releasing those frees no memory), then by score, request
+        id and position; the first ``need`` are released, one ledger call per request."""
+        parts = []  # per request: (req_id, committed, is_kept, shared, scores, positions)
         running = {}
         for request in self.running:
             req_id = request.request_id
@@ -504,27 +521,40 @@ class EvictingScheduler(Scheduler):
             if state is None:
                 continue
             committed = self._committed_tokens(request)
-            positions = self.ledger.resident_positions(req_id)
-            protected = self._protected(state.config, positions, committed, state.scores)
-            parked = self.ledger.requests[req_id].parked if req_id in self.ledger.requests else set()
+            pos = self.ledger.resident_array(req_id)
+            scored, scores = _scores_at(state, pos)
+            evictable = ~protected_mask(state.config, pos, committed, scored, self.kv_block_size)
+            if not evictable.any():
+                continue
+            cand = pos[evictable]
+            rb = self.ledger.requests.get(req_id)
+            parked = rb.parked if rb else set()
+            is_kept = (np.fromiter((p not in parked for p in cand.tolist()), bool, len(cand))
+                       if parked else np.ones(len(cand), dtype=bool))
             blocks = self.ledger.blocks(req_id)
-            for pos, prot in zip(positions, protected.tolist()):
-                if not prot:
-                    # parked first, then blocks only this request holds (releasing a block
-                    # shared through a prefix hit frees no memory), then by importance
-                    shared = blocks[pos].ref_cnt > 1
-                    candidates.append(
-                        (pos not in parked, shared, state.scores[pos], req_id, pos, committed)
-                    )
-        if not candidates:
+            shared = np.fromiter((blocks[p].ref_cnt > 1 for p in cand.tolist()), bool, len(cand))
+            parts.append((req_id, committed, is_kept, shared, scores[evictable], cand))
+        if not parts:
             return False
-        candidates.sort()
+        rank = {req_id: r for r, req_id in enumerate(sorted(p[0] for p in parts))}
+        req = np.concatenate([np.full(len(p[5]), rank[p[0]]) for p in parts])
+        pos = np.concatenate([p[5] for p in parts])
+        is_kept = np.concatenate([p[2] for p in parts])
+        order = np.lexsort((pos, req, np.concatenate([p[4] for p in parts]),
+                            np.concatenate([p[3] for p in parts]), is_kept))[:need]
+        chosen: dict[int, list[int]] = {}
+        for i in order.tolist():
+            chosen.setdefault(int(req[i]), []).append(i)
         freed = 0
-        for is_kept, _, _, req_id, pos, committed in candidates[:need]:
-            released = self.ledger.release(req_id, [pos], committed)
+        for req_id, committed, *_ in parts:
+            picked = chosen.get(rank[req_id])
+            if not picked:
+                continue
+            released = self.ledger.release(req_id, pos[picked].tolist(), committed)
+            kept_released = set(pos[[i for i in picked if is_kept[i]]].tolist()) & set(released)
             freed += len(released)
             self._count(self.kv_requests[req_id], released=len(released), pressure=len(released),
-                        evicted=len(released) if is_kept else 0,
+                        evicted=len(kept_released),
                         visual=self._visual_tokens(running[req_id], released))
             self._log(req_id, committed)
         return freed > 0

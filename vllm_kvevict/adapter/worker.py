@@ -30,18 +30,13 @@ from vllm_kvevict.adapter.protocol import (
     ScoreTask,
     StepPlan,
 )
+from vllm_kvevict.adapter.statistics import REGISTRY as STATISTIC_REGISTRY
+from vllm_kvevict.adapter.statistics import LayerInputs, expected_fields
 from vllm_kvevict.config import config_from_additional
 from vllm_kvevict.kernels import dispatch
 from vllm_kvevict.kernels.paged import PagedKV, cpu_kv_view, detect_cpu_key_layout
 from vllm_kvevict.policies import get_policy
-from vllm_kvevict.policies.base import (
-    DECODE_ATTN,
-    KEY_BOUNDS,
-    QUERY,
-    VALUE_PROJ_NORM,
-    WINDOW_ATTN,
-    RequestStats,
-)
+from vllm_kvevict.policies.base import RequestStats
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -402,41 +397,19 @@ class WorkerEviction:
         if reader is None:  # never guess a layout: a wrong view gives plausible garbage
             raise KeyLayoutError(f"kv_eviction: layer {name} was not checked at startup")
         kv = self._paged_kv(kv_cache, key, reader, _head_size(layer, kv_cache))
-        hq, scale = layer.impl.num_heads, layer.impl.scale
-        q_all = query.view(-1, hq, kv.head_dim)
+        hq = layer.impl.num_heads
+        inputs = LayerInputs(kv=kv, queries=query.view(-1, hq, kv.head_dim),
+                             scale=layer.impl.scale, gram=lambda: self._gram(index, name, hq))
         batches = self._batches()
-        if DECODE_ATTN in batches:
-            b = batches[DECODE_ATTN]
-            probs = dispatch.decode_attention(q_all[b.newest], kv, b.block_table, b.seq_lens,
-                                              scale, token_probs=True).token_probs
-            for i, sr in enumerate(b.members):
-                sr.record(DECODE_ATTN, probs[i, :, :sr.num_tokens])  # [Hq, T]
-        if QUERY in batches:
-            b = batches[QUERY]
-            newest = q_all[b.newest].float() * scale
-            for i, sr in enumerate(b.members):
-                sr.record(QUERY, newest[i])  # [Hq, D]
-        if VALUE_PROJ_NORM in batches:
-            b, gram = batches[VALUE_PROJ_NORM], self._gram(index, name, hq)
-            if gram is not None:  # None: no output projection found (reported as skipped)
-                norms = dispatch.value_proj_norm(gram, kv, b.block_table, b.seq_lens)
-                for i, sr in enumerate(b.members):
-                    sr.record(VALUE_PROJ_NORM, norms[i, :, :sr.num_tokens])  # [Hq, T]
-        if KEY_BOUNDS in batches:
-            b = batches[KEY_BOUNDS]
-            kmin, kmax = dispatch.key_bounds(kv, b.block_table, b.seq_lens)  # [R, nb, Hkv, D]
-            for i, sr in enumerate(b.members):
-                nb = sr.block_ids.numel()
-                sr.record("key_min", kmin[i, :nb].transpose(0, 1).float())  # [Hkv, nb, D]
-                sr.record("key_max", kmax[i, :nb].transpose(0, 1).float())
-        for sr in self.scored:
-            if WINDOW_ATTN in sr.policy.needs and sr.task.phase == "prefill":
-                # the window queries are the row's last tokens (checked in _resolve_scored)
-                w = min(sr.policy.window or 32, sr.q_end - sr.q_start)
-                q_window = q_all[sr.q_end - w: sr.q_end].transpose(0, 1)[None]  # [1, Hq, W, D]
-                probs = dispatch.window_attention(q_window, kv, sr.block_table, sr.seq_lens,
-                                                  scale).probs
-                sr.record(WINDOW_ATTN, probs[0, :, :, :sr.num_tokens])  # [Hq, W, T]
+        for stat in STATISTIC_REGISTRY:
+            if stat.batched:
+                if stat.name in batches:
+                    stat.measure(inputs, batches[stat.name])
+                continue
+            for sr in self.scored:
+                if stat.name in sr.policy.needs and (sr.task.phase == "prefill"
+                                                     or not stat.prefill_only):
+                    stat.measure(inputs, sr)
 
     def _batches(self) -> dict[str, _Batch]:
         """Per statistic, the step's requests that need it as one paged batch (built at the
@@ -444,7 +417,7 @@ class WorkerEviction:
         if getattr(self, "_step_batches", None) is None:
             by_members: dict[tuple, _Batch] = {}
             self._step_batches = {}
-            for stat in (DECODE_ATTN, QUERY, VALUE_PROJ_NORM, KEY_BOUNDS):
+            for stat in (s.name for s in STATISTIC_REGISTRY if s.batched):
                 members = tuple(sr for sr in self.scored if stat in sr.policy.needs)
                 if members:
                     key = tuple(id(sr) for sr in members)
@@ -630,13 +603,7 @@ def _head_size(layer, kv_cache: torch.Tensor) -> int:
 
 def _expected_stats(sr: ScoredRequest) -> set[str]:
     """The statistics the attention hooks record for this request in this step."""
-    needs = set(sr.policy.needs)
-    names = needs - {KEY_BOUNDS}
-    if KEY_BOUNDS in needs:
-        names |= {"key_min", "key_max"}
-    if sr.task.phase != "prefill":
-        names.discard(WINDOW_ATTN)
-    return names
+    return expected_fields(sr.policy.needs, sr.task.phase)
 
 
 def _missing_stats(sr: ScoredRequest, num_layers: int) -> list[str]:

@@ -1,0 +1,58 @@
+"""Pool-pressure eviction picks, over all running requests, the blocks a plain tuple sort of
+(parked first, unshared first, score, request id, position) puts first."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import bench_scheduler  # noqa: E402
+
+BS = bench_scheduler.BLOCK_SIZE
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 40), st.integers(1, 4))
+def test_the_globally_least_important_blocks_go_first(seed, need, num_requests):
+    from vllm_kvevict.adapter.scheduler import RequestEviction
+    from vllm_kvevict.config import EvictionConfig
+    from vllm_kvevict.policies import get_policy
+
+    rng = random.Random(seed)
+    sched = bench_scheduler.build_scheduler(num_requests * 40 + 1, 40)
+    sched.kv_default = EvictionConfig(policy="snapkv", budget=0.25, recycle_bin_total_blocks=64)
+    sched.ledger.bin_capacity = 64
+    manager = sched.ledger.manager
+    expected = []
+    for r in range(num_requests):
+        rid, blocks = f"req-{rng.randrange(100)}-{r}", rng.randrange(8, 40)
+        tokens = blocks * BS
+        manager.allocate_new_blocks(rid, tokens, tokens)
+        config = EvictionConfig(policy="snapkv", budget=0.25, sink_tokens=32, recent_tokens=64)
+        state = RequestEviction(config=config, policy=get_policy("snapkv"))
+        values = [rng.choice([0.1, 0.2, 0.2, 0.5, rng.random()]) for _ in range(blocks)]
+        state.set_scores(range(blocks), values)
+        sched.kv_requests[rid] = state
+        request = SimpleNamespace(request_id=rid, num_computed_tokens=tokens,
+                                  num_in_flight_tokens=0, mm_features=None)
+        sched.running.append(request)
+        parked = rng.sample(range(1, blocks - 2), k=min(3, blocks - 3))
+        sched.ledger.park(rid, parked, tokens)
+        positions = sched.ledger.resident_positions(rid)
+        protected = sched._protected(config, positions, tokens, state.scores).tolist()
+        for p, prot in zip(positions, protected):
+            if not prot:
+                expected.append((p not in parked, False, float(np.float32(values[p])), rid, p))
+    expected.sort()
+    assert sched._free_under_pressure(need) == bool(expected)
+    released = sorted((rid, p) for rid in sched.kv_requests
+                      for p in sched.ledger.requests[rid].released)
+    assert released == sorted((rid, p) for *_, rid, p in expected[:need])

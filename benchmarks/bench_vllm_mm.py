@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,11 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import common  # noqa: E402
 
 VARIANTS = {"off": [], "hae_25": ["--kv-eviction", "hae", "--kv-eviction-budget", "0.25"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plugin_metrics(base: str) -> dict[str, float]:
@@ -54,26 +48,15 @@ def plugin_metrics(base: str) -> dict[str, float]:
 
 
 def run_variant(name: str, flags: list[str], args, model: str) -> dict:
-    port, log = free_port(), tempfile.NamedTemporaryFile("w+", suffix=f"-{name}.log", delete=False)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    from engine_helpers import Server
+
+    server = Server(["smollm2-vlm", "--served-model-name", "smollm2-vlm", "--block-size", "32",
+                     "--max-model-len", "4096", "--dtype", "float32", "--max-num-seqs", "16",
+                     *flags], kv_cache_gb="2", timeout=600)
+    base = server.base
+    env = {**os.environ}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm_kvevict.cli", "serve", "smollm2-vlm",
-         "--served-model-name", "smollm2-vlm", "--host", "127.0.0.1", "--port", str(port),
-         "--block-size", "32", "--max-model-len", "4096", "--dtype", "float32",
-         "--max-num-seqs", "16", *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            if server.poll() is not None or time.time() > deadline:
-                log.flush()
-                raise RuntimeError(f"{name}: server did not start:\n{open(log.name).read()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1)
         out_dir = tempfile.mkdtemp(prefix=f"vllm-bench-{name}-")
         cmd = [sys.executable, "-m", "vllm_kvevict.cli", "bench", "serve",
                "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
@@ -100,11 +83,7 @@ def run_variant(name: str, flags: list[str], args, model: str) -> dict:
         return {"flags": flags, "wall_s": elapsed, **{k: result.get(k) for k in keep},
                 "plugin_metrics": plugin_metrics(base)}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
 
 def main() -> None:

@@ -269,6 +269,102 @@ def excluded_from_log(log, block_size: int = BLOCK_SIZE):
     return excluded
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``vllm serve ARGS`` through the plugin's CLI in its own process (engine core in its own
+    process too, as in production), healthy when the constructor returns; a context manager
+    that stops it. ``args``: what follows ``serve`` (model first), host and port added."""
+
+    def __init__(self, args: list[str], kv_cache_gb: str = "1", timeout: float = 300):
+        import subprocess
+        import sys
+        import tempfile
+        import time
+        import urllib.error
+        import urllib.request
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="kvevict-serve-", suffix=".log",
+                                               delete=False)
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": kv_cache_gb}
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_kvevict.cli", "serve", *args,
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                urllib.request.urlopen(f"{self.base}/health", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{self.tail()}")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def tail(self, n: int = 60) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return "".join(f.readlines()[-n:])
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.base}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Samples by name (labels dropped, values summed), those starting with ``prefix``."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"{self.base}/metrics", timeout=10).read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and line.startswith(prefix):
+                name = line.split("{")[0].split(" ")[0]
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[-1])
+        return values
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+
+
 def stock_run(spec: dict) -> list[dict]:
     """Run ``spec`` (see ``stock_run.py``) through stock vLLM in a subprocess: plugin not loaded,
     engine core in process, this environment otherwise."""

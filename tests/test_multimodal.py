@@ -19,19 +19,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 from engine_helpers import (
     BLOCK_SIZE,
     HFVLMReference,
+    Server,
     eviction_report,
     excluded_from_log,
     finished_log,
@@ -95,45 +88,19 @@ def test_openai_client_chat_with_two_base64_images():
     process, as a user runs it)."""
     import openai
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    with tempfile.NamedTemporaryFile("w+", prefix="kvevict-vlm-", suffix=".log") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_kvevict.cli", "serve", "smollm2-vlm",
-             "--served-model-name", "smollm2-vlm", "--host", "127.0.0.1", "--port", str(port),
-             "--block-size", str(BLOCK_SIZE), "--max-model-len", "4096", "--dtype", "float32",
-             "--enforce-eager", "--kv-eviction", "hae", "--kv-eviction-budget", "0.25"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+    with Server(["smollm2-vlm", "--served-model-name", "smollm2-vlm", "--block-size",
+                 str(BLOCK_SIZE), "--max-model-len", "4096", "--dtype", "float32",
+                 "--enforce-eager", "--kv-eviction", "hae", "--kv-eviction-budget", "0.25"]) as server:
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", timeout=600)
+        a, b = images(2, seed=1)
+        out = client.chat.completions.create(
+            model="smollm2-vlm", max_tokens=MAX_TOKENS, temperature=0,
+            messages=[{"role": "user", "content": [
+                {"type": "text", "text": "Here are two pictures."},
+                {"type": "image_url", "image_url": {"url": data_uri(a)}},
+                {"type": "image_url", "image_url": {"url": data_uri(b)}},
+                {"type": "text", "text": FILLER * 12 + "What do they show?"}]}],
         )
-        try:
-            deadline = time.time() + 300
-            while True:
-                assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
-                try:
-                    urllib.request.urlopen(f"{base}/health", timeout=2)
-                    break
-                except (urllib.error.URLError, ConnectionError, OSError):
-                    time.sleep(1)
-            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600)
-            a, b = images(2, seed=1)
-            out = client.chat.completions.create(
-                model="smollm2-vlm", max_tokens=MAX_TOKENS, temperature=0,
-                messages=[{"role": "user", "content": [
-                    {"type": "text", "text": "Here are two pictures."},
-                    {"type": "image_url", "image_url": {"url": data_uri(a)}},
-                    {"type": "image_url", "image_url": {"url": data_uri(b)}},
-                    {"type": "text", "text": FILLER * 12 + "What do they show?"}]}],
-            )
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     assert out.usage.prompt_tokens > 2 * (IMAGE_SEQ_LEN + 3)
     assert out.choices[0].message.content
     rep = out.model_extra["kv_transfer_params"]["kv_eviction"]

@@ -11,16 +11,10 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from engine_helpers import passkey_prompt
+from engine_helpers import Server, passkey_prompt
 
 pytestmark = pytest.mark.engine
 
@@ -28,83 +22,13 @@ SOAK_REQUESTS = int(os.environ.get("KVEVICT_SOAK_REQUESTS", "96"))
 CONCURRENCY = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="kvevict-serve-", suffix=".log", delete=False)
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server: engine core in its own process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_kvevict.cli", "serve", "smollm2",
-             "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(self.port),
-             "--block-size", "32", "--max-model-len", "2048", "--dtype", "float32",
-             "--enforce-eager", "--max-num-seqs", "16",
-             "--kv-eviction", "attention", "--kv-eviction-budget", "0.25",
-             "--kv-eviction-interval", "4"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.tail()}")
-            try:
-                urllib.request.urlopen(f"{self.base}/health", timeout=2)
-                return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.tail()}")
-
-    def tail(self, n: int = 60) -> str:
-        self.log.flush()
-        with open(self.log.name) as f:
-            return "".join(f.readlines()[-n:])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def post(self, path: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(f"{self.base}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=300) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
-
-    def metrics(self) -> dict[str, float]:
-        """Unlabelled-or-summed samples by name (labels dropped, values summed)."""
-        text = urllib.request.urlopen(f"{self.base}/metrics", timeout=10).read().decode()
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name = line.split("{")[0].split(" ")[0]
-                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[-1])
-        return values
-
-    def rss_mb(self) -> float:
-        import psutil
-
-        procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
-
-
 @pytest.fixture(scope="module")
 def server():
-    srv = Server()
-    yield srv
-    srv.stop()
+    with Server(["smollm2", "--served-model-name", "smollm2", "--block-size", "32",
+                 "--max-model-len", "2048", "--dtype", "float32", "--enforce-eager",
+                 "--max-num-seqs", "16", "--kv-eviction", "attention",
+                 "--kv-eviction-budget", "0.25", "--kv-eviction-interval", "4"]) as srv:
+        yield srv
 
 
 def _completion(prompt: str, xargs: dict | None = None, max_tokens: int = 8) -> dict:

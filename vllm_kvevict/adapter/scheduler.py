@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -86,6 +86,17 @@ class _Pending:
     release_zero: bool
     tier: np.ndarray | None  # [nb] int, release_zero policies only
     visual: torch.Tensor | None  # [nb] bool all-image blocks, multimodal requests only
+
+
+class _Candidates(NamedTuple):
+    """One request's evictable blocks under pool pressure (arrays over the candidates)."""
+
+    req_id: str
+    committed: int
+    is_kept: np.ndarray  # bool: not parked
+    shared: np.ndarray  # bool: held by another request too (prefix hit)
+    scores: np.ndarray  # float32
+    positions: np.ndarray  # int64
 
 
 def _scores_at(state: RequestEviction, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -512,7 +523,7 @@ class EvictingScheduler(Scheduler):
         ``np.lexsort``: parked before kept, blocks only this request holds before blocks
         shared through a prefix hit (releasing those frees no memory), then by score, request
         id and position; the first ``need`` are released, one ledger call per request."""
-        parts = []  # per request: (req_id, committed, is_kept, shared, scores, positions)
+        parts: list[_Candidates] = []
         running = {}
         for request in self.running:
             req_id = request.request_id
@@ -533,15 +544,15 @@ class EvictingScheduler(Scheduler):
                        if parked else np.ones(len(cand), dtype=bool))
             blocks = self.ledger.blocks(req_id)
             shared = np.fromiter((blocks[p].ref_cnt > 1 for p in cand.tolist()), bool, len(cand))
-            parts.append((req_id, committed, is_kept, shared, scores[evictable], cand))
+            parts.append(_Candidates(req_id, committed, is_kept, shared, scores[evictable], cand))
         if not parts:
             return False
-        rank = {req_id: r for r, req_id in enumerate(sorted(p[0] for p in parts))}
-        req = np.concatenate([np.full(len(p[5]), rank[p[0]]) for p in parts])
-        pos = np.concatenate([p[5] for p in parts])
-        is_kept = np.concatenate([p[2] for p in parts])
-        order = np.lexsort((pos, req, np.concatenate([p[4] for p in parts]),
-                            np.concatenate([p[3] for p in parts]), is_kept))[:need]
+        rank = {req_id: r for r, req_id in enumerate(sorted(p.req_id for p in parts))}
+        req = np.concatenate([np.full(len(p.positions), rank[p.req_id]) for p in parts])
+        pos = np.concatenate([p.positions for p in parts])
+        is_kept = np.concatenate([p.is_kept for p in parts])
+        order = np.lexsort((pos, req, np.concatenate([p.scores for p in parts]),
+                            np.concatenate([p.shared for p in parts]), is_kept))[:need]
         chosen: dict[int, list[int]] = {}
         for i in order.tolist():
             chosen.setdefault(int(req[i]), []).append(i)

@@ -64,3 +64,42 @@ def test_nothing_is_written_without_changes_or_a_directory(tmp_path, monkeypatch
     metrics.publish()
     assert list(tmp_path.iterdir()) == []
     assert _scrape(tmp_path)[("vllm_kvevict_preemptions_avoided_total", ())] == 0
+
+
+def test_multiprocess_registries_of_api_servers_carry_the_collector(tmp_path, monkeypatch):
+    """``--api-server-count N``: prometheus_client's multiprocess mode. Each API server's
+    ``/metrics`` handler (prometheus_fastapi_instrumentator) builds a fresh registry per scrape
+    with ``multiprocess.MultiProcessCollector``, as does vLLM's ``get_prometheus_registry``;
+    every such registry must serve our counters."""
+    from prometheus_client import multiprocess
+    from prometheus_fastapi_instrumentator import instrumentation
+
+    import vllm.v1.metrics.prometheus as prom
+    from vllm_kvevict.metrics import install_multiprocess_hook
+
+    install_multiprocess_hook()
+    snapshots, multiproc = tmp_path / "snapshots", tmp_path / "prom"
+    snapshots.mkdir()
+    multiproc.mkdir()
+    monkeypatch.setenv(METRICS_DIR_ENV, str(snapshots))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(multiproc))
+    metrics = EvictionMetrics(block_bytes=1)
+    metrics.policy("laprox").released_blocks += 5
+    metrics.publish()
+
+    def handler_registry():  # what the instrumentator's /metrics handler does per scrape
+        registry = instrumentation.CollectorRegistry()
+        instrumentation.multiprocess.MultiProcessCollector(registry)
+        return registry
+
+    for build in (handler_registry, prom.get_prometheus_registry):
+        first, second = build(), build()
+        assert first is not second
+        for registry in (first, second):
+            text = generate_latest(registry).decode()
+            assert 'vllm_kvevict_released_blocks_total{policy="laprox"} 5.0' in text
+    # not a server with eviction: nothing added
+    monkeypatch.delenv(METRICS_DIR_ENV)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    assert "vllm_kvevict" not in generate_latest(registry).decode()

@@ -204,8 +204,8 @@ _registered = False
 
 
 def register_collector() -> None:
-    """In the front end: create the snapshot directory (inherited by the engine core it
-    spawns) and register the collector in vLLM's Prometheus registry. Idempotent."""
+    """In the front end: create the snapshot directory (inherited by the engine cores and API
+    servers it spawns) and register the collector in vLLM's Prometheus registry. Idempotent."""
     global _registered
     if _registered:
         return
@@ -217,4 +217,44 @@ def register_collector() -> None:
         atexit.register(shutil.rmtree, directory, True)
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    get_prometheus_registry().register(EvictionCollector(directory))
+    with_collector(get_prometheus_registry())
+
+
+def with_collector(registry):
+    """Add the collector to ``registry`` once, if this process belongs to an evicting server
+    (the front end exported ``VLLM_KVEVICT_METRICS_DIR``). Returns ``registry``."""
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if directory and not getattr(registry, "_kvevict_collector", False):
+        registry.register(EvictionCollector(directory))
+        registry._kvevict_collector = True
+    return registry
+
+
+def install_multiprocess_hook() -> None:
+    """Registries of prometheus_client's multiprocess mode get the collector too.
+
+    With one API server, ``/metrics`` serves prometheus_client's global registry, where
+    ``register_collector`` put the collector. With several (``--api-server-count N``, also
+    vLLM's default under ``--data-parallel-size N``) vLLM switches to multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR``), and then each API server's ``/metrics`` handler
+    (prometheus_fastapi_instrumentator's) builds a fresh registry per scrape with
+    ``multiprocess.MultiProcessCollector(registry)``, as does vLLM's ``get_prometheus_registry``.
+    Replacing that class's module attribute with a subclass that also adds our collector
+    reaches all of them; the API servers inherit the snapshot directory, so each serves the
+    sum of all engine cores' snapshots. Idempotent; inert outside an evicting server.
+    """
+    from prometheus_client import multiprocess
+
+    base = multiprocess.MultiProcessCollector
+    if getattr(base, "_kvevict", False):
+        return
+
+    class MultiProcessCollector(base):
+        _kvevict = True
+
+        def __init__(self, registry, path=None):
+            super().__init__(registry, path)
+            if registry is not None:
+                with_collector(registry)
+
+    multiprocess.MultiProcessCollector = MultiProcessCollector

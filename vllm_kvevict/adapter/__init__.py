@@ -22,7 +22,10 @@ def install() -> None:
     from vllm_kvevict.adapter.cli_args import install_cli
     from vllm_kvevict.adapter.worker import install_runner_hooks
 
+    from vllm_kvevict.metrics import install_multiprocess_hook
+
     install_cli()
+    install_multiprocess_hook()
     _install_engine_config_hook()
     _install_request_validation()
     install_runner_hooks()

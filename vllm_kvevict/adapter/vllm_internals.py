@@ -21,7 +21,12 @@ TOUCHED_INTERNALS = (
      "kv_eviction options -> VLLMValidationError (HTTP 400)"),
     ("Scheduler._free_request", "overridden: returns kv_transfer_params with a kv_eviction "
      "report (reaches RequestOutput and non-streaming OpenAI responses)"),
-    ("vllm.v1.metrics.prometheus.get_prometheus_registry", "our collector registered in it"),
+    ("vllm.v1.metrics.prometheus.get_prometheus_registry", "our collector registered in it "
+     "(one API server: prometheus_client's global registry)"),
+    ("prometheus_client.multiprocess.MultiProcessCollector, as used by vLLM's multiprocess "
+     "mode (--api-server-count > 1) and the /metrics handler of prometheus_fastapi_instrumentator "
+     "(a fresh registry per scrape)", "module attribute replaced by a subclass that adds our "
+     "collector to the registry"),
     ("vllm.v1.core.sched.output.SchedulerOutput", "extra attribute kv_eviction (pickled as-is)"),
     ("vllm.v1.outputs.ModelRunnerOutput", "extra attribute kv_eviction_scores (pickled as-is)"),
     ("vllm.v1.request.Request.mm_features[i].mm_position (vllm.multimodal.inputs.PlaceholderRange: "

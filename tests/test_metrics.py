@@ -71,10 +71,10 @@ def test_multiprocess_registries_of_api_servers_carry_the_collector(tmp_path, mo
     ``/metrics`` handler (prometheus_fastapi_instrumentator) builds a fresh registry per scrape
     with ``multiprocess.MultiProcessCollector``, as does vLLM's ``get_prometheus_registry``;
     every such registry must serve our counters."""
+    import vllm.v1.metrics.prometheus as prom
     from prometheus_client import multiprocess
     from prometheus_fastapi_instrumentator import instrumentation
 
-    import vllm.v1.metrics.prometheus as prom
     from vllm_kvevict.metrics import install_multiprocess_hook
 
     install_multiprocess_hook()

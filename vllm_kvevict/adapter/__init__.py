@@ -21,7 +21,6 @@ def install() -> None:
     _installed = True
     from vllm_kvevict.adapter.cli_args import install_cli
     from vllm_kvevict.adapter.worker import install_runner_hooks
-
     from vllm_kvevict.metrics import install_multiprocess_hook
 
     install_cli()

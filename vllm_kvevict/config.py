@@ -45,6 +45,10 @@ class EvictionConfig(BaseModel):
     pool_pressure: bool = Field(
         False, description="evict globally least important blocks instead of preempting"
     )
+    prefill_eviction: bool = Field(
+        False, description="evict between the chunks of a chunked prefill, so a request holds "
+        "about its budget plus one chunk (prompts longer than the KV pool)"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="policy-specific options")
 
     @field_validator("policy")
@@ -94,6 +98,21 @@ class EvictionConfig(BaseModel):
         so a partly filled last block is never over it (budget 1.0 never evicts or scores)."""
         return math.ceil(self.keep_tokens(seq_len) / block_size)
 
+    def peak_blocks(self, max_len: int, chunk_tokens: int, block_size: int) -> int:
+        """Blocks one request of at most ``max_len`` tokens can hold at once.
+
+        Without prefill eviction the whole prompt is resident before the first decision, so
+        ``max_len`` tokens. With it, a decision after each prefill chunk (and every
+        ``interval`` decode steps) brings the request back to its budget; until the next one
+        it grows by one chunk (``chunk_tokens``, vLLM's ``max_num_batched_tokens``) or
+        ``interval`` tokens, plus a partly written block on either side.
+        """
+        if not (self.enabled and self.prefill_eviction):
+            return math.ceil(max_len / block_size)
+        growth = math.ceil(max(chunk_tokens, self.interval) / block_size)
+        return min(self.keep_blocks(max_len, block_size) + growth + 2,
+                   math.ceil(max_len / block_size))
+
     def protection(self, keep_blocks: int, block_size: int) -> tuple[int, int | None]:
         """Protected blocks for a request allowed ``keep_blocks`` blocks: ``(sink blocks, most
         full recent blocks or None for all that ``recent_tokens`` reach)``.
@@ -138,7 +157,7 @@ class EvictionConfig(BaseModel):
 
 PER_REQUEST_FIELDS = (
     "policy", "budget", "budget_tokens", "sink_tokens", "recent_tokens", "recycle_bin_blocks",
-    "options",
+    "prefill_eviction", "options",
 )
 
 

@@ -26,6 +26,7 @@ def install() -> None:
     install_cli()
     install_multiprocess_hook()
     _install_engine_config_hook()
+    _install_capacity_check()
     _install_request_validation()
     install_runner_hooks()
 
@@ -69,6 +70,49 @@ def _install_engine_config_hook() -> None:
         return vllm_config
 
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _install_capacity_check() -> None:
+    """Prefill eviction bounds what one request holds, so the engine may start with a KV pool
+    smaller than ``max_model_len``: vLLM's check is replaced, for that one call of
+    ``get_kv_cache_configs`` in the engine core, by ``check_prefill_capacity``."""
+    import functools
+
+    import vllm.v1.core.kv_cache_utils as kv_utils
+    import vllm.v1.engine.core as core
+
+    original = core.get_kv_cache_configs
+    if getattr(original, "_kvevict", False):
+        return
+
+    def get_kv_cache_configs(vllm_config, *args, **kwargs):
+        from vllm_kvevict.adapter.vllm_internals import check_prefill_capacity
+        from vllm_kvevict.config import config_from_additional
+
+        config = config_from_additional(getattr(vllm_config, "additional_config", None))
+        specs = kwargs.get("kv_cache_specs", args[0] if args else [])
+        if (config is None or not config.prefill_eviction
+                or not all(_full_attention_only(worker) for worker in specs)):
+            return original(vllm_config, *args, **kwargs)
+        vllm_check = kv_utils._check_enough_kv_cache_memory
+        kv_utils._check_enough_kv_cache_memory = functools.partial(
+            check_prefill_capacity, vllm_config, config, vllm_check)
+        try:
+            return original(vllm_config, *args, **kwargs)
+        finally:
+            kv_utils._check_enough_kv_cache_memory = vllm_check
+
+    get_kv_cache_configs._kvevict = True
+    core.get_kv_cache_configs = get_kv_cache_configs
+
+
+def _full_attention_only(kv_cache_spec: dict) -> bool:
+    """Every layer of one worker's ``{layer: KVCacheSpec}`` is plain full attention (hybrid
+    models keep vLLM's check: their sliding-window groups are not bounded by the budget)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    return all(isinstance(spec, FullAttentionSpec) and not isinstance(spec, SlidingWindowSpec)
+               for spec in kv_cache_spec.values())
 
 
 def scoring_cudagraph_mode(compilation_config):
@@ -121,9 +165,34 @@ def validate_request(vllm_config, params) -> None:
                 f"{CONFIG_KEY}: this server runs without KV eviction (start it with "
                 "--kv-eviction POLICY); per-request kv_eviction options are not accepted"
             )
-        default.with_overrides(overrides)
+        config = default.with_overrides(overrides)
+        check_request_peak(vllm_config, default, config)
     except ValueError as exc:
         raise VLLMValidationError(str(exc), parameter=CONFIG_KEY) from None
+
+
+def check_request_peak(vllm_config, default, config) -> None:
+    """With prefill eviction on the server the KV pool may be smaller than ``max_model_len``
+    (it was sized for the server default's peak), so a request's options may not let it hold
+    more KV at once than the default does (a larger budget, or prefill eviction off): such a
+    request could never be scheduled. Raises ``ValueError`` naming the field."""
+    from vllm_kvevict.config import CONFIG_KEY
+
+    if not (default.enabled and default.prefill_eviction):
+        return
+    max_len = vllm_config.model_config.max_model_len
+    chunk = vllm_config.scheduler_config.max_num_batched_tokens
+    bs = vllm_config.cache_config.block_size
+    allowed = default.peak_blocks(max_len, chunk, bs)
+    wanted = config.peak_blocks(max_len, chunk, bs)
+    if wanted > allowed:
+        field = ("prefill_eviction" if not (config.enabled and config.prefill_eviction)
+                 else "policy" if not config.enabled else "budget")
+        raise ValueError(
+            f"{CONFIG_KEY}.{field}: this server evicts during prefill, so its KV pool need only "
+            f"hold the default budget's peak per request; these options let a request hold up to "
+            f"{wanted * bs} tokens of KV at once (the default: {allowed * bs}); keep "
+            "prefill_eviction on and the budget at most the server's")
 
 
 def _install_request_validation() -> None:

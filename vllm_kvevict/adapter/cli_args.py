@@ -22,6 +22,7 @@ _FLAGS = {
     "kv_eviction_interval": "interval",
     "kv_eviction_recycle_bin": "recycle_bin_blocks",
     "kv_eviction_pool_pressure": "pool_pressure",
+    "kv_eviction_prefill": "prefill_eviction",
 }
 
 
@@ -46,6 +47,10 @@ def add_flags(parser) -> None:
     group.add_argument("--kv-eviction-pool-pressure", action="store_true", default=None,
                        help="when the KV pool is full, evict the globally least important "
                        "blocks instead of preempting requests")
+    group.add_argument("--kv-eviction-prefill", action="store_true", default=None,
+                       help="evict between the chunks of a chunked prefill: a request holds "
+                       "about its budget plus one chunk, so prompts longer than the KV pool "
+                       "are served")
     group.add_argument("--kv-eviction-config", default=None, metavar="JSON",
                        help="full kv_eviction config as JSON (flags above override its fields)")
 

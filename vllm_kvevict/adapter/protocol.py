@@ -21,7 +21,9 @@ class ScoreTask:
 
     policy: str
     options: dict
-    phase: str  # "prefill" (this step finishes the prompt) or "decode"
+    #: "prefill" (this step computes prompt tokens: the last chunk, or with prefill eviction an
+    #: earlier one; window statistics use this step's last queries) or "decode"
+    phase: str
     generation: int  # bumps on preemption: late scores of an old generation are dropped
     kept_positions: list[int]  # positional index of each block of the compacted row
     parked: list[tuple[int, int]]  # (position, block id) of parked blocks

@@ -215,6 +215,12 @@ class EvictingScheduler(Scheduler):
         original_allocate = self.kv_cache_manager.allocate_slots
 
         def allocate_slots(request, num_new_tokens, *args, **kwargs):
+            if kwargs.get("full_sequence_must_fit") and self._bounded_prefill(request):
+                # vLLM admits a request only if its whole prompt fits the pool; with prefill
+                # eviction it never holds more than its peak (budget + one chunk)
+                if not self._peak_fits(request):
+                    return None
+                kwargs["full_sequence_must_fit"] = False
             blocks = original_allocate(request, num_new_tokens, *args, **kwargs)
             # Only where vLLM would preempt: a *running* request short of blocks. A waiting
             # request short of blocks just waits; evicting to admit it would trade quality
@@ -238,6 +244,24 @@ class EvictingScheduler(Scheduler):
             return self._cap_prefix_hit(request, *original_computed(request))
 
         self.kv_cache_manager.get_computed_blocks = get_computed_blocks
+
+    def _bounded_prefill(self, request) -> bool:
+        """The request evicts between prefill chunks (not on hybrid models: their sliding-window
+        groups hold blocks the full group's bound does not describe, so vLLM's whole-prompt
+        admission check stays)."""
+        state = self.kv_requests.get(request.request_id)
+        return (state is not None and state.config.enabled and state.config.prefill_eviction
+                and not self.kv_hybrid)
+
+    def _peak_fits(self, request) -> bool:
+        """Admission with prefill eviction: the pool has room for the most blocks the request
+        can hold at once (``EvictionConfig.peak_blocks`` of its current length), in place of
+        vLLM's whole-prompt check."""
+        config = self.kv_requests[request.request_id].config
+        peak = config.peak_blocks(request.num_tokens, self.max_num_scheduled_tokens,
+                                  self.kv_block_size)
+        held = len(self.ledger.resident_array(request.request_id))
+        return self.kv_cache_manager.block_pool.get_num_free_blocks() >= peak - held
 
     def _cap_prefix_hit(self, request, blocks, num_computed: int, *rest):
         """A windowed policy scores the prompt through the queries computed in its last
@@ -590,10 +614,14 @@ class EvictingScheduler(Scheduler):
 
     def _score_task(self, request, state: RequestEviction, num_tokens: int) -> ScoreTask | None:
         """Score right after prefill, then every ``interval`` decode steps while over budget
-        (or while blocks sit in the recycle bin, which may need restoring)."""
+        (or while blocks sit in the recycle bin, which may need restoring). With
+        ``prefill_eviction`` also every earlier prompt chunk that leaves the request over
+        budget, scored (phase ``"prefill"``) by that chunk's own queries; the decision runs
+        at the next ``schedule``, before the next chunk is allocated."""
         done = request.num_computed_tokens  # already advanced by this step's tokens
         before = done - num_tokens
         prompt = request.num_prompt_tokens
+        middle = False
         if before < prompt <= done:
             phase = "prefill"
         elif before >= prompt:
@@ -602,12 +630,16 @@ class EvictingScheduler(Scheduler):
             if state.decode_steps < state.config.interval and not every_step:
                 return None
             phase = "decode"
+        elif state.config.prefill_eviction:
+            phase, middle = "prefill", True
         else:
             return None  # a middle prefill chunk
         req_id = request.request_id
         rb = self.ledger.requests.get(req_id)
         kept = len(self.ledger.resident_array(req_id)) - (len(rb.parked) if rb else 0)
         over = kept > state.config.keep_blocks(done, self.kv_block_size)
+        if middle and not over:
+            return None
         threshold = phase == "prefill" and state.policy.select_after_prefill
         # windowed methods (SnapKV, LaProx, HAE, HybridKV) only see the prompt's window now
         windowed = phase == "prefill" and getattr(state.policy, "window", 0) > 0

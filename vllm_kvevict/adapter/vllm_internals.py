@@ -68,6 +68,10 @@ TOUCHED_INTERNALS = (
      "wrapped: FULL cudagraphs invalid in steps that measure statistics"),
     ("VllmConfig.use_v2_model_runner / VLLM_USE_V2_MODEL_RUNNER", "V1 runner pinned (set to 0)"),
     ("vllm.distributed.tensor_model_parallel_all_reduce", "block scores averaged over TP ranks"),
+    ("vllm.v1.engine.core.get_kv_cache_configs + vllm.v1.core.kv_cache_utils."
+     "_check_enough_kv_cache_memory(available, get_needed, max_model_len, estimate_max_len)",
+     "wrapped with prefill eviction: a pool that cannot hold max_model_len tokens is accepted "
+     "when it holds the bounded peak (check_prefill_capacity)"),
 )
 
 #: attention backends whose KV cache the statistics read, and the ``KVCacheLayout``\s of each.
@@ -124,6 +128,14 @@ def check_engine_config(vllm_config) -> None:
     if getattr(vllm_config, "use_v2_model_runner", False):
         problems.append("Model Runner V2 (forced by this configuration, e.g. HiSparse or "
                         "watermarking; the adapter hooks the V1 runner)")
+    from vllm_kvevict.config import config_from_additional
+
+    config = config_from_additional(getattr(vllm_config, "additional_config", None))
+    sc = getattr(vllm_config, "scheduler_config", None)
+    if config is not None and config.prefill_eviction and not getattr(
+            sc, "enable_chunked_prefill", True):
+        problems.append("kv_eviction.prefill_eviction without chunked prefill (it evicts "
+                        "between prompt chunks); remove --no-enable-chunked-prefill")
     if problems:
         raise UnsupportedConfigError(
             "kv_eviction cannot run with: " + "; ".join(problems)
@@ -260,3 +272,42 @@ def check_attention_layers(layers: dict, layout: str, block_size: int) -> dict[s
             "remove kv_eviction or change these settings."
         )
     return readers
+
+
+def check_prefill_capacity(vllm_config, config, vllm_check, available_memory: int,
+                           get_needed_memory, max_model_len: int, estimate_max_model_len) -> None:
+    """vLLM's startup check that one request of ``max_model_len`` tokens fits the KV pool,
+    relaxed for prefill eviction: a request then holds at most ``config.peak_blocks`` blocks
+    (its budget at ``max_model_len`` plus one chunk), so the pool must hold that many tokens.
+
+    Args:
+        vllm_config: the engine's config (block size, ``max_num_batched_tokens``).
+        config: the server's ``EvictionConfig`` (``prefill_eviction`` on).
+        vllm_check: vLLM's ``_check_enough_kv_cache_memory``; its other arguments follow.
+        estimate_max_model_len: ``bytes -> tokens`` one request can hold in that memory
+            (vLLM's estimate over all KV-cache groups, sliding windows included).
+    Raises:
+        UnsupportedConfigError naming the fields when even the peak does not fit.
+    """
+    try:
+        return vllm_check(available_memory, get_needed_memory, max_model_len,
+                          estimate_max_model_len)
+    except ValueError:
+        if available_memory <= 0:
+            raise
+    bs = vllm_config.cache_config.block_size
+    chunk = vllm_config.scheduler_config.max_num_batched_tokens
+    need = config.peak_blocks(max_model_len, chunk, bs) * bs
+    capacity = estimate_max_model_len(available_memory)
+    if capacity < need:
+        raise UnsupportedConfigError(
+            f"kv_eviction.prefill_eviction: the KV pool holds {capacity} tokens of one request; "
+            f"a request of max_model_len={max_model_len} tokens at this budget, with prompt "
+            f"chunks of {chunk} tokens (--max-num-batched-tokens), holds up to {need}. Lower "
+            "kv_eviction.budget (or budget_tokens), --max-num-batched-tokens or --max-model-len, "
+            "or give the KV cache more memory")
+    import logging
+
+    logging.getLogger("vllm_kvevict").info(
+        "kv_eviction: KV pool of %d tokens per request < max_model_len %d; accepted with "
+        "prefill eviction (peak %d tokens per request)", capacity, max_model_len, need)

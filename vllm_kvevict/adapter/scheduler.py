@@ -147,7 +147,8 @@ def visual_token_count(spans: list[tuple[int, int]], positions, block_size: int)
 
 
 def protected_mask(config: EvictionConfig, positions: np.ndarray, committed: int,
-                   scored: np.ndarray, block_size: int) -> np.ndarray:
+                   scored: np.ndarray, block_size: int, sized_for: int | None = None
+                   ) -> np.ndarray:
     """[nb] bool: blocks a decision must keep - the sink, the recent window (shrunk with the
     budget), blocks not yet full or committed, and blocks without a score.
 
@@ -155,9 +156,14 @@ def protected_mask(config: EvictionConfig, positions: np.ndarray, committed: int
         positions: ``[nb]`` positional block indices (int64).
         committed: tokens computed and not in flight.
         scored: ``[nb]`` bool, the block has a score from the workers.
+        sized_for: the sequence length whose budget sizes the sink and recent protection
+            (default ``committed``). Decisions between prompt chunks pass the prompt length:
+            sized for the few tokens computed so far, the protection would shrink to nothing
+            and the first chunks would lose the attention sink for good.
     """
     bs = block_size
-    sink_blocks, recent_room = config.protection(config.keep_blocks(committed, bs), bs)
+    budget_blocks = config.keep_blocks(max(committed, sized_for or 0), bs)
+    sink_blocks, recent_room = config.protection(budget_blocks, bs)
     recent_start = max(committed - config.recent_tokens, 0) // bs
     full_blocks = committed // bs
     if recent_room is not None:  # shrunk default: at most recent_room full recent blocks
@@ -443,7 +449,8 @@ class EvictingScheduler(Scheduler):
         return _Pending(
             request=request, state=state, positions=pos, committed=committed, parked=parked,
             scores=scores, keep_blocks=keep_blocks,
-            protected=protected_mask(config, pos, committed, scored, bs),
+            protected=protected_mask(config, pos, committed, scored, bs,
+                                     sized_for=request.num_prompt_tokens),
             bin_blocks=max(0, min(config.recycle_bin_blocks, room)),
             release_zero=state.policy.release_zero,
             tier=None if tier is None else tier.cpu().numpy(), visual=visual,

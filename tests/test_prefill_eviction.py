@@ -138,7 +138,9 @@ def test_each_chunk_attends_exactly_without_what_was_evicted_before_it(llm, refe
 
 def test_a_half_written_block_at_a_chunk_boundary_is_never_evicted(llm, reference):
     """Chunks of 120 tokens end inside a block; with no sink or recent window and a policy that
-    scores the newest block lowest, only the not-yet-full guard keeps it. Every decision's
+    scores the newest block lowest, only the guards keep it (the protected mask: not yet
+    full / recent from the committed token; the ledger refuses to release a block that is not
+    full). Every decision's
     excluded blocks were full when it ran, and the output stays exact."""
     llm.reset_prefix_cache()
     options = {"policy": _NewestOut.name, "sink_tokens": 0, "recent_tokens": 0}

@@ -140,8 +140,8 @@ def test_a_half_written_block_at_a_chunk_boundary_is_never_evicted(llm, referenc
     """Chunks of 120 tokens end inside a block; with no sink or recent window and a policy that
     scores the newest block lowest, only the guards keep it (the protected mask: not yet
     full / recent from the committed token; the ledger refuses to release a block that is not
-    full). Every decision's
-    excluded blocks were full when it ran, and the output stays exact."""
+    full). Every decision's excluded blocks were full when it ran, and the output stays
+    exact."""
     llm.reset_prefix_cache()
     options = {"policy": _NewestOut.name, "sink_tokens": 0, "recent_tokens": 0}
     out = llm.generate([passkey_prompt("13579", repeats=48)], sampling(options, max_tokens=8),

@@ -1,0 +1,100 @@
+"""Prompts larger than the KV pool: stock vLLM vs prefill eviction on one small fixed pool.
+
+The pool is 64 blocks of 32 tokens (63 usable: 2,016 tokens) for ``max_model_len`` 7,000 and
+prompt chunks of 120 tokens (so chunks end inside blocks). Stock vLLM is started on it first
+(it refuses: the pool cannot hold one ``max_model_len`` request); then the plugin with
+``prefill_eviction`` serves pass-key prompts of increasing length at 25 % and 10 % budgets,
+each answer checked, with the most blocks the request held at once.
+
+    python benchmarks/bench_prefill.py            # ~6 min
+
+Writes ``results/prefill.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import common  # noqa: E402
+
+POOL_BLOCKS, BLOCK, MAX_LEN, CHUNK = 64, 32, 7000, 120
+REPEATS = (48, 100, 134)  # pass-key prompts of ~2.3k, ~4.8k and ~6.5k tokens
+POLICIES = ("laprox", "snapkv", "attention", "h2o", "streamingllm")
+BUDGETS = (0.25, 0.1)
+KEY = "71432"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    args = parser.parse_args()
+    common.engine_env()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from engine_helpers import make_llm, passkey_prompt, sampling, scheduler, shutdown
+
+    started = time.perf_counter()
+    engine = dict(num_gpu_blocks_override=POOL_BLOCKS, max_model_len=MAX_LEN,
+                  max_num_batched_tokens=CHUNK)
+    try:
+        shutdown(make_llm(None, **engine))
+        stock = {"started": True}
+    except Exception as exc:  # vLLM refuses the pool (raised from the engine core)
+        text = str(exc)
+        while exc.__cause__ is not None and "max seq len" not in text:
+            exc = exc.__cause__
+            text = str(exc)
+        stock = {"started": False, "error": text[:300]}
+    print("stock vLLM:", stock, flush=True)
+
+    llm = make_llm({"kv_eviction": {"policy": "laprox", "budget": 0.25,
+                                    "prefill_eviction": True}}, **engine)
+    sched = scheduler(llm)
+    pool_tokens = sched.kv_cache_manager.block_pool.get_num_free_blocks() * BLOCK
+    peak = {"blocks": 0}
+    original = sched.kv_cache_manager.allocate_slots
+
+    def allocate_slots(request, *a, **k):
+        out = original(request, *a, **k)
+        peak["blocks"] = max(peak["blocks"], len(sched.ledger.resident_array(request.request_id)))
+        return out
+
+    sched.kv_cache_manager.allocate_slots = allocate_slots
+    rows = []
+    for repeats in REPEATS:
+        prompt = passkey_prompt(KEY, repeats=repeats)
+        for policy in args.policies.split(","):
+            for budget in BUDGETS:
+                llm.reset_prefix_cache()
+                peak["blocks"] = 0
+                t0 = time.perf_counter()
+                out = llm.generate([prompt], sampling({"policy": policy, "budget": budget},
+                                                      max_tokens=6), use_tqdm=False)[0]
+                row = {"prompt_tokens": len(out.prompt_token_ids), "policy": policy,
+                       "budget": budget, "correct": KEY in out.outputs[0].text,
+                       "answer": out.outputs[0].text, "peak_blocks": peak["blocks"],
+                       "peak_tokens": peak["blocks"] * BLOCK,
+                       "prompt_over_pool": len(out.prompt_token_ids) / pool_tokens,
+                       "seconds": time.perf_counter() - t0}
+                rows.append(row)
+                print(f"  {row['prompt_tokens']:5d} tok ({row['prompt_over_pool']:.2f}x pool) "
+                      f"{policy:12s} {budget:4.2f}  correct={row['correct']!s:5s} "
+                      f"peak {row['peak_tokens']} tok  {row['seconds']:.0f} s", flush=True)
+    shutdown(llm)
+    common.write_json("prefill.json", {
+        "command": common.command(), "versions": common.versions(), "machine": common.machine(),
+        "pool_blocks": POOL_BLOCKS - 1, "pool_tokens": pool_tokens, "block_size": BLOCK,
+        "max_model_len": MAX_LEN, "chunk_tokens": CHUNK, "stock": stock, "rows": rows,
+        "total_s": time.perf_counter() - started,
+    })
+    print(f"total {time.perf_counter() - started:.0f} s; wrote results/prefill.json")
+
+
+if __name__ == "__main__":
+    main()

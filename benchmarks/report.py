@@ -439,6 +439,26 @@ def worker_section(worker: dict | None) -> list[str]:
                  for r in worker["rows"]]), ""]
 
 
+def prefill_section(prefill: dict | None) -> list[str]:
+    """bench_prefill.py: prompts larger than the KV pool, stock vs prefill eviction."""
+    if not prefill or not prefill.get("rows"):
+        return []
+    stock = prefill["stock"]
+    started = ("started" if stock.get("started") else
+               f"refuses to start: \"{stock.get('error', '')[:160]}...\"")
+    return ["## Prompts larger than the KV pool (prefill eviction)", "",
+            f"`bench_prefill.py`: a pool of {prefill['pool_tokens']} tokens "
+            f"({prefill['pool_blocks']} blocks of {prefill['block_size']}) for max_model_len "
+            f"{prefill['max_model_len']}, prompt chunks of {prefill['chunk_tokens']} tokens. "
+            f"Stock vLLM {started} With `prefill_eviction` (pass key at mid depth, fresh "
+            "prefix cache per request; peak = most tokens of KV the request held at once):", "",
+            common.markdown_table(
+                ["prompt tokens", "x pool", "policy", "budget", "answer right", "peak tokens"],
+                [[r["prompt_tokens"], f"{r['prompt_over_pool']:.2f}", r["policy"],
+                  _pct(r["budget"]), "yes" if r["correct"] else "no", r["peak_tokens"]]
+                 for r in prefill["rows"]]), ""]
+
+
 def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
     quality = load(results, "quality.json") or {}
     kvp = load(results, "kvpress.json") or {}
@@ -553,6 +573,7 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
             lines += ["![scheduler cost](scheduler_cost.png)", ""]
         lines += _notes(results, "scheduler.md")
     lines += worker_section(load(results, "worker.json"))
+    lines += prefill_section(load(results, "prefill.json"))
 
     drift = quality.get("drift") or []
     if drift:

@@ -6,9 +6,16 @@ prompt chunks of 120 tokens (so chunks end inside blocks). Stock vLLM is started
 ``prefill_eviction`` serves pass-key prompts of increasing length at 25 % and 10 % budgets,
 each answer checked, with the most blocks the request held at once.
 
-    python benchmarks/bench_prefill.py            # ~6 min
+    python benchmarks/bench_prefill.py            # ~10 min
 
 Writes ``results/prefill.json``.
+
+``--accuracy``: retrieval accuracy vs budget with prefill eviction on and off, the same
+prompts (``tasks.py`` pass-key and needle samples, ``ACC_CONTEXT`` tokens, three depths) on a
+pool large enough for both, chunks of ``ACC_CHUNK`` tokens. Writes
+``results/prefill_accuracy.json``.
+
+    python benchmarks/bench_prefill.py --accuracy # ~12 min
 """
 
 from __future__ import annotations
@@ -29,14 +36,57 @@ REPEATS = (48, 100, 134)  # pass-key prompts of ~2.3k, ~4.8k and ~6.5k tokens
 POLICIES = ("laprox", "snapkv", "attention", "h2o", "streamingllm")
 BUDGETS = (0.25, 0.1)
 KEY = "71432"
+ACC_CONTEXT, ACC_CHUNK, ACC_DEPTHS, ACC_PER_DEPTH = 1024, 256, (0.25, 0.5, 0.75), 4
+ACC_TASKS, ACC_POLICIES, ACC_BUDGETS = ("passkey", "needle"), ("snapkv", "laprox"), (0.5, 0.25, 0.1)
+
+
+def accuracy() -> None:
+    """Prefill eviction on vs off: the same samples, policies and budgets, one engine."""
+    import tasks
+    from engine_helpers import make_llm, sampling, shutdown
+    from vllm.inputs import TokensPrompt
+
+    started = time.perf_counter()
+    llm = make_llm({"kv_eviction": {"policy": "snapkv", "budget": 0.25}},
+                   max_model_len=ACC_CONTEXT + 64, max_num_batched_tokens=ACC_CHUNK)
+    rows = []
+    for task in ACC_TASKS:
+        samples = tasks.make_samples(task, ACC_CONTEXT, ACC_DEPTHS, ACC_PER_DEPTH)
+        prompts = [TokensPrompt(prompt_token_ids=s.token_ids) for s in samples]
+        runs = [("full", 1.0, False)] + [(p, b, on) for p in ACC_POLICIES for b in ACC_BUDGETS
+                                         for on in (False, True)]
+        for policy, budget, on in runs:
+            kv = ({"policy": "none"} if policy == "full" else
+                  {"policy": policy, "budget": budget, "prefill_eviction": on})
+            llm.reset_prefix_cache()
+            outs = llm.generate(prompts, [sampling(kv, max_tokens=10)] * len(prompts),
+                                use_tqdm=False)
+            correct = sum(tasks.is_correct(o.outputs[0].text, s.answer)
+                          for o, s in zip(outs, samples))
+            rows.append({"task": task, "policy": policy, "budget": budget, "prefill_eviction": on,
+                         "correct": correct, "n": len(samples)})
+            print(f"  {task:8s} {policy:7s} {budget:4.2f} prefill_eviction={on!s:5s} "
+                  f"{correct}/{len(samples)}", flush=True)
+    shutdown(llm)
+    common.write_json("prefill_accuracy.json", {
+        "command": common.command(), "versions": common.versions(), "machine": common.machine(),
+        "context_tokens": ACC_CONTEXT, "chunk_tokens": ACC_CHUNK, "depths": list(ACC_DEPTHS),
+        "per_depth": ACC_PER_DEPTH, "rows": rows, "total_s": time.perf_counter() - started,
+    })
+    print(f"total {time.perf_counter() - started:.0f} s; wrote results/prefill_accuracy.json")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--accuracy", action="store_true",
+                        help="accuracy vs budget with prefill eviction on and off instead")
     args = parser.parse_args()
     common.engine_env()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if args.accuracy:
+        accuracy()
+        return
     from engine_helpers import make_llm, passkey_prompt, sampling, scheduler, shutdown
 
     started = time.perf_counter()

@@ -12,12 +12,19 @@ other:
 - ``stock``: vLLM without the plugin (``VLLM_PLUGINS=""``);
 - ``budget_50`` / ``budget_25`` / ``budget_10``: the plugin evicting to that KV budget;
 - ``pool_pressure``: the plugin with budget 1.0 and pool-pressure mode (evicts only instead of
-  preempting).
+  preempting);
+- ``prefill_25`` / ``prefill_10``: the plugin at that budget with prefill eviction: a request
+  evicts between its prompt chunks and is admitted when its peak (budget + one chunk) fits,
+  not its whole prompt.
+
+Every variant, stock included, runs with the same chunk size (``chunk_tokens``, vLLM's
+``max_num_batched_tokens``).
 
 The engine runs in-process and is stepped by hand; after every step we sample the scheduler:
 running requests, KV blocks in use, and per request the first-token time. Printed and written
 to ``benchmarks/results/serving.json`` (+ ``serving_blocks.png``); ratios are plugin ÷ stock
-for the ``--headline`` variant (default ``budget_25``).
+for every plugin variant, and at the top level for the ``--headline`` variant (default
+``prefill_25``).
 
     python benchmarks/bench_serving.py --profile quick   # ~4 min on 2 cores
     python benchmarks/bench_serving.py --profile full    # ~19 min
@@ -40,9 +47,11 @@ import common  # noqa: E402
 
 PROFILES = {
     # quick: 3 prompts of 32 blocks admitted (96 of 100 usable), each grows 2 blocks: preemption
-    "quick": {"requests": 8, "prompt_tokens": 1024, "max_tokens": 64, "pool_blocks": 101},
+    "quick": {"requests": 8, "prompt_tokens": 1024, "max_tokens": 64, "pool_blocks": 101,
+              "chunk_tokens": 256},
     # full: 2 prompts of 64 blocks admitted (128 of 136 usable), each grows 8 blocks: preemption
-    "full": {"requests": 16, "prompt_tokens": 2048, "max_tokens": 256, "pool_blocks": 137},
+    "full": {"requests": 16, "prompt_tokens": 2048, "max_tokens": 256, "pool_blocks": 137,
+             "chunk_tokens": 256},
 }
 VARIANTS = {
     "stock": None,
@@ -50,6 +59,8 @@ VARIANTS = {
     "budget_25": {"budget": 0.25},
     "budget_10": {"budget": 0.1},
     "pool_pressure": {"budget": 1.0, "pool_pressure": True},
+    "prefill_25": {"budget": 0.25, "prefill_eviction": True},
+    "prefill_10": {"budget": 0.1, "prefill_eviction": True},
 }
 
 
@@ -62,7 +73,8 @@ def run_variant(name: str, policy: str, cfg: dict) -> dict:
     extra = VARIANTS[name]
     config = {"kv_eviction": {"policy": policy, "interval": 8, **extra}} if extra is not None else None
     llm = make_llm(config, num_gpu_blocks_override=cfg["pool_blocks"], max_num_seqs=cfg["requests"],
-                   max_model_len=cfg["prompt_tokens"] + cfg["max_tokens"] + 64)
+                   max_model_len=cfg["prompt_tokens"] + cfg["max_tokens"] + 64,
+                   max_num_batched_tokens=cfg["chunk_tokens"])
     sched = engine_core(llm).scheduler
     pool = sched.kv_cache_manager.block_pool
     total_blocks = pool.num_gpu_blocks - 1  # minus the null block
@@ -106,6 +118,19 @@ def run_variant(name: str, policy: str, cfg: dict) -> dict:
     }
 
 
+def ratios(variant: dict, stock: dict) -> dict:
+    """Plugin variant / stock: mean running requests, output tokens/s, mean blocks per running
+    request, mean first-token time; answers as the difference in percentage points."""
+    return {
+        "concurrency_ratio": variant["mean_running"] / stock["mean_running"],
+        "throughput_ratio": variant["output_tokens_per_s"] / stock["output_tokens_per_s"],
+        "blocks_per_request_ratio": variant["mean_blocks_per_request"] / stock["mean_blocks_per_request"],
+        "ttft_ratio": variant["mean_ttft_s"] / stock["mean_ttft_s"],
+        "answers_points_vs_stock": 100 * (variant["answers_retrieved"] / variant["requests"]
+                                          - stock["answers_retrieved"] / stock["requests"]),
+    }
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -129,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--policy", default="snapkv", help="eviction policy of the plugin variants")
-    parser.add_argument("--headline", default="budget_25", choices=[v for v in VARIANTS if v != "stock"])
+    parser.add_argument("--headline", default="prefill_25", choices=[v for v in VARIANTS if v != "stock"])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,17 +187,14 @@ def main() -> None:
         "profile": args.profile, "policy": args.policy, "headline": args.headline,
         "results": results,
     }
-    if "stock" in results and args.headline in results:
-        stock, head = results["stock"], results[args.headline]
-        summary.update({
-            "concurrency_ratio": head["mean_running"] / stock["mean_running"],
-            "throughput_ratio": head["output_tokens_per_s"] / stock["output_tokens_per_s"],
-            "blocks_per_request_ratio": head["mean_blocks_per_request"] / stock["mean_blocks_per_request"],
-            "ttft_ratio": head["mean_ttft_s"] / stock["mean_ttft_s"],
-        })
-        print(f"{args.headline} / stock: concurrency x{summary['concurrency_ratio']:.2f}, "
-              f"throughput x{summary['throughput_ratio']:.2f}, blocks/request "
-              f"x{summary['blocks_per_request_ratio']:.2f}, TTFT x{summary['ttft_ratio']:.2f}")
+    if "stock" in results:
+        stock = results["stock"]
+        summary["ratios"] = {name: ratios(r, stock) for name, r in results.items() if name != "stock"}
+        for name, q in summary["ratios"].items():
+            print(f"{name} / stock: concurrency x{q['concurrency_ratio']:.2f}, throughput "
+                  f"x{q['throughput_ratio']:.2f}, blocks/request x{q['blocks_per_request_ratio']:.2f}, "
+                  f"TTFT x{q['ttft_ratio']:.2f}, answers {q['answers_points_vs_stock']:+.0f} points")
+        summary.update(summary["ratios"].get(args.headline, {}))
     out = str(common.RESULTS)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "serving.json"), "w") as f:

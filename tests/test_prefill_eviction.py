@@ -122,6 +122,15 @@ def test_each_chunk_attends_exactly_without_what_was_evicted_before_it(llm, refe
     assert prompt_len > (POOL_BLOCKS - 1) * BLOCK_SIZE
     during_prefill = [c for c, excluded in log if excluded and c < prompt_len]
     assert len(during_prefill) >= 3, log  # evicted between several chunks, not only at the end
+    # between chunks the request is brought back to its prompt's budget, not to the (smaller)
+    # budget of the tokens computed so far: a middle chunk cannot see the question, so it
+    # keeps all it may until the prompt's end
+    from vllm_kvevict.config import EvictionConfig
+
+    prompt_budget = EvictionConfig(**SERVER).keep_blocks(prompt_len, BLOCK_SIZE)
+    for committed, excluded in log:
+        if excluded and committed < prompt_len:
+            assert -(-committed // BLOCK_SIZE) - len(excluded) >= prompt_budget, (committed, log)
     completion = out.outputs[0]
     ids = list(out.prompt_token_ids) + list(completion.token_ids)
     start = prompt_len - 1

@@ -125,6 +125,7 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
         fresh(state, blocks)
         sched.kv_requests[rid] = state
         sched.running.append(SimpleNamespace(request_id=rid, num_computed_tokens=tokens,
+                                             num_prompt_tokens=tokens,
                                              num_in_flight_tokens=0, mm_features=None))
     deciding = list(range(requests))
     if staggered:

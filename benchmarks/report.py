@@ -58,6 +58,9 @@ def build_summary(results: Path, command: str | None = None) -> dict:
             "throughput_ratio": _number(serving.get("throughput_ratio")),
             "idle_overhead_ratio": _number(overhead.get("idle_overhead_ratio")),
             "blocks_per_request_ratio": _number(serving.get("blocks_per_request_ratio")),
+            "answers_points_vs_stock": _number(serving.get("answers_points_vs_stock")),
+            "headline": serving.get("headline"),
+            "by_variant": serving.get("ratios"),  # every plugin variant / stock
         },
         "scheduler_ms": [{"requests": r["requests"], "blocks": r["blocks"], "ms": r["ms"]}
                          for r in (sched or {}).get("summary", [])],
@@ -459,6 +462,48 @@ def prefill_section(prefill: dict | None) -> list[str]:
                  for r in prefill["rows"]]), ""]
 
 
+def prefill_accuracy_section(acc: dict | None) -> list[str]:
+    """bench_prefill.py --accuracy: the same prompts with prefill eviction off and on."""
+    if not acc or not acc.get("rows"):
+        return []
+    cells = {(r["task"], r["policy"], r["budget"], r["prefill_eviction"]): r for r in acc["rows"]}
+    full = {r["task"]: r for r in acc["rows"] if r["policy"] == "full"}
+    table = []
+    for (task, policy, budget, on), r in cells.items():
+        if policy == "full" or on:
+            continue
+        other = cells.get((task, policy, budget, True))
+        table.append([task, policy, _pct(budget), f"{full[task]['correct']}/{full[task]['n']}",
+                      f"{r['correct']}/{r['n']}",
+                      f"{other['correct']}/{other['n']}" if other else "–"])
+    return ["### Accuracy with prefill eviction on vs off", "",
+            f"`bench_prefill.py --accuracy`: the same {acc['context_tokens']}-token prompts "
+            f"(depths {', '.join(str(d) for d in acc['depths'])}, {acc['per_depth']} each), "
+            f"{acc['chunk_tokens']}-token chunks, a pool that holds them whole; correct answers:", "",
+            common.markdown_table(["task", "policy", "budget", "full cache", "prefill eviction off",
+                                   "on"], table), ""]
+
+
+def longgen_section(longgen: dict | None) -> list[str]:
+    """bench_longgen.py: one long generation at a fixed budget_tokens."""
+    if not longgen or not longgen.get("rows"):
+        return []
+    rows = longgen["rows"]
+    return ["## Long generations at a fixed token budget", "",
+            f"`bench_longgen.py`: a {longgen['prompt_tokens']}-token prompt, "
+            f"{rows[0]['generated']} tokens generated greedily, each policy at budget_tokens "
+            f"{longgen['budget_tokens']}; blocks held = the request's blocks in the pool (of "
+            f"{longgen['block_size']} tokens); drift = agreement with the full cache reading the "
+            "same tokens.", "",
+            common.markdown_table(
+                ["run", "blocks held: most", "last", "top-1 agreement", "KL lower bound",
+                 f"agreement per {longgen['window']} steps"],
+                [[r["run"], r["blocks_held_max"], r["blocks_held_last"], r["top1_agreement"],
+                  r["kl_lower_bound_mean"],
+                  " ".join(f"{a:.2f}" for a in r["top1_agreement_per_window"])] for r in rows]),
+            "", "![blocks held and drift over one long generation](longgen.png)", ""]
+
+
 def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
     quality = load(results, "quality.json") or {}
     kvp = load(results, "kvpress.json") or {}
@@ -546,7 +591,16 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
                                      "blocks per request"],
                                     [[s["concurrency_ratio"], s["throughput_ratio"],
                                       s["idle_overhead_ratio"], s["blocks_per_request_ratio"]]]),
-              "", "From serving.json and overhead.json (– = not measured).", ""]
+              "", f"From serving.json (headline variant `{s.get('headline')}`) and overhead.json "
+              "(– = not measured).", ""]
+    if s.get("by_variant"):
+        lines += ["Every plugin variant / stock, in the same run:", "",
+                  common.markdown_table(["variant", "concurrency", "throughput", "blocks/request",
+                                         "TTFT", "answers (points vs stock)"],
+                                        [[name, q["concurrency_ratio"], q["throughput_ratio"],
+                                          q["blocks_per_request_ratio"], q["ttft_ratio"],
+                                          f"{q['answers_points_vs_stock']:+.0f}"]
+                                         for name, q in s["by_variant"].items()]), ""]
     variants = serving.get("results") or {}
     if variants:
         first = next(iter(variants.values()))
@@ -574,6 +628,8 @@ def write_readme(results: Path, summary: dict, plots: dict[str, bool]) -> Path:
         lines += _notes(results, "scheduler.md")
     lines += worker_section(load(results, "worker.json"))
     lines += prefill_section(load(results, "prefill.json"))
+    lines += prefill_accuracy_section(load(results, "prefill_accuracy.json"))
+    lines += longgen_section(load(results, "longgen.json"))
 
     drift = quality.get("drift") or []
     if drift:

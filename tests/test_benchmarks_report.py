@@ -66,7 +66,8 @@ def test_summary_has_the_documented_shape(results):
                for r in summary["kvpress"])
     assert {"policy": "full", "budget": 1.0} == {k: summary["quality"][0][k] for k in ("policy", "budget")}
     assert set(summary["serving"]) == {"concurrency_ratio", "throughput_ratio",
-                                       "idle_overhead_ratio", "blocks_per_request_ratio"}
+                                       "idle_overhead_ratio", "blocks_per_request_ratio",
+                                       "answers_points_vs_stock", "headline", "by_variant"}
     # serving.json absent: its ratios are null; overhead.json gives the idle overhead
     assert summary["serving"]["concurrency_ratio"] is None
     assert summary["serving"]["idle_overhead_ratio"] == 1.04
@@ -80,11 +81,17 @@ def test_summary_has_the_documented_shape(results):
 
 
 def test_serving_json_is_read_when_present(results):
-    _write(results, "serving.json", {"concurrency_ratio": 3.5, "throughput_ratio": 2.1,
-                                     "blocks_per_request_ratio": 0.27, "other": 1})
+    ratios = {"concurrency_ratio": 3.5, "throughput_ratio": 2.1, "blocks_per_request_ratio": 0.27,
+              "ttft_ratio": 0.5, "answers_points_vs_stock": -6.25}
+    _write(results, "serving.json", {**ratios, "headline": "prefill_25", "other": 1,
+                                     "ratios": {"prefill_25": ratios}})
     summary = report.main(["--results", str(results), "--no-plots"])
     assert summary["serving"] == {"concurrency_ratio": 3.5, "throughput_ratio": 2.1,
-                                  "blocks_per_request_ratio": 0.27, "idle_overhead_ratio": 1.04}
+                                  "blocks_per_request_ratio": 0.27, "idle_overhead_ratio": 1.04,
+                                  "answers_points_vs_stock": -6.25, "headline": "prefill_25",
+                                  "by_variant": {"prefill_25": ratios}}
+    readme = (results / "README.md").read_text()
+    assert "| prefill_25 |" in readme and "-6 |" in readme
 
 
 def test_empty_results_give_an_empty_but_valid_summary(tmp_path):
@@ -198,3 +205,23 @@ def test_second_model_is_set_beside_smollm2_on_the_same_prompt_specs(results):
     assert "## Second model: Gemma-3-270M" in text
     assert "| laprox | 10% | 50% (1/2) [0.09, 0.91] | 100% (2/2) [0.34, 1.00] |" in text
     assert "| full | 100% | 100% (1/1) [0.21, 1.00] | – |" in text
+
+
+def test_prefill_accuracy_and_long_generation_sections_come_from_their_json(results):
+    rows = [{"task": "needle", "policy": "full", "budget": 1.0, "prefill_eviction": False,
+             "correct": 12, "n": 12},
+            {"task": "needle", "policy": "snapkv", "budget": 0.25, "prefill_eviction": False,
+             "correct": 11, "n": 12},
+            {"task": "needle", "policy": "snapkv", "budget": 0.25, "prefill_eviction": True,
+             "correct": 3, "n": 12}]
+    _write(results, "prefill_accuracy.json", {"context_tokens": 1024, "chunk_tokens": 256,
+                                              "depths": [0.5], "per_depth": 12, "rows": rows})
+    _write(results, "longgen.json", {
+        "prompt_tokens": 512, "budget_tokens": 256, "block_size": 32, "window": 256,
+        "rows": [{"run": "snapkv", "generated": 2048, "blocks_held_max": 11, "blocks_held_last": 10,
+                  "top1_agreement": 0.8, "kl_lower_bound_mean": 0.2,
+                  "top1_agreement_per_window": [0.9, 0.7]}]})
+    report.main(["--results", str(results), "--no-plots"])
+    readme = (results / "README.md").read_text()
+    assert "| needle | snapkv | 25% | 12/12 | 11/12 | 3/12 |" in readme
+    assert "| snapkv | 11 | 10 | 0.8" in readme and "0.90 0.70" in readme

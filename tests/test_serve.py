@@ -2,7 +2,10 @@
 
 One ``vllm serve smollm2 --kv-eviction attention`` process (loopback) for the module, started
 through our CLI exactly as the README does. The soak's size comes from
-``KVEVICT_SOAK_REQUESTS`` (default 96, the CI version; the README gives the long manual run).
+``KVEVICT_SOAK_REQUESTS`` (default 96, the CI version; the README gives the long manual run);
+with ``KVEVICT_SOAK_RESULT=path`` its figures are also written there as JSON. Prompt chunks
+are 256 tokens, so the soak's longer prompts prefill in several chunks and the requests that
+ask for prefill eviction evict between them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ CONCURRENCY = 8
 def server():
     with Server(["smollm2", "--served-model-name", "smollm2", "--block-size", "32",
                  "--max-model-len", "2048", "--dtype", "float32", "--enforce-eager",
-                 "--max-num-seqs", "16", "--kv-eviction", "attention",
+                 "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
+                 "--kv-eviction", "attention",
                  "--kv-eviction-budget", "0.25", "--kv-eviction-interval", "4"]) as srv:
         yield srv
 
@@ -83,14 +87,17 @@ async def _soak(server, n: int) -> dict:
     client = AsyncOpenAI(base_url=f"{server.base}/v1", api_key="none", max_retries=0, timeout=600)
     rng = random.Random(0)
     gate = asyncio.Semaphore(CONCURRENCY)
-    outcome = {"ok": 0, "bad_400": 0, "aborted": 0, "errors": []}
+    outcome = {"ok": 0, "bad_400": 0, "aborted": 0, "prefill_eviction": 0, "errors": []}
 
     async def one(i: int) -> None:
         kind = rng.choice(["plain", "plain", "stream", "abort", "bad", "chat"])
         repeats = rng.choice([1, 3, 6, 12, 18])
         prompt = passkey_prompt(str(10000 + i), repeats=repeats, depth=rng.random())
         budget = rng.choice([0.1, 0.25, 0.5, 1.0])
-        extra = {"vllm_xargs": {"kv_eviction.budget": budget}}
+        xargs = {"kv_eviction.budget": budget}
+        if rng.random() < 0.3:
+            xargs["kv_eviction.prefill_eviction"] = True
+        extra = {"vllm_xargs": xargs}
         async with gate:
             try:
                 if kind == "bad":
@@ -126,6 +133,7 @@ async def _soak(server, n: int) -> dict:
                             return
                     assert chunks > 0
                 outcome["ok"] += 1
+                outcome["prefill_eviction"] += "kv_eviction.prefill_eviction" in xargs
             except Exception as exc:  # noqa: BLE001 — every failure of a valid request is a finding
                 outcome["errors"].append(f"{i} ({kind}): {type(exc).__name__}: {exc}")
 
@@ -157,8 +165,21 @@ def test_soak_mixed_traffic_leaves_no_blocks_behind(server):
     rss_after = server.rss_mb()
     print(f"soak: {SOAK_REQUESTS} requests at concurrency {CONCURRENCY} in {elapsed:.0f} s: "
           f"{outcome['ok']} ok, {outcome['aborted']} aborted mid-stream, {outcome['bad_400']} "
-          f"rejected (400); RSS {rss_before:.0f} -> {rss_after:.0f} MB; "
+          f"rejected (400), {outcome['prefill_eviction']} ok with prefill eviction; RSS {rss_before:.0f} -> {rss_after:.0f} MB; "
           f"released {m['vllm_kvevict_released_blocks_total']:.0f} blocks")
+    if os.environ.get("KVEVICT_SOAK_RESULT"):
+        with open(os.environ["KVEVICT_SOAK_RESULT"], "w") as f:
+            json.dump({"command": f"KVEVICT_SOAK_REQUESTS={SOAK_REQUESTS} bash scripts/test.sh "
+                       "tests/test_serve.py -k soak -s", "requests": SOAK_REQUESTS,
+                       "concurrency": CONCURRENCY, "seconds": elapsed,
+                       **{k: v for k, v in outcome.items() if k != "errors"},
+                       "errors_on_valid_requests": len(outcome["errors"]),
+                       "errors_sample": outcome["errors"][:5],
+                       "kv_cache_usage_after": m["vllm:kv_cache_usage_perc"],
+                       "parked_blocks_after": m["vllm_kvevict_parked_blocks_now"],
+                       "rss_mb_before": rss_before, "rss_mb_after": rss_after,
+                       "released_blocks_total": m["vllm_kvevict_released_blocks_total"]},
+                      f, indent=1)
     assert not outcome["errors"], outcome["errors"][:5]
     assert outcome["bad_400"] > 0 and outcome["aborted"] > 0 and outcome["ok"] > 0
     assert m["vllm:kv_cache_usage_perc"] == 0.0  # every block back in the pool

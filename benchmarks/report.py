@@ -497,10 +497,11 @@ def longgen_section(longgen: dict | None) -> list[str]:
             "same tokens.", "",
             common.markdown_table(
                 ["run", "blocks held: most", "last", "top-1 agreement", "KL lower bound",
-                 f"agreement per {longgen['window']} steps"],
+                 f"KL per {longgen['window']} steps", "tokens equal to the full cache's"],
                 [[r["run"], r["blocks_held_max"], r["blocks_held_last"], r["top1_agreement"],
                   r["kl_lower_bound_mean"],
-                  " ".join(f"{a:.2f}" for a in r["top1_agreement_per_window"])] for r in rows]),
+                  " ".join(f"{k:.3f}" for k in r["kl_lower_bound_per_window"]),
+                  r.get("same_tokens_as_full", "–")] for r in rows]),
             "", "![blocks held and drift over one long generation](longgen.png)", ""]
 
 

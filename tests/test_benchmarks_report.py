@@ -220,8 +220,9 @@ def test_prefill_accuracy_and_long_generation_sections_come_from_their_json(resu
         "prompt_tokens": 512, "budget_tokens": 256, "block_size": 32, "window": 256,
         "rows": [{"run": "snapkv", "generated": 2048, "blocks_held_max": 11, "blocks_held_last": 10,
                   "top1_agreement": 0.8, "kl_lower_bound_mean": 0.2,
-                  "top1_agreement_per_window": [0.9, 0.7]}]})
+                  "top1_agreement_per_window": [0.9, 0.7],
+                  "kl_lower_bound_per_window": [0.01, 0.03], "same_tokens_as_full": 18}]})
     report.main(["--results", str(results), "--no-plots"])
     readme = (results / "README.md").read_text()
     assert "| needle | snapkv | 25% | 12/12 | 11/12 | 3/12 |" in readme
-    assert "| snapkv | 11 | 10 | 0.8" in readme and "0.90 0.70" in readme
+    assert "| snapkv | 11 | 10 | 0.8" in readme and "0.010 0.030 | 18 |" in readme

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -131,3 +132,17 @@ def test_poison_boundary_is_the_first_exclusion():
     ledger.park("a", [1], committed_tokens=14)
     ledger.release("a", [2], committed_tokens=19)
     assert ledger.cacheable_tokens("a", 20) == 12  # floor(14 / 4) blocks stay cacheable
+
+
+@given(st.lists(st.sets(st.integers(0, 600), max_size=40), min_size=1, max_size=12))
+def test_eviction_log_round_trips_each_change_of_the_excluded_set(sets):
+    from vllm_kvevict.adapter.ledger import EvictionLog
+
+    log, expected = EvictionLog(), []
+    for step, positions in enumerate(sets):
+        mask = np.zeros(601 + step, dtype=bool)  # the list grows; trailing zeros change nothing
+        mask[list(positions)] = True
+        log.record(step * 16, mask)
+        if not expected or expected[-1][1] != frozenset(positions):
+            expected.append((step * 16, frozenset(positions)))
+    assert list(log) == expected and log[-1] == expected[-1] and len(log) == len(expected)

@@ -196,6 +196,35 @@ def test_two_long_prompts_at_once_both_finish(llm):
     assert pool.get_num_free_blocks() == start_free
 
 
+def test_an_abort_between_prefill_chunks_returns_every_block(llm):
+    """A request aborted after it has evicted between chunks (released blocks, a half-done
+    prompt) gives every block back, and the next request is served."""
+    from vllm.inputs import TokensPrompt
+
+    llm.reset_prefix_cache()
+    pool, sched, engine = _pool(llm), scheduler(llm), llm.llm_engine
+    start_free = pool.get_num_free_blocks()
+    ids = llm.get_tokenizer()(passkey_prompt("86420", repeats=100)).input_ids
+    engine.add_request("abort-me", TokensPrompt(prompt_token_ids=ids), sampling(max_tokens=4))
+    for _ in range(200):
+        engine.step()
+        log = sched.kv_log.get("abort-me") or next(
+            (v for k, v in sched.kv_log.items() if k.startswith("abort-me")), [])
+        if any(excluded and c < len(ids) // 2 for c, excluded in log):
+            break
+    else:
+        pytest.fail("no eviction in the first half of the prompt")
+    assert sched.requests, "the request finished before the abort"
+    engine.abort_request(list(sched.requests), internal=True)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert pool.get_num_free_blocks() == start_free
+    assert not sched.ledger.requests and not sched.kv_requests
+    out = llm.generate([passkey_prompt("86420", repeats=48)], sampling(max_tokens=6),
+                       use_tqdm=False)[0]
+    assert "86420" in out.outputs[0].text
+
+
 def test_a_request_that_would_need_more_than_the_pool_is_refused_at_the_front_end(llm):
     from vllm.exceptions import VLLMValidationError
 

@@ -9,6 +9,7 @@ vLLM's allocation arithmetic and ``free()`` keep working unchanged. Parking keep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,33 @@ class RequestBlocks:
     #: without the excluded context, so blocks past this point must never become cache hits.
     poison_from_token: int | None = None
     changed: bool = False  # the worker's compacted row must be resent
+
+
+class EvictionLog(Sequence):
+    """One request's excluded block positions over time: entry i is ``(from_token,
+    frozenset of positions)``, the set the request attends without from that token on (what
+    tests rebuild reference masks from). Stored as packed bit masks (a bit per block, an
+    entry only when the set changed): logging a decision costs a mask copy, not a set of
+    every evicted position, and a long generation's log stays small."""
+
+    def __init__(self):
+        self._entries: list[tuple[int, bytes]] = []
+
+    def record(self, from_token: int, excluded: np.ndarray) -> None:
+        """Log ``excluded`` (``[nb]`` bool by position) from ``from_token`` on, if it changed."""
+        packed = np.packbits(excluded).tobytes().rstrip(b"\0")
+        if not self._entries or self._entries[-1][1] != packed:
+            self._entries.append((from_token, packed))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        from_token, packed = self._entries[i]
+        bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8))
+        return from_token, frozenset(np.flatnonzero(bits).tolist())
 
 
 class BlockLedger:
@@ -54,6 +82,19 @@ class BlockLedger:
     def excluded_positions(self, req_id: str) -> set[int]:
         rb = self.requests.get(req_id)
         return set() if rb is None else rb.parked | rb.released
+
+    def excluded_mask(self, req_id: str) -> np.ndarray:
+        """``[n]`` bool by position: parked or released (n = the list's length)."""
+        n = len(self.blocks(req_id))
+        rb = self.requests.get(req_id)
+        if rb is None:
+            return np.zeros(n, dtype=bool)
+        mask = np.zeros(n, dtype=bool)
+        m = min(n, len(rb.released_mask))
+        mask[:m] = rb.released_mask[:m]
+        if rb.parked:
+            mask[list(rb.parked)] = True
+        return mask
 
     def offset_tokens(self, req_id: str) -> int:
         """E: tokens before the write position that the worker does not attend to."""

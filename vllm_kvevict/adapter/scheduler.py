@@ -20,7 +20,7 @@ import torch
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from vllm_kvevict.adapter.ledger import BlockLedger
+from vllm_kvevict.adapter.ledger import BlockLedger, EvictionLog
 from vllm_kvevict.adapter.protocol import (
     PLAN_ATTR,
     SCORES_ATTR,
@@ -197,8 +197,8 @@ class EvictingScheduler(Scheduler):
         )
         # req_id -> [(effective from token, excluded positions)], dropped at finish; kept for
         # the last finished requests only (bounded) so tests can rebuild reference masks.
-        self.kv_log: dict[str, list[tuple[int, frozenset]]] = {}
-        self.kv_log_finished: dict[str, list[tuple[int, frozenset]]] = {}
+        self.kv_log: dict[str, EvictionLog] = {}
+        self.kv_log_finished: dict[str, EvictionLog] = {}
         self._install_guards()
 
     @property
@@ -534,10 +534,10 @@ class EvictingScheduler(Scheduler):
     def _log(self, req_id: str, committed: int) -> None:
         """Record the excluded set and the token from which it applies (tests rebuild the
         reference attention mask from this log)."""
-        excluded = frozenset(self.ledger.excluded_positions(req_id))
-        log = self.kv_log.setdefault(req_id, [])
-        if not log or log[-1][1] != excluded:
-            log.append((committed, excluded))
+        log = self.kv_log.get(req_id)
+        if log is None:
+            log = self.kv_log[req_id] = EvictionLog()
+        log.record(committed, self.ledger.excluded_mask(req_id))
 
     def _visual_blocks(self, request, positions: list[int]) -> torch.Tensor | None:
         """[nb] bool: blocks made only of multimodal embedding tokens (text protects a block)."""

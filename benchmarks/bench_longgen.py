@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -97,8 +98,8 @@ def main() -> None:
             "run": name, "kv_eviction": r["kv"], "generated": len(r["tokens"]),
             "seconds": r["seconds"],
             "blocks_held_max": max(decode_blocks), "blocks_held_last": decode_blocks[-1],
-            "blocks_held_median_second_half": sorted(decode_blocks[len(decode_blocks) // 2:])[
-                len(decode_blocks[len(decode_blocks) // 2:]) // 2],
+            "blocks_held_median_second_half": statistics.median(
+                decode_blocks[len(decode_blocks) // 2:]),
             "top1_agreement": sum(a for a, _ in steps) / len(steps),
             "kl_lower_bound_mean": sum(k for _, k in steps) / len(steps),
             "top1_agreement_per_window": [sum(a for a, _ in w) / len(w) for w in windows],

@@ -85,15 +85,13 @@ class BlockLedger:
 
     def excluded_mask(self, req_id: str) -> np.ndarray:
         """``[n]`` bool by position: parked or released (n = the list's length)."""
-        n = len(self.blocks(req_id))
+        mask = np.zeros(len(self.blocks(req_id)), dtype=bool)
         rb = self.requests.get(req_id)
-        if rb is None:
-            return np.zeros(n, dtype=bool)
-        mask = np.zeros(n, dtype=bool)
-        m = min(n, len(rb.released_mask))
-        mask[:m] = rb.released_mask[:m]
-        if rb.parked:
-            mask[list(rb.parked)] = True
+        if rb is not None:
+            m = min(len(mask), len(rb.released_mask))
+            mask[:m] = rb.released_mask[:m]
+            if rb.parked:
+                mask[list(rb.parked)] = True
         return mask
 
     def offset_tokens(self, req_id: str) -> int:

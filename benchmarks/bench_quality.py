@@ -268,6 +268,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown policies {sorted(unknown)}; valid: {list(common.POLICIES)}")
     common.engine_env()
+    os.environ.setdefault("KVEVICT_EVICTION_LOG", "1")  # kept_fraction reads the log
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     profile = common.PROFILES[args.profile]
     import tasks

@@ -10,14 +10,16 @@ one step's decisions are timed: the protected masks, the selection at a 25 % bud
 * ``all``: every request takes its first decision in this step (75 % of its blocks released)
   - the worst step;
 * ``staggered``: the steady state of a serving engine - every request at its budget already,
-  ``1/16`` of them (the default ``interval``) deciding in the step, each grown by 4 blocks.
+  ``1/16`` of them (the default ``interval``) deciding in the step, each grown by 4 blocks,
+  plus the step plan for the workers over all of them (new rows, offsets, the score tasks of
+  the ``1/16`` due for scoring) - everything the plugin adds to a decode step's scheduling.
 
 and two implementations, in one run: ``batched`` (the scheduler: one ``select_batch`` for all
 the step's decisions) and ``per_request`` (one selection per request, as before batching). The
 workers' block scoring happens during the forward pass and is not part of it. Setup
 (allocation, the untimed first decision of ``staggered``) is not timed.
 
-    python benchmarks/bench_scheduler.py --profile quick     # ~3 min
+    python benchmarks/bench_scheduler.py --profile quick     # ~4 min
     python benchmarks/bench_scheduler.py --profile full
 
 Writes ``results/scheduler.json``; ``ms`` is the median step time over repeats, per policy;
@@ -39,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
 
 REQUESTS = (1, 16, 256)
 BLOCKS = (64, 512, 4096)
@@ -87,15 +90,20 @@ def build_scheduler(num_blocks: int, max_blocks_per_request: int):
 
 
 def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.Random,
-              batched: bool = True, staggered: bool = False) -> tuple[float, float]:
-    """(seconds of one step's decisions, seconds inside the selection).
+              batched: bool = True, staggered: bool = False, keep: bool = False
+              ) -> tuple[float, float, float]:
+    """(seconds of one step's eviction work, of it inside the selection, of it building the
+    step plan).
 
     ``staggered=False``: every request decides its first decision in this step (the worst
     step: 75 % of every request's blocks released). ``staggered=True``: the steady state of a
     serving engine - all requests already at their budget (an untimed first decision), then
     ``1/INTERVAL`` of them grown by ``GROWTH`` blocks and deciding (fresh scores) in the timed
-    step. ``batched``: the scheduler's one batched selection for all of them; False: one
-    selection per request (a batch of one), as the scheduler decided before batching.
+    step, and the step's plan for the workers built for all of them (``_step_plan``: the
+    deciding requests' new rows, every request's offset, and score tasks for the
+    ``1/INTERVAL`` due). ``batched``: the scheduler's one batched selection for all of
+    them; False: one selection per request (a batch of one), as the scheduler decided before
+    batching. ``keep``: leave the requests in place (the caller calls :func:`cleanup`).
     """
     from vllm_kvevict.adapter import scheduler as S
     from vllm_kvevict.config import EvictionConfig
@@ -114,29 +122,42 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
         finally:
             select_s[0] += time.perf_counter() - t0
 
-    def fresh(state, n_blocks):
-        state.set_scores(range(n_blocks), [rng.random() for _ in range(n_blocks)])
-        state.fresh = True
+    def fresh(rid, n_blocks):
+        sched._note_scores(rid, sched.kv_requests[rid], range(n_blocks),
+                           [rng.random() for _ in range(n_blocks)])
 
     for i in range(requests):
         rid = f"r{i}"
         manager.allocate_new_blocks(rid, tokens, tokens)
-        state = S.RequestEviction(config=config, policy=get_policy(policy_name))
-        fresh(state, blocks)
-        sched.kv_requests[rid] = state
-        sched.running.append(SimpleNamespace(request_id=rid, num_computed_tokens=tokens,
-                                             num_prompt_tokens=tokens,
-                                             num_in_flight_tokens=0, mm_features=None))
+        sched.kv_requests[rid] = S.RequestEviction(config=config, policy=get_policy(policy_name))
+        fresh(rid, blocks)
+        # staggered: decoding (the prompt ended a few blocks ago)
+        prompt = tokens - 2 * BLOCK_SIZE if staggered else tokens
+        request = SimpleNamespace(request_id=rid, num_computed_tokens=tokens,
+                                  num_prompt_tokens=prompt, num_in_flight_tokens=0,
+                                  mm_features=None)
+        sched.running.append(request)
+        sched.requests[rid] = request
     deciding = list(range(requests))
     if staggered:
         sched._apply_decisions()  # untimed: everyone at its budget
+        for rid in sched.ledger.take_changed(sched.requests):  # sent in that step's plan
+            sched.ledger.compacted_row(rid)
         deciding = list(range(0, requests, INTERVAL))
         for i in deciding:
             rid, request = f"r{i}", sched.running[i]
             grown = tokens + GROWTH * BLOCK_SIZE
             request.num_computed_tokens = grown
             manager.allocate_new_blocks(rid, grown, grown)
-            fresh(sched.kv_requests[rid], blocks + GROWTH)
+            fresh(rid, blocks + GROWTH)
+        for i in range(requests):  # 1/INTERVAL of them are due for scoring in this step
+            sched.kv_requests[f"r{i}"].decode_steps = i % INTERVAL  # deciding ones: 0
+            if i % INTERVAL == INTERVAL - 1:  # and grown past their budget since then
+                request, grown = sched.running[i], tokens + GROWTH * BLOCK_SIZE
+                request.num_computed_tokens = grown
+                manager.allocate_new_blocks(f"r{i}", grown, grown)
+        # the step's output: one decode token each
+        output = SimpleNamespace(num_scheduled_tokens={f"r{i}": 1 for i in range(requests)})
     before = sum(len(sched.ledger.requests[f"r{i}"].released) for i in deciding
                  if f"r{i}" in sched.ledger.requests)
     S.select_batch = timed_select
@@ -150,23 +171,71 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
                 if state.fresh:
                     state.fresh = False
                     sched._decide_batch([(request, state)])
+        plan_started = time.perf_counter()
+        if staggered:  # and the plan for the workers: rows that changed, offsets, score tasks
+            plan = sched._step_plan(output)
         elapsed = time.perf_counter() - started
+        plan_s = time.perf_counter() - plan_started
     finally:
         S.select_batch = original_select
     released = sum(len(sched.ledger.requests[f"r{i}"].released) for i in deciding
                    if f"r{i}" in sched.ledger.requests) - before
-    for i in range(requests):
-        manager.free(f"r{i}")
-        sched.ledger.forget(f"r{i}")
-    sched.kv_requests.clear()
-    sched.running.clear()
-    sched.kv_log.clear()
+    if not keep:
+        cleanup(sched, requests)
+    if staggered and requests >= INTERVAL and (len(plan.rows) != len(deciding)
+                                               or len(plan.score) != requests // INTERVAL):
+        raise RuntimeError(f"{policy_name}: the plan holds {len(plan.rows)} rows and "
+                           f"{len(plan.score)} score tasks (expected {len(deciding)} and "
+                           f"{requests // INTERVAL})")
     expected = (len(deciding) * (blocks - max(-(-int(BUDGET * tokens) // BLOCK_SIZE), 4))
                 if not staggered else len(deciding) * (GROWTH - 2))
     if blocks > 8 and released < 0.9 * expected:
         raise RuntimeError(f"{policy_name}: only {released} blocks released (expected about "
                            f"{expected}); the decision did not run as intended")
-    return elapsed, select_s[0]
+    return elapsed, select_s[0], plan_s
+
+
+def time_pressure(sched, policy_name: str, requests: int, blocks: int, rng: random.Random,
+                  full_sort: bool = False, need: int = 2) -> float:
+    """Seconds of one pool-pressure call (``_free_under_pressure(need)``: a decode step short
+    of ``need`` blocks) over ``requests`` running requests of ``blocks`` blocks, all at their
+    budget already (an untimed first decision) and freshly scored. ``full_sort``: pick with a
+    full ``np.lexsort`` of every candidate (as before :func:`least_important`)."""
+    from vllm_kvevict.adapter import scheduler as S
+
+    time_step(sched, policy_name, requests, blocks, rng, keep=True)
+    for i in range(requests):
+        rid = f"r{i}"
+        positions = sched.ledger.resident_positions(rid)
+        sched.kv_requests[rid].set_scores(positions, [rng.random() for _ in positions])
+    original = S.least_important
+    if full_sort:
+        S.least_important = lambda keys, need: np.lexsort(tuple(reversed(keys)))[:need]
+    try:
+        before = sum(sched.ledger.requests[f"r{i}"].num_released for i in range(requests))
+        started = time.perf_counter()
+        freed = sched._free_under_pressure(need)
+        elapsed = time.perf_counter() - started
+        released = sum(sched.ledger.requests[f"r{i}"].num_released
+                       for i in range(requests)) - before
+    finally:
+        S.least_important = original
+        cleanup(sched, requests)
+    if not freed or released != need:
+        raise RuntimeError(f"{policy_name}: pool pressure released {released} (wanted {need})")
+    return elapsed
+
+
+def cleanup(sched, requests: int) -> None:
+    manager = sched.ledger.manager
+    for i in range(requests):
+        manager.free(f"r{i}")
+        sched.ledger.forget(f"r{i}")
+    sched.kv_requests.clear()
+    sched.running.clear()
+    sched.requests.clear()
+    sched.kv_log.clear()
+    sched.kv_fresh.clear()
 
 
 def main() -> None:
@@ -199,9 +268,22 @@ def main() -> None:
                                      "blocks": blocks, "policy": policy, "ms": ms,
                                      "ms_per_request": ms / requests,
                                      "select_ms": statistics.median(r[1] for r in runs) * 1e3,
+                                     "plan_ms": statistics.median(r[2] for r in runs) * 1e3,
                                      "repeats": repeats})
                         print(f"  {pattern:9s} {impl:11s} {requests:4d} x {blocks:5d} "
                               f"{policy:12s} {ms:10.3f} ms", flush=True)
+    for requests in REQUESTS:  # pool pressure (one policy: the scores are random anyway)
+        for blocks in BLOCKS:
+            for impl in ("partition", "full_sort"):
+                kw = dict(full_sort=impl == "full_sort")
+                time_pressure(sched, policies[0], requests, blocks, rng, **kw)  # warm-up
+                ms = statistics.median(time_pressure(sched, policies[0], requests, blocks, rng,
+                                                     **kw) for _ in range(repeats)) * 1e3
+                rows.append({"pattern": "pressure", "impl": impl, "requests": requests,
+                             "blocks": blocks, "policy": policies[0], "ms": ms,
+                             "ms_per_request": ms / requests, "repeats": repeats})
+                print(f"  pressure  {impl:11s} {requests:4d} x {blocks:5d} {ms:10.3f} ms",
+                      flush=True)
 
     def worst(pattern, impl):
         out = {}
@@ -215,12 +297,15 @@ def main() -> None:
 
     summaries = {f"{p}_{i}": worst(p, i) for p in ("all", "staggered")
                  for i in ("batched", "per_request")}
-    for pattern, title in (("all", "every request deciding"),
-                           ("staggered", f"steady state, 1/{INTERVAL} of them deciding")):
-        cell = {(r["requests"], r["blocks"]): r["ms"] for r in summaries[f"{pattern}_batched"]}
-        before = {(r["requests"], r["blocks"]): r["ms"]
-                  for r in summaries[f"{pattern}_per_request"]}
-        print(f"\nOne scheduling step, {title} (ms, slowest policy; batched / per-request)")
+    summaries.update({f"pressure_{i}": worst("pressure", i) for i in ("partition", "full_sort")})
+    for pattern, title, a, b in (
+            ("all", "every request deciding", "batched", "per_request"),
+            ("staggered", f"steady state, 1/{INTERVAL} of them deciding", "batched",
+             "per_request"),
+            ("pressure", "one pool-pressure call", "partition", "full_sort")):
+        cell = {(r["requests"], r["blocks"]): r["ms"] for r in summaries[f"{pattern}_{a}"]}
+        before = {(r["requests"], r["blocks"]): r["ms"] for r in summaries[f"{pattern}_{b}"]}
+        print(f"\nOne scheduling step, {title} (ms, slowest policy; {a} / {b})")
         print(common.markdown_table(
             ["requests \\ blocks per request", *map(str, BLOCKS)],
             [[str(n)] + [f"{cell[(n, b)]:.2f} / {before[(n, b)]:.2f}" for b in BLOCKS]

@@ -104,8 +104,12 @@ def test_random_sequences_never_leak_or_double_free(ops):
             blocks = manager.req_to_blocks.get(rid, [])
             assert all(blocks[p] is not null for p in rb.parked)
             assert all(blocks[p] is null for p in rb.released)
-            row, _ = ledger.compacted_row(rid)
+            row, positions = ledger.compacted_row(rid)
+            attended = [(i, b.block_id) for i, b in enumerate(blocks)
+                        if b is not null and i not in rb.parked]
+            assert list(zip(positions, row)) == attended  # the cached ids too
             assert len(row) * BS + ledger.offset_tokens(rid) == len(blocks) * BS
+            assert ledger.offset_tokens(rid) == (len(rb.parked) + len(rb.released)) * BS
     for req in list(tokens):
         manager.free(req)
         ledger.forget(req)
@@ -146,3 +150,18 @@ def test_eviction_log_round_trips_each_change_of_the_excluded_set(sets):
         if not expected or expected[-1][1] != frozenset(positions):
             expected.append((step * 16, frozenset(positions)))
     assert list(log) == expected and log[-1] == expected[-1] and len(log) == len(expected)
+
+
+def test_row_check_catches_a_block_replaced_behind_the_ledger(monkeypatch):
+    """Compacted rows read block ids from a per-request cache; the tests' row check
+    (``KVEVICT_CHECK_ROWS``, on for every engine test) compares each row with vLLM's list."""
+    manager = make_manager()
+    ledger = BlockLedger(manager, bin_capacity=4)
+    ledger.check_rows = True
+    manager.allocate_new_blocks("a", 16, 16)
+    ledger.release("a", [1], committed_tokens=16)
+    assert ledger.compacted_row("a")[1] == [0, 2, 3]
+    other = manager.block_pool.get_new_blocks(1)[0]
+    manager.req_to_blocks["a"][2] = other  # what a copy-on-write after admission would do
+    with pytest.raises(AssertionError, match="cached block ids"):
+        ledger.compacted_row("a")

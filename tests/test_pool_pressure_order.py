@@ -56,3 +56,20 @@ def test_the_globally_least_important_blocks_go_first(seed, need, num_requests):
     released = sorted((rid, p) for rid in sched.kv_requests
                       for p in sched.ledger.requests[rid].released)
     assert released == sorted((rid, p) for *_, rid, p in expected[:need])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([0.0, 0.25, 0.5, float("nan")])
+                          | st.floats(0, 1, width=32), st.integers(0, 3), st.integers(0, 50)),
+                max_size=60, unique_by=lambda t: (t[2], t[3])),
+       st.integers(0, 70))
+def test_least_important_is_the_head_of_the_full_sort(rows, need):
+    """The partition-based pick equals the first ``need`` of a full ``np.lexsort`` (ties on
+    score broken by request and position, NaN scores last within their class)."""
+    from vllm_kvevict.adapter.scheduler import least_important
+
+    cls, score, req, pos = (np.array(c) for c in zip(*rows)) if rows else [np.zeros(0)] * 4
+    score = score.astype(np.float32)
+    got = least_important((cls.astype(np.int64), score, req, pos), need)
+    full = np.lexsort((pos, req, score, cls))[:need]
+    assert got.tolist() == full.tolist()

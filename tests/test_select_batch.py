@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from vllm_kvevict.policies.base import select_batch, select_blocks, select_tiered
 
-# few distinct values: ties, zeros (released outright under release_zero) and negatives
-SCORE = st.sampled_from([0.0, 0.0, 0.25, 0.5, 0.5, 1.0, 3.0, -0.5])
+# few distinct values: ties, zeros of both signs (released outright under release_zero), negatives
+SCORE = st.sampled_from([0.0, -0.0, 0.0, 0.25, 0.5, 0.5, 1.0, 3.0, -0.5])
 
 
 @st.composite
@@ -39,12 +39,14 @@ def _reference(r, release_zero, with_tier):
     return select_blocks(scores, **args)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(request(), min_size=1, max_size=6), st.booleans(), st.booleans())
-def test_batched_decisions_equal_per_request_ones(reqs, release_zero, with_tier):
+@settings(max_examples=400, deadline=None)
+@given(st.lists(request(), min_size=1, max_size=6), st.booleans(), st.booleans(),
+       st.sampled_from([np.float32, np.float64]))
+def test_batched_decisions_equal_per_request_ones(reqs, release_zero, with_tier, dtype):
+    """float32 scores (the scheduler's) take the packed-sort path, float64 the argsort one."""
     width = max(len(r["scores"]) for r in reqs) + 2  # padding in every row
     shape = (len(reqs), width)
-    scores, valid = np.zeros(shape), np.zeros(shape, dtype=bool)
+    scores, valid = np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=bool)
     protected, tier = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int64)
     for i, r in enumerate(reqs):
         nb = len(r["scores"])

@@ -12,6 +12,7 @@ late snapshot harmless: the next scrape sees the totals.
 from __future__ import annotations
 
 import atexit
+import bisect
 import json
 import os
 import shutil
@@ -51,12 +52,12 @@ class PolicyCounters:
                 value += getattr(self, key)
             setattr(self, key, value)
 
-    def observe_decision(self, seconds: float) -> None:
-        self.decisions += 1
-        self.decision_seconds_sum += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.decision_seconds_buckets[i] += 1
+    def observe_decision(self, seconds: float, count: int = 1) -> None:
+        """``count`` decisions of ``seconds`` each (a step's batch shares its time)."""
+        self.decisions += count
+        self.decision_seconds_sum += seconds * count
+        for i in range(bisect.bisect_left(LATENCY_BUCKETS, seconds), len(LATENCY_BUCKETS)):
+            self.decision_seconds_buckets[i] += count
 
 
 @dataclass

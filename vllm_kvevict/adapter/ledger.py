@@ -9,25 +9,52 @@ vLLM's allocation arithmetic and ``free()`` keep working unchanged. Parking keep
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
+
+_block_id = attrgetter("block_id")
 
 
 @dataclass
 class RequestBlocks:
-    """What the ledger knows of one request: parked positions and how many were released."""
+    """What the ledger knows of one request: parked positions and released ones."""
 
     parked: set[int] = field(default_factory=set)
-    released: set[int] = field(default_factory=set)
-    #: ``released`` as a bool mask by position (grown on demand): resident positions in O(1)
-    #: array operations instead of a scan of the block list
+    #: released positions as a bool mask (capacity grown by doubling, past the list's end all
+    #: False): resident positions and a decision's let-go blocks in array operations, no
+    #: Python set of every released position
     released_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    num_released: int = 0
+    #: block id by position for the first ``num_ids`` positions (capacity grown by doubling):
+    #: a compacted row is one array gather, not an attribute read per block. vLLM only
+    #: appends to a full-attention group's list after admission (its copy-on-write of a
+    #: partial prefix hit replaces the tail block inside the admitting allocation, before any
+    #: row is read) and the ledger alone nulls entries, so cached ids stay valid.
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    num_ids: int = 0
+    #: the last compacted row ``(list length, block ids, positions)``, dropped when the
+    #: ledger changes the request; blocks vLLM appends since are appended to it
+    row: tuple[int, list[int], list[int]] | None = None
     #: tokens computed when the first block left attention: K/V of later tokens were computed
     #: without the excluded context, so blocks past this point must never become cache hits.
     poison_from_token: int | None = None
-    changed: bool = False  # the worker's compacted row must be resent
+
+    @property
+    def released(self) -> set[int]:
+        """Released positions (reports and tests; the hot path reads ``released_mask``)."""
+        return set(np.flatnonzero(self.released_mask).tolist())
+
+    def grow(self, n: int) -> np.ndarray:
+        """``released_mask`` with room for ``n`` positions (doubling, so amortised O(1))."""
+        if len(self.released_mask) < n:
+            grown = np.zeros(max(n, 2 * len(self.released_mask)), dtype=bool)
+            grown[: len(self.released_mask)] = self.released_mask
+            self.released_mask = grown
+        return self.released_mask
 
 
 class EvictionLog(Sequence):
@@ -68,6 +95,13 @@ class BlockLedger:
         self.bin_capacity = bin_capacity  # parked blocks held across all requests, at most
         self.requests: dict[str, RequestBlocks] = {}
         self._parked_total = 0  # sum of len(rb.parked) over requests, kept up to date
+        #: blocks out of attention (parked + released) per request, only where nonzero: the
+        #: step plan reads every scheduled request's offset from it
+        self.excluded_blocks: dict[str, int] = {}
+        #: requests whose compacted row changed since it last went to the workers
+        self.changed: set[str] = set()
+        #: verify every compacted row against a scan of vLLM's list (tests; O(blocks) each)
+        self.check_rows = os.environ.get("KVEVICT_CHECK_ROWS") == "1"
 
     # -- queries -----------------------------------------------------------------------------
     def blocks(self, req_id: str) -> list:
@@ -96,8 +130,7 @@ class BlockLedger:
 
     def offset_tokens(self, req_id: str) -> int:
         """E: tokens before the write position that the worker does not attend to."""
-        rb = self.requests.get(req_id)
-        return 0 if rb is None else (len(rb.parked) + len(rb.released)) * self.block_size
+        return self.excluded_blocks.get(req_id, 0) * self.block_size
 
     def resident_positions(self, req_id: str) -> list[int]:
         """Positions whose block is in memory (kept or parked), in order."""
@@ -109,23 +142,50 @@ class BlockLedger:
         and mamba groups), so they are read from the released mask, not from the list."""
         n = len(self.blocks(req_id))
         rb = self.requests.get(req_id)
-        if rb is None or not rb.released:
+        if rb is None or not rb.num_released:
             return np.arange(n, dtype=np.int64)
-        mask = rb.released_mask[:n]
-        if len(mask) < n:
-            mask = np.concatenate([mask, np.zeros(n - len(mask), dtype=bool)])
-        return np.flatnonzero(~mask)
+        return np.flatnonzero(~rb.grow(n)[:n])
 
     def compacted_row(self, req_id: str) -> tuple[list[int], list[int]]:
-        """(block ids, positions) of the blocks the worker attends to, in positional order."""
+        """(block ids, positions) of the blocks the worker attends to, in positional order.
+        The lists are shared with the ledger's cache: read them, do not change them."""
+        blocks = self.blocks(req_id)
         rb = self.requests.get(req_id)
-        parked = rb.parked if rb else set()
-        ids, pos = [], []
-        for i, b in enumerate(self.blocks(req_id)):
-            if b is not self.null_block and i not in parked:
-                ids.append(b.block_id)
-                pos.append(i)
+        if rb is None:
+            return list(map(_block_id, blocks)), list(range(len(blocks)))
+        n = len(blocks)
+        if rb.row is not None and rb.row[0] <= n:
+            cached, ids, pos = rb.row
+            if cached < n:  # grown since: the new tail blocks are attended
+                ids = ids + [b.block_id for b in blocks[cached:]]
+                pos = pos + list(range(cached, n))
+        else:
+            resident = self.resident_array(req_id)
+            if rb.parked:
+                parked = np.fromiter(rb.parked, np.int64, len(rb.parked))
+                resident = resident[~np.isin(resident, parked)]
+            ids, pos = self._block_ids(rb, blocks)[resident].tolist(), resident.tolist()
+        rb.row = (n, ids, pos)
+        if self.check_rows:
+            expect = [(i, b.block_id) for i, b in enumerate(blocks)
+                      if b is not self.null_block and i not in rb.parked]
+            if list(zip(pos, ids)) != expect:
+                raise AssertionError(f"{req_id}: cached block ids differ from vLLM's list")
         return ids, pos
+
+    @staticmethod
+    def _block_ids(rb: RequestBlocks, blocks: list) -> np.ndarray:
+        """``[n]`` block id by position (released positions: stale), new positions read."""
+        n = len(blocks)
+        if rb.num_ids != n:
+            start = rb.num_ids if rb.num_ids < n else 0  # a shorter list: re-read all
+            if len(rb.ids) < n:
+                grown = np.zeros(max(n, 2 * len(rb.ids)), dtype=np.int64)
+                grown[:start] = rb.ids[:start]
+                rb.ids = grown
+            rb.ids[start:n] = np.fromiter(map(_block_id, blocks[start:n]), np.int64, n - start)
+            rb.num_ids = n
+        return rb.ids[:n]
 
     def parked_blocks(self, req_id: str) -> list[tuple[int, int]]:
         """(position, block id) of parked blocks, in positional order."""
@@ -144,39 +204,51 @@ class BlockLedger:
                 f"({committed_tokens} committed tokens, block size {self.block_size})"
             )
 
-    def _mark_excluded(self, rb: RequestBlocks, committed_tokens: int) -> None:
-        rb.changed = True
+    def _mark_changed(self, req_id: str, rb: RequestBlocks) -> None:
+        self.changed.add(req_id)
+        rb.row = None
+        excluded = len(rb.parked) + rb.num_released
+        if excluded:
+            self.excluded_blocks[req_id] = excluded
+        else:
+            self.excluded_blocks.pop(req_id, None)
+
+    def _mark_excluded(self, req_id: str, rb: RequestBlocks, committed_tokens: int) -> None:
+        self._mark_changed(req_id, rb)
         if rb.poison_from_token is None:
             rb.poison_from_token = committed_tokens
 
-    def release(self, req_id: str, positions, committed_tokens: int) -> list[int]:
-        """Free blocks to the pool (kept or parked); returns the positions this request let go
-        (already released ones are skipped)."""
+    def release(self, req_id: str, positions, committed_tokens: int, ordered: bool = False
+                ) -> list[int]:
+        """Free blocks to the pool (kept or parked); returns the positions this request let go,
+        descending (already released ones are skipped). ``ordered``: ``positions`` is an int64
+        array, ascending without repeats, already (a decision's)."""
+        pos = positions if ordered else np.unique(np.asarray(positions, dtype=np.int64))
+        if not len(pos):
+            return []
+        # the extremes bound every position: one check for the whole list
+        self._check_evictable(req_id, int(pos[-1]), committed_tokens)
+        self._check_evictable(req_id, int(pos[0]), committed_tokens)
         rb = self.state(req_id)
         blocks = self.blocks(req_id)
-        order = sorted(set(positions), reverse=True)
-        if order:  # the extremes bound every position: one check for the whole list
-            self._check_evictable(req_id, order[0], committed_tokens)
-            self._check_evictable(req_id, order[-1], committed_tokens)
+        mask = rb.grow(len(blocks))
+        let_go_array = pos[~mask[pos]][::-1]  # tail first, like vLLM's own free()
+        let_go = let_go_array.tolist()
+        if not let_go:
+            return let_go
+        freed = [blocks[p] for p in let_go]
         null = self.null_block
-        let_go = [pos for pos in order if blocks[pos] is not null]
-        freed = [blocks[pos] for pos in let_go]
-        for pos in let_go:
-            blocks[pos] = null
-        if let_go:
+        for p in let_go:
+            blocks[p] = null
+        mask[let_go_array] = True
+        rb.num_released += len(let_go)
+        if rb.parked:
             before = len(rb.parked)
             rb.parked.difference_update(let_go)
             self._parked_total -= before - len(rb.parked)
-            rb.released.update(let_go)
-            if len(rb.released_mask) <= let_go[0]:  # let_go is descending
-                grown = np.zeros(max(let_go[0] + 1, 2 * len(rb.released_mask)), dtype=bool)
-                grown[: len(rb.released_mask)] = rb.released_mask
-                rb.released_mask = grown
-            rb.released_mask[let_go] = True
-        if freed:
-            # tail-first order, like vLLM's own free(): older blocks stay cached longer
-            self.block_pool.free_blocks(freed)
-            self._mark_excluded(rb, committed_tokens)
+        # older blocks stay cached longer (tail-first order)
+        self.block_pool.free_blocks(freed)
+        self._mark_excluded(req_id, rb, committed_tokens)
         return let_go
 
     def park(self, req_id: str, positions, committed_tokens: int) -> int:
@@ -197,7 +269,7 @@ class BlockLedger:
             self._parked_total += 1
             added += 1
         if added:
-            self._mark_excluded(rb, committed_tokens)
+            self._mark_excluded(req_id, rb, committed_tokens)
         return added
 
     def restore(self, req_id: str, positions) -> int:
@@ -210,7 +282,7 @@ class BlockLedger:
                 self._parked_total -= 1
                 restored += 1
         if restored:
-            rb.changed = True
+            self._mark_changed(req_id, rb)
         return restored
 
     def forget(self, req_id: str) -> None:
@@ -219,13 +291,14 @@ class BlockLedger:
         rb = self.requests.pop(req_id, None)
         if rb is not None:
             self._parked_total -= len(rb.parked)
+        self.excluded_blocks.pop(req_id, None)
+        self.changed.discard(req_id)
 
-    def take_changed(self, req_id: str) -> bool:
-        rb = self.requests.get(req_id)
-        if rb is None or not rb.changed:
-            return False
-        rb.changed = False
-        return True
+    def take_changed(self, scheduled) -> list[str]:
+        """The requests among ``scheduled`` whose row changed; they are marked as sent."""
+        taken = [r for r in self.changed if r in scheduled]
+        self.changed.difference_update(taken)
+        return taken
 
     def cacheable_tokens(self, req_id: str, num_tokens: int) -> int:
         """Prefix-cache poison guard: only blocks computed before the first exclusion."""

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,6 +43,7 @@ from vllm_kvevict.policies import get_policy
 from vllm_kvevict.policies.base import EvictionPolicy, select_batch
 
 logger = logging.getLogger("vllm_kvevict")
+_ref_cnt = attrgetter("ref_cnt")
 
 
 @dataclass
@@ -57,6 +61,11 @@ class RequestEviction:
     evicted_blocks: int = 0  # taken out of attention (parked or released), cumulative
     select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
     chunk_decision: bool = False  # the pending decision is between prompt chunks
+
+    def __post_init__(self):
+        # read once per step for every running request: plain attributes
+        self.interval = self.config.interval
+        self.every_step = bool(getattr(self.policy, "score_every_step", False))
 
     def set_scores(self, positions, values) -> None:
         """Take the workers' ``positions`` / ``values`` (any order) as the latest scores."""
@@ -81,9 +90,10 @@ class _Pending:
     committed: int
     parked: set[int]
     scores: np.ndarray  # [nb] float32 (0 where unscored; those are protected)
-    protected: np.ndarray  # [nb] bool
+    scored: np.ndarray | None  # [nb] bool has a score; None: every block has one
+    bounds: tuple[int, int]  # protection_bounds: positions < lo or >= hi are kept
     keep_blocks: int
-    bin_blocks: int
+    bin_blocks: int  # of the shared recycle bin, granted in running order
     release_zero: bool
     tier: np.ndarray | None  # [nb] int, release_zero policies only
     visual: torch.Tensor | None  # [nb] bool all-image blocks, multimodal requests only
@@ -100,15 +110,46 @@ class _Candidates(NamedTuple):
     positions: np.ndarray  # int64
 
 
-def _scores_at(state: RequestEviction, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """([nb] bool has a score, [nb] float32 score or 0) of the request's latest scores at
-    ``positions``."""
+def _scores_at(state: RequestEviction, positions: np.ndarray
+               ) -> tuple[np.ndarray | None, np.ndarray]:
+    """([nb] bool has a score or None when every block has one, [nb] float32 score or 0) of
+    the request's latest scores at ``positions``."""
     known = state.score_positions
     if not len(known):
         return np.zeros(len(positions), dtype=bool), np.zeros(len(positions), dtype=np.float32)
+    if len(known) == len(positions) and np.array_equal(known, positions):
+        return None, state.score_values  # the usual case: scores for exactly these blocks
     idx = np.minimum(np.searchsorted(known, positions), len(known) - 1)
     scored = known[idx] == positions
     return scored, np.where(scored, state.score_values[idx], 0.0).astype(np.float32)
+
+
+def least_important(keys: tuple[np.ndarray, ...], need: int) -> np.ndarray:
+    """Indices of the ``need`` smallest entries under the lexicographic order of ``keys``
+    (most significant first, like reversed ``np.lexsort``), in that order - without sorting
+    all of them: the first key is a small class (``int``), the second a score; within the
+    last class needed, a partition finds the threshold score and only the entries at or
+    below it are sorted.
+
+    Args:
+        keys: ``[n]`` arrays ``(class, score, *tie_breakers)``.
+        need: how many (at most ``n`` are returned).
+    Returns:
+        ``[min(need, n)]`` int64 indices.
+    """
+    cls, score = keys[0], keys[1]
+    chosen, left = [], need
+    for c in np.unique(cls):
+        if left <= 0:
+            break
+        members = np.flatnonzero(cls == c)
+        if len(members) > left:  # only the `left` best of this class, found by partition
+            threshold = np.partition(score[members], left - 1)[left - 1]
+            members = members[~(score[members] > threshold)]  # ties (and NaN) sorted below
+        order = np.lexsort(tuple(k[members] for k in reversed(keys[1:])))
+        chosen.append(members[order][:left])
+        left -= len(chosen[-1])
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def _custom_select(policy) -> bool:
@@ -147,21 +188,11 @@ def visual_token_count(spans: list[tuple[int, int]], positions, block_size: int)
     return total
 
 
-def protected_mask(config: EvictionConfig, positions: np.ndarray, committed: int,
-                   scored: np.ndarray, block_size: int, sized_for: int | None = None
-                   ) -> np.ndarray:
-    """[nb] bool: blocks a decision must keep - the sink, the recent window (shrunk with the
-    budget), blocks not yet full or committed, and blocks without a score.
-
-    Args:
-        positions: ``[nb]`` positional block indices (int64).
-        committed: tokens computed and not in flight.
-        scored: ``[nb]`` bool, the block has a score from the workers.
-        sized_for: the sequence length whose budget sizes the sink and recent protection
-            (default ``committed``). Decisions between prompt chunks pass the prompt length:
-            sized for the few tokens computed so far, the protection would shrink to nothing
-            and the first chunks would lose the attention sink for good.
-    """
+def protection_bounds(config: EvictionConfig, committed: int, block_size: int,
+                      sized_for: int | None = None) -> tuple[int, int]:
+    """``(lo, hi)``: a decision keeps the blocks at positions below ``lo`` (the sink) and from
+    ``hi`` on (the recent window, shrunk with the budget, and blocks not yet full or
+    committed). See :func:`protected_mask`."""
     bs = block_size
     budget_blocks = config.keep_blocks(max(committed, sized_for or 0), bs)
     sink_blocks, recent_room = config.protection(budget_blocks, bs)
@@ -169,8 +200,27 @@ def protected_mask(config: EvictionConfig, positions: np.ndarray, committed: int
     full_blocks = committed // bs
     if recent_room is not None:  # shrunk default: at most recent_room full recent blocks
         recent_start = max(recent_start, full_blocks - recent_room)
-    return ((positions < sink_blocks) | (positions >= recent_start)
-            | (positions >= full_blocks) | ~scored)
+    return sink_blocks, min(recent_start, full_blocks)
+
+
+def protected_mask(config: EvictionConfig, positions: np.ndarray, committed: int,
+                   scored: np.ndarray | None, block_size: int, sized_for: int | None = None
+                   ) -> np.ndarray:
+    """[nb] bool: blocks a decision must keep - the sink, the recent window (shrunk with the
+    budget), blocks not yet full or committed, and blocks without a score.
+
+    Args:
+        positions: ``[nb]`` positional block indices (int64).
+        committed: tokens computed and not in flight.
+        scored: ``[nb]`` bool, the block has a score from the workers (None: all have).
+        sized_for: the sequence length whose budget sizes the sink and recent protection
+            (default ``committed``). Decisions between prompt chunks pass the prompt length:
+            sized for the few tokens computed so far, the protection would shrink to nothing
+            and the first chunks would lose the attention sink for good.
+    """
+    lo, hi = protection_bounds(config, committed, block_size, sized_for)
+    kept = (positions < lo) | (positions >= hi)
+    return kept if scored is None else kept | ~scored
 
 
 def request_config(default: EvictionConfig, request) -> EvictionConfig:
@@ -197,8 +247,13 @@ class EvictingScheduler(Scheduler):
         )
         # req_id -> [(effective from token, excluded positions)], dropped at finish; kept for
         # the last finished requests only (bounded) so tests can rebuild reference masks.
+        # Only with KVEVICT_EVICTION_LOG=1 (the tests and bench_quality set it): a serving
+        # engine does not pay a mask copy per decision for it.
+        self.kv_log_enabled = os.environ.get("KVEVICT_EVICTION_LOG") == "1"
         self.kv_log: dict[str, EvictionLog] = {}
         self.kv_log_finished: dict[str, EvictionLog] = {}
+        #: requests whose scores arrived since their last decision (decide at the next step)
+        self.kv_fresh: set[str] = set()
         self._install_guards()
 
     @property
@@ -326,7 +381,7 @@ class EvictingScheduler(Scheduler):
         bs = self.kv_block_size
         rb = self.ledger.requests.get(request.request_id)
         total = request.num_computed_tokens
-        excluded = (len(rb.parked) + len(rb.released)) * bs if rb else 0
+        excluded = (len(rb.parked) + rb.num_released) * bs if rb else 0
         return {
             "policy": state.config.policy,
             "total_tokens": total,
@@ -358,6 +413,7 @@ class EvictingScheduler(Scheduler):
             state.generation += 1
             state.set_scores([], [])
             state.fresh = False
+            self.kv_fresh.discard(request.request_id)
             state.decode_steps = 0
             state.chunk_decision = False
 
@@ -390,8 +446,13 @@ class EvictingScheduler(Scheduler):
                 state = self.kv_requests.get(req_id)
                 if state is None or state.generation != block_scores.generation:
                     continue  # finished or preempted since: the scores describe old blocks
-                state.set_scores(block_scores.positions, block_scores.scores)
-                state.fresh = True
+                self._note_scores(req_id, state, block_scores.positions, block_scores.scores)
+
+    def _note_scores(self, req_id: str, state: RequestEviction, positions, values) -> None:
+        """Take a request's fresh block scores: it decides at the next ``schedule``."""
+        state.set_scores(positions, values)
+        state.fresh = True
+        self.kv_fresh.add(req_id)
 
     # -- decisions -----------------------------------------------------------------------------
     def _committed_tokens(self, request) -> int:
@@ -407,18 +468,32 @@ class EvictingScheduler(Scheduler):
     def _apply_decisions(self) -> None:
         """Decide for every running request with fresh scores: the inputs of each gathered,
         one :func:`select_batch` per selection rule for all of them, then the ledger."""
+        if not self.kv_fresh:
+            return
+        fresh = self.kv_fresh
         deciding = []
-        for request in self.running:
-            state = self.kv_requests.get(request.request_id)
-            if state is not None and state.fresh:
-                state.fresh = False
-                deciding.append((request, state))
+        for request in self.running:  # in running order: the bin is granted in that order
+            if request.request_id in fresh:
+                state = self.kv_requests.get(request.request_id)
+                if state is not None and state.fresh:
+                    state.fresh = False
+                    deciding.append((request, state))
+        # the decided leave the set, and the finished; one not running now keeps its scores
+        fresh.difference_update(r.request_id for r, _ in deciding)
+        fresh.intersection_update(self.kv_requests)
         if deciding:
             self._decide_batch(deciding)
 
     def _decide_batch(self, deciding: list) -> None:
         started = time.perf_counter()
         pending = [p for p in (self._decision_input(r, s) for r, s in deciding) if p is not None]
+        # the recycle bin is shared: each request's share is granted from what the ones before
+        # it (running order) may take, so that all of them parking at once never overfill it
+        room = self.ledger.bin_capacity - self.ledger.num_parked_total()
+        for p in pending:
+            available = room + len(p.parked)
+            p.bin_blocks = max(0, min(p.state.config.recycle_bin_blocks, available))
+            room = available - p.bin_blocks
         for p in [p for p in pending if _custom_select(p.state.policy)]:
             self._select_one(p)
         pending = [p for p in pending if not _custom_select(p.state.policy)]
@@ -427,8 +502,8 @@ class EvictingScheduler(Scheduler):
             if group:
                 self._select_and_apply(group, release_zero)
         share = (time.perf_counter() - started) / len(deciding)
-        for _, state in deciding:
-            self.kv_metrics.policy(state.config.policy).observe_decision(share)
+        for policy, count in Counter(s.config.policy for _, s in deciding).items():
+            self.kv_metrics.policy(policy).observe_decision(share, count)
 
     def _decision_input(self, request, state: RequestEviction) -> _Pending | None:
         """What a decision needs, as arrays; None when this request has nothing to decide."""
@@ -442,43 +517,57 @@ class EvictingScheduler(Scheduler):
         keep_blocks = config.keep_blocks(
             request.num_prompt_tokens if state.chunk_decision else committed, bs)
         rb = self.ledger.requests.get(req_id)
-        parked = set(rb.parked) if rb else set()
+        parked = set(rb.parked) if rb is not None and rb.parked else set()
         select_anyway, state.select_anyway = state.select_anyway, False
         if len(pos) - len(parked) <= keep_blocks and not parked and not select_anyway:
             return None
         scored, scores = _scores_at(state, pos)
-        room = self.ledger.bin_capacity - self.ledger.num_parked_total() + len(parked)
         visual = self._visual_blocks(request, pos.tolist()) if getattr(request, "mm_features", None) else None
         tier = state.policy.tier(visual) if state.policy.release_zero else None
         return _Pending(
             request=request, state=state, positions=pos, committed=committed, parked=parked,
-            scores=scores, keep_blocks=keep_blocks,
-            protected=protected_mask(config, pos, committed, scored, bs,
-                                     sized_for=request.num_prompt_tokens),
-            bin_blocks=max(0, min(config.recycle_bin_blocks, room)),
+            scores=scores, scored=scored, keep_blocks=keep_blocks,
+            bounds=protection_bounds(config, committed, bs, sized_for=request.num_prompt_tokens),
+            bin_blocks=0,  # granted by _decide_batch
             release_zero=state.policy.release_zero,
             tier=None if tier is None else tier.cpu().numpy(), visual=visual,
         )
+
+    @staticmethod
+    def _protected_of(p: _Pending) -> np.ndarray:
+        """[nb] bool protected blocks of one pending decision."""
+        lo, hi = p.bounds
+        protected = (p.positions < lo) | (p.positions >= hi)
+        return protected if p.scored is None else protected | ~p.scored
 
     def _select_one(self, p: _Pending) -> None:
         """A policy with its own ``select`` (an extension point): called as is, per request."""
         decision = p.state.policy.select(
             torch.from_numpy(p.scores), block_index=torch.from_numpy(p.positions),
-            keep_blocks=p.keep_blocks, protected=torch.from_numpy(p.protected),
+            keep_blocks=p.keep_blocks, protected=torch.from_numpy(self._protected_of(p)),
             bin_blocks=p.bin_blocks, visual_blocks=p.visual,
         )
-        self._apply(p, decision.keep.tolist(), decision.park.tolist(), decision.release.tolist())
+        self._apply(p, p.positions[decision.keep.numpy()], p.positions[decision.park.numpy()],
+                    p.positions[decision.release.numpy()])
 
     def _select_and_apply(self, group: list[_Pending], release_zero: bool) -> None:
-        width = max(len(p.positions) for p in group)
-        shape = (len(group), width)
-        scores, valid = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=bool)
-        protected, tier = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int64)
+        """One :func:`select_batch` for ``group``: its inputs padded to ``[R, W]`` (one row
+        per request, positions ascending), protection computed for all rows at once."""
+        lens = np.fromiter((len(p.positions) for p in group), np.int64, len(group))
+        shape = (len(group), int(lens.max()))
+        positions = np.zeros(shape, dtype=np.int64)
+        scores, unscored = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=bool)
+        tier = np.zeros(shape, dtype=np.int64) if release_zero else None
         for i, p in enumerate(group):
             n = len(p.positions)
-            scores[i, :n], valid[i, :n], protected[i, :n] = p.scores, True, p.protected
-            if p.tier is not None:
+            positions[i, :n], scores[i, :n] = p.positions, p.scores
+            if p.scored is not None:
+                unscored[i, :n] = ~p.scored
+            if tier is not None and p.tier is not None:
                 tier[i, :n] = p.tier
+        valid = np.arange(shape[1]) < lens[:, None]
+        lo, hi = (np.array(b) for b in zip(*(p.bounds for p in group)))
+        protected = valid & ((positions < lo[:, None]) | (positions >= hi[:, None]) | unscored)
         has_tier = release_zero and any(p.tier is not None for p in group)
         decision = select_batch(
             scores, valid, protected, np.array([p.keep_blocks for p in group]),
@@ -486,19 +575,31 @@ class EvictingScheduler(Scheduler):
             tier=tier if has_tier else None,
         )
         for i, p in enumerate(group):
-            n = len(p.positions)
-            self._apply(p, p.positions[decision.keep[i, :n]].tolist(),
-                        p.positions[decision.park[i, :n]].tolist(),
-                        p.positions[decision.release[i, :n]].tolist())
+            row = positions[i]
+            if p.parked or p.bin_blocks:
+                self._apply(p, row[decision.keep[i]], row[decision.park[i]],
+                            row[decision.release[i]])
+            else:  # nothing parked before or after: the kept blocks need no ledger call
+                self._apply(p, None, None, row[decision.release[i]])
 
-    def _apply(self, p: _Pending, keep: list[int], park: list[int], release: list[int]) -> None:
+    def _apply(self, p: _Pending, keep: np.ndarray | None, park: np.ndarray | None,
+               release: np.ndarray) -> None:
         """Carry out one request's decision through the ledger: restore parked blocks it
-        keeps, release, park; count and log."""
+        keeps, release, park; count and log.
+
+        Args:
+            keep, park, release: int64 positions, each ascending (``[k]``, disjoint); keep
+                and park may be None when the request has no recycle bin and nothing parked.
+        """
         req_id, parked = p.request.request_id, p.parked
-        restored = self.ledger.restore(req_id, parked.intersection(keep))
-        from_bin = len(parked.intersection(release))
-        released = self.ledger.release(req_id, release, p.committed)
-        newly_parked = self.ledger.park(req_id, [q for q in park if q not in parked], p.committed)
+        restored = from_bin = newly_parked = 0
+        if parked:
+            restored = self.ledger.restore(req_id, parked.intersection(keep.tolist()))
+            from_bin = len(parked.intersection(release.tolist()))
+        released = self.ledger.release(req_id, release, p.committed, ordered=True)
+        if park is not None and len(park):
+            newly_parked = self.ledger.park(
+                req_id, [q for q in park.tolist() if q not in parked], p.committed)
         self._count(p.state, restored=restored, released=len(released), parked=newly_parked,
                     evicted=len(released) - from_bin + newly_parked,
                     visual=self._visual_tokens(p.request, released))
@@ -534,6 +635,8 @@ class EvictingScheduler(Scheduler):
     def _log(self, req_id: str, committed: int) -> None:
         """Record the excluded set and the token from which it applies (tests rebuild the
         reference attention mask from this log)."""
+        if not self.kv_log_enabled:
+            return
         log = self.kv_log.get(req_id)
         if log is None:
             log = self.kv_log[req_id] = EvictionLog()
@@ -554,12 +657,14 @@ class EvictingScheduler(Scheduler):
         """Pool-pressure mode: release parked blocks first, then the globally least important
         evictable blocks of running requests. Returns False if nothing could be freed.
 
-        The candidates of every running request are gathered as arrays and ordered in one
-        ``np.lexsort``: parked before kept, blocks only this request holds before blocks
-        shared through a prefix hit (releasing those frees no memory), then by score, request
-        id and position; the first ``need`` are released, one ledger call per request."""
+        The candidates of every running request are gathered as arrays and the first
+        ``need`` picked by :func:`least_important` (a partition, not a sort of all of them):
+        parked before kept, blocks only this request holds before blocks shared through a
+        prefix hit (releasing those frees no memory), then by score, request id and
+        position; they are released with one ledger call per request."""
         parts: list[_Candidates] = []
         running = {}
+        caching = self.kv_cache_manager.enable_caching
         for request in self.running:
             req_id = request.request_id
             running[req_id] = request
@@ -577,8 +682,13 @@ class EvictingScheduler(Scheduler):
             parked = rb.parked if rb else set()
             is_kept = (np.fromiter((p not in parked for p in cand.tolist()), bool, len(cand))
                        if parked else np.ones(len(cand), dtype=bool))
-            blocks = self.ledger.blocks(req_id)
-            shared = np.fromiter((blocks[p].ref_cnt > 1 for p in cand.tolist()), bool, len(cand))
+            if caching:  # another request holds it too only through a prefix-cache hit
+                blocks = self.ledger.blocks(req_id)
+                refs = map(_ref_cnt, itemgetter(*cand.tolist())(blocks)) if len(cand) > 1 else (
+                    blocks[int(cand[0])].ref_cnt,)
+                shared = np.fromiter(refs, np.int64, len(cand)) > 1
+            else:
+                shared = np.zeros(len(cand), dtype=bool)
             parts.append(_Candidates(req_id, committed, is_kept, shared, scores[evictable], cand))
         if not parts:
             return False
@@ -586,8 +696,9 @@ class EvictingScheduler(Scheduler):
         req = np.concatenate([np.full(len(p.positions), rank[p.req_id]) for p in parts])
         pos = np.concatenate([p.positions for p in parts])
         is_kept = np.concatenate([p.is_kept for p in parts])
-        order = np.lexsort((pos, req, np.concatenate([p.scores for p in parts]),
-                            np.concatenate([p.shared for p in parts]), is_kept))[:need]
+        shared = np.concatenate([p.shared for p in parts])
+        order = least_important(
+            (2 * is_kept + shared, np.concatenate([p.scores for p in parts]), req, pos), need)
         chosen: dict[int, list[int]] = {}
         for i in order.tolist():
             chosen.setdefault(int(req[i]), []).append(i)
@@ -607,28 +718,44 @@ class EvictingScheduler(Scheduler):
 
     # -- the plan for the workers --------------------------------------------------------------
     def _step_plan(self, output) -> StepPlan:
-        plan = StepPlan()
-        for req_id, num_tokens in output.num_scheduled_tokens.items():
-            state = self.kv_requests.get(req_id)
+        """What the workers need this step: the changed compacted rows, every scheduled
+        request's offset E, and the scoring tasks due. Runs for every scheduled request each
+        step, so the per-request path is a few attribute reads; rows and offsets come from
+        what the ledger keeps up to date."""
+        scheduled = output.num_scheduled_tokens
+        ledger, bs = self.ledger, self.kv_block_size
+        # every request with blocks out of attention (the workers read the scheduled ones)
+        plan = StepPlan(offsets={r: n * bs for r, n in ledger.excluded_blocks.items()})
+        rows = {r: ledger.compacted_row(r) for r in ledger.take_changed(scheduled)
+                if r in self.kv_requests}
+        plan.rows = {r: ids for r, (ids, _) in rows.items()}
+        requests, states = self.requests, self.kv_requests
+        for req_id, num_tokens in scheduled.items():
+            state = states.get(req_id)
             if state is None:
                 continue
-            request = self.requests[req_id]
-            offset = self.ledger.offset_tokens(req_id)
-            if offset:
-                plan.offsets[req_id] = offset
-            if self.ledger.take_changed(req_id):
-                plan.rows[req_id] = self.ledger.compacted_row(req_id)[0]
-            task = self._score_task(request, state, num_tokens)
+            request = requests[req_id]
+            if request.num_computed_tokens - num_tokens >= request.num_prompt_tokens:
+                # decode: due every ``interval`` of its decode steps (or every step)
+                state.decode_steps += 1
+                if state.decode_steps < state.interval and not state.every_step:
+                    continue
+            task = self._score_task(request, state, num_tokens, rows.get(req_id))
             if task is not None:
                 plan.score[req_id] = task
         return plan
 
-    def _score_task(self, request, state: RequestEviction, num_tokens: int) -> ScoreTask | None:
+    def _score_task(self, request, state: RequestEviction, num_tokens: int,
+                    row: tuple[list[int], list[int]] | None = None) -> ScoreTask | None:
         """Score right after prefill, then every ``interval`` decode steps while over budget
         (or while blocks sit in the recycle bin, which may need restoring). With
         ``prefill_eviction`` also every earlier prompt chunk that leaves the request over
         budget, scored (phase ``"prefill"``) by that chunk's own queries; the decision runs
-        at the next ``schedule``, before the next chunk is allocated."""
+        at the next ``schedule``, before the next chunk is allocated.
+
+        Called by ``_step_plan`` for prefill steps and for decode steps that are due (it has
+        counted the decode step). ``row``: the request's ``compacted_row`` if already built.
+        """
         done = request.num_computed_tokens  # already advanced by this step's tokens
         before = done - num_tokens
         prompt = request.num_prompt_tokens
@@ -636,10 +763,6 @@ class EvictingScheduler(Scheduler):
         if before < prompt <= done:
             phase = "prefill"
         elif before >= prompt:
-            state.decode_steps += 1
-            every_step = state.policy.score_every_step
-            if state.decode_steps < state.config.interval and not every_step:
-                return None
             phase = "decode"
         elif state.config.prefill_eviction:
             phase, middle = "prefill", True
@@ -647,7 +770,7 @@ class EvictingScheduler(Scheduler):
             return None  # a middle prefill chunk
         req_id = request.request_id
         rb = self.ledger.requests.get(req_id)
-        kept = len(self.ledger.resident_array(req_id)) - (len(rb.parked) if rb else 0)
+        kept = len(self.ledger.blocks(req_id)) - self.ledger.excluded_blocks.get(req_id, 0)
         # Between prompt chunks the request is brought back to its *prompt's* budget, not to
         # the budget of the tokens computed so far: its peak (that budget + one chunk) is the
         # same either way, and a middle chunk's queries cannot know the question at the
@@ -668,7 +791,7 @@ class EvictingScheduler(Scheduler):
             return None
         state.select_anyway = threshold
         state.decode_steps = 0
-        _, kept_positions = self.ledger.compacted_row(req_id)
+        _, kept_positions = row if row is not None else self.ledger.compacted_row(req_id)
         return ScoreTask(
             policy=state.config.policy,
             options=dict(state.config.options),

@@ -214,6 +214,7 @@ def select_batch(
     Returns:
         keep / park / release masks, each ``[R, N]``.
     """
+    exact32 = scores.dtype == np.float32 and tier is None  # keys stay float32: packed sort
     scores = scores.astype(np.float64)
     n_valid = valid.sum(axis=1)
     n_protected = (protected & valid).sum(axis=1)
@@ -233,12 +234,39 @@ def select_batch(
         n_keep = np.minimum(np.maximum(keep_blocks, n_protected), n_valid)
     key = np.where(protected, np.inf, key)
     key = np.where(valid, key, -np.inf)  # padding ranks last
-    order = np.argsort(-key, axis=1, kind="stable")  # descending, ties keep positional order
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
-    keep = (rank < n_keep[:, None]) & valid
-    park = (rank >= n_keep[:, None]) & (rank < (n_keep + bins)[:, None]) & valid
+    if exact32:
+        first = _first_k_packed(key.astype(np.float32))
+    else:
+        order = np.argsort(-key, axis=1, kind="stable")  # descending, ties keep positions
+        rank = np.empty_like(order)
+        rank[np.arange(order.shape[0])[:, None], order] = np.arange(order.shape[1])
+
+        def first(k):
+            return rank < k[:, None]
+    keep = first(n_keep) & valid
+    park = first(n_keep + bins) & ~keep & valid
     return BatchDecision(keep=keep, park=park, release=valid & ~keep & ~park)
+
+
+def _first_k_packed(key: np.ndarray):
+    """For ``[R, N]`` float32 keys: a function ``k [R] -> [R, N] bool`` marking each row's
+    ``k`` best entries, highest key first, ties by column - the ranks of a stable descending
+    argsort, from one sort of values instead: each key's order-preserving 32 bits (inverted:
+    descending) above its column index in a uint64, unique per row, so an unstable value sort
+    orders them exactly and the k-th smallest is a threshold. NaN ranks as -inf; -0.0 as 0."""
+    key = np.where(np.isnan(key), np.float32(-np.inf), key) + np.float32(0.0)  # -0.0 -> 0.0
+    bits = key.view(np.uint32)
+    ordered = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))  # ascending as floats
+    packed = ((~ordered).astype(np.uint64) << np.uint64(32)) | np.arange(
+        key.shape[1], dtype=np.uint64)
+    ranked = np.sort(packed, axis=1)
+
+    def first(k: np.ndarray) -> np.ndarray:
+        k = np.asarray(k, dtype=np.int64)
+        idx = np.clip(k - 1, 0, key.shape[1] - 1)[:, None]
+        threshold = np.take_along_axis(ranked, idx, axis=1)
+        return (packed <= threshold) & (k > 0)[:, None]
+    return first
 
 
 class EvictionPolicy:

@@ -1,6 +1,6 @@
 """GPU microbenchmark: what measuring block statistics inside paged decode attention costs.
 
-For batch ∈ {1, 8, 32} × context ∈ {1k, 4k, 16k} (all requests of a batch at the full
+For batch ∈ {1, 8, 32, 256} × context ∈ {1k, 4k, 16k} (all requests of a batch at the full
 context, block tables shuffled like a real pool) it times one decode step of one layer:
 
 sdpa_dense         torch SDPA on pre-gathered contiguous K/V (no paging: a lower bound)
@@ -8,6 +8,9 @@ sdpa_gather        gathering the paged blocks + torch SDPA (a non-paged kernel o
 triton_plain       our paged kernel, statistics off
 triton_fused       our paged kernel + per-block attention mass and Σp² (what the policies need)
 triton_fused_probs the same + full per-token probabilities (``token_probs=True``)
+triton_fused_loop  the fused kernel called once per request (as the worker scored before
+                   batching): against ``triton_fused``, what one batched launch for all the
+                   step's scored requests saves (``batched_speedup``)
 
 and checks the fused output against the dense SDPA output. Writes a markdown table and a CSV
 to ``benchmarks/results/``. Without an NVIDIA GPU it says so and exits 0 (no numbers).
@@ -31,9 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-BATCHES = (1, 8, 32)
+BATCHES = (1, 8, 32, 256)
 CONTEXTS = (1024, 4096, 16384)
-VARIANTS = ("sdpa_dense", "sdpa_gather", "triton_plain", "triton_fused", "triton_fused_probs")
+VARIANTS = ("sdpa_dense", "sdpa_gather", "triton_plain", "triton_fused", "triton_fused_probs",
+            "triton_fused_loop")
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +83,7 @@ def variants(inp, context):
     q4 = inp["query"][:, :, None, :]  # [B, Hq, 1, D]
     k_dense, v_dense = dense_kv(inp, context)
     paged = (inp["query"], inp["key"], inp["value"], inp["table"], inp["seq_lens"])
+    q, t, n = inp["query"], inp["table"], inp["seq_lens"]
 
     def sdpa_gather():
         k, v = dense_kv(inp, context)
@@ -90,6 +95,9 @@ def variants(inp, context):
         "triton_plain": lambda: paged_decode_attention(*paged, stats=False),
         "triton_fused": lambda: paged_decode_attention(*paged),
         "triton_fused_probs": lambda: paged_decode_attention(*paged, token_probs=True),
+        "triton_fused_loop": lambda: [
+            paged_decode_attention(q[i:i + 1], inp["key"], inp["value"], t[i:i + 1], n[i:i + 1])
+            for i in range(q.shape[0])],
     }
     return fns
 
@@ -108,6 +116,7 @@ def run_config(batch, context, args, device, timer):
         row[f"{name}_us"] = timer(fns[name]) * 1e3
     kv_bytes = 2 * inp["key"][0].numel() * inp["key"].element_size() * inp["table"].numel()
     row["fused_overhead_pct"] = 100 * (row["triton_fused_us"] / row["triton_plain_us"] - 1)
+    row["batched_speedup"] = row["triton_fused_loop_us"] / row["triton_fused_us"]
     row["fused_GBps"] = kv_bytes / (row["triton_fused_us"] * 1e-6) / 1e9
     del inp, fns, fused
     return row

@@ -98,14 +98,16 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
     ``staggered=False``: every request decides its first decision in this step (the worst
     step: 75 % of every request's blocks released). ``staggered=True``: the steady state of a
     serving engine - all requests already at their budget (an untimed first decision), then
-    ``1/INTERVAL`` of them grown by ``GROWTH`` blocks and deciding (fresh scores) in the timed
-    step, and the step's plan for the workers built for all of them (``_step_plan``: the
+    ``1/INTERVAL`` of them grown by ``GROWTH`` blocks and deciding in the timed step on scores
+    of their resident blocks taken from the workers' output (``_take_worker_output``), and the
+    step's plan for the workers built for all of them (``_step_plan``: the
     deciding requests' new rows, every request's offset, and score tasks for the
     ``1/INTERVAL`` due). ``batched``: the scheduler's one batched selection for all of
     them; False: one selection per request (a batch of one), as the scheduler decided before
     batching. ``keep``: leave the requests in place (the caller calls :func:`cleanup`).
     """
     from vllm_kvevict.adapter import scheduler as S
+    from vllm_kvevict.adapter.protocol import BlockScores
     from vllm_kvevict.config import EvictionConfig
     from vllm_kvevict.policies import get_policy
 
@@ -144,12 +146,16 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
         for rid in sched.ledger.take_changed(sched.requests):  # sent in that step's plan
             sched.ledger.compacted_row(rid)
         deciding = list(range(0, requests, INTERVAL))
+        # the workers' output of the previous step: scores of exactly the resident blocks
+        worker_output = SimpleNamespace(kv_eviction_skipped={}, kv_eviction_scores={})
         for i in deciding:
             rid, request = f"r{i}", sched.running[i]
             grown = tokens + GROWTH * BLOCK_SIZE
             request.num_computed_tokens = grown
             manager.allocate_new_blocks(rid, grown, grown)
-            fresh(rid, blocks + GROWTH)
+            positions = sched.ledger.resident_positions(rid)
+            worker_output.kv_eviction_scores[rid] = BlockScores(
+                generation=0, positions=positions, scores=[rng.random() for _ in positions])
         for i in range(requests):  # 1/INTERVAL of them are due for scoring in this step
             sched.kv_requests[f"r{i}"].decode_steps = i % INTERVAL  # deciding ones: 0
             if i % INTERVAL == INTERVAL - 1:  # and grown past their budget since then
@@ -163,6 +169,8 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
     S.select_batch = timed_select
     try:
         started = time.perf_counter()
+        if staggered:  # taking the scores that came with the previous step's output
+            sched._take_worker_output(worker_output)
         if batched:
             sched._apply_decisions()
         else:

@@ -390,14 +390,14 @@ def _notes(results: Path, name: str) -> list[str]:
 
 
 def scheduler_section(sched: dict, all_batched: list[dict]) -> list[str]:
-    """bench_scheduler.py: the worst step (every request deciding) and the steady state, the
-    batched decisions beside one selection per request, from the same run."""
+    """bench_scheduler.py: the worst step (every request deciding), the steady state and one
+    pool-pressure call, each beside its reference implementation from the same run."""
     summaries = sched.get("summaries") or {"all_batched": all_batched}
 
-    def table(pattern):
-        after = {(r["requests"], r["blocks"]): r["ms"] for r in summaries.get(f"{pattern}_batched", [])}
+    def table(pattern, new="batched", old="per_request"):
+        after = {(r["requests"], r["blocks"]): r["ms"] for r in summaries.get(f"{pattern}_{new}", [])}
         before = {(r["requests"], r["blocks"]): r["ms"]
-                  for r in summaries.get(f"{pattern}_per_request", [])}
+                  for r in summaries.get(f"{pattern}_{old}", [])}
         blocks = sorted({k[1] for k in after})
         reqs = sorted({k[0] for k in after})
 
@@ -410,14 +410,24 @@ def scheduler_section(sched: dict, all_batched: list[dict]) -> list[str]:
                                      [[str(n)] + [cell((n, b)) for b in blocks] for n in reqs])
 
     lines = ["## Scheduler cost", "",
-             "One scheduling step's eviction decisions (selection + block bookkeeping on vLLM's "
-             "BlockPool), ms, slowest policy; batched (one `select_batch` for the step) / one "
-             "selection per request, same run. **Every request deciding** (each releasing 75 % "
-             "of its blocks: the worst step):", "", table("all"), ""]
+             "One scheduling step's eviction work, ms, slowest policy; batched (one "
+             "`select_batch` for the step) / one selection per request, same run. **Every "
+             "request deciding** (each releasing 75 % of its blocks: the worst step; selection "
+             "and block bookkeeping on vLLM's BlockPool):", "", table("all"), ""]
     if "staggered_batched" in summaries:
+        plan = [r for r in sched.get("rows", []) if r.get("pattern") == "staggered"
+                and r.get("impl") == "batched" and "plan_ms" in r]
         lines += [f"**Steady state**: every request at its budget, 1/{sched.get('interval', 16)} "
                   f"of them deciding in the step, each grown by {sched.get('growth_blocks', 4)} "
-                  "blocks:", "", table("staggered"), ""]
+                  "blocks"
+                  + (", on scores taken from the workers' output, plus the step plan for the "
+                     "workers over all running requests (rows, offsets, score tasks)" if plan
+                     else "") + ":", "", table("staggered"), ""]
+    if "pressure_partition" in summaries:
+        lines += ["**Pool pressure**: one call freeing 2 blocks (a decode step short of blocks) "
+                  "over every running request at its budget; picked by partition "
+                  "(`least_important`) / by a full `np.lexsort` of every candidate:", "",
+                  table("pressure", "partition", "full_sort"), ""]
     return lines
 
 

@@ -113,8 +113,8 @@ def test_nothing_to_evict_means_nothing_scored(llm):
     asked = []
     original = sched._score_task
 
-    def spy(request, state, num_tokens):
-        task = original(request, state, num_tokens)
+    def spy(request, state, num_tokens, *rest):
+        task = original(request, state, num_tokens, *rest)
         if task is not None:
             asked.append((request.request_id, task.phase))
         return task

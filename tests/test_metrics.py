@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -64,6 +66,24 @@ def test_nothing_is_written_without_changes_or_a_directory(tmp_path, monkeypatch
     metrics.publish()
     assert list(tmp_path.iterdir()) == []
     assert _scrape(tmp_path)[("vllm_kvevict_preemptions_avoided_total", ())] == 0
+
+
+def test_snapshots_are_rate_limited_and_the_last_change_is_written_later(tmp_path, monkeypatch):
+    """With an interval, a change right after a write is not written at once (a busy engine
+    would write at every step) but by the timer thread once the interval has passed."""
+    monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
+    metrics = EvictionMetrics(interval_s=0.3)
+    metrics.policy("hae").decisions += 1
+    metrics.publish()
+    assert _scrape(tmp_path)[("vllm_kvevict_decisions_total", (("policy", "hae"),))] == 1
+    metrics.policy("hae").decisions += 1
+    metrics.publish()  # within the interval: left to the timer
+    metrics.publish()  # one timer, however many steps
+    assert _scrape(tmp_path)[("vllm_kvevict_decisions_total", (("policy", "hae"),))] == 1
+    key, deadline = ("vllm_kvevict_decisions_total", (("policy", "hae"),)), time.monotonic() + 10
+    while _scrape(tmp_path)[key] != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _scrape(tmp_path)[key] == 2 and not metrics.dirty
 
 
 def test_multiprocess_registries_of_api_servers_carry_the_collector(tmp_path, monkeypatch):

@@ -182,8 +182,8 @@ def zero_runs(llm):
     sched = scheduler(llm)
     score_task, tasks = sched._score_task, []
 
-    def spy_task(request, state, num_tokens):
-        task = score_task(request, state, num_tokens)
+    def spy_task(request, state, num_tokens, *rest):
+        task = score_task(request, state, num_tokens, *rest)
         if task is not None:
             tasks.append((request.request_id, task.phase))
         return task

@@ -140,8 +140,8 @@ def hae_run(llm):
     tasks, pruning = [], []
     score_task, prunable = sched._score_task, HAEPolicy.prunable_tokens
 
-    def spy_task(request, state, num_tokens):
-        task = score_task(request, state, num_tokens)
+    def spy_task(request, state, num_tokens, *rest):
+        task = score_task(request, state, num_tokens, *rest)
         if task is not None:
             ranges = [(f.mm_position.offset, f.mm_position.length,
                        int(f.mm_position.is_embed.sum())) for f in request.mm_features]

@@ -6,7 +6,11 @@ its declared fields). So the scheduler publishes a small JSON snapshot of its cu
 counters to a directory shared through the environment (``VLLM_KVEVICT_METRICS_DIR``, created
 by the front end before it starts the engine core), and a Prometheus collector registered in
 vLLM's registry reads the snapshots at scrape time. Cumulative counters make a lost or
-late snapshot harmless: the next scrape sees the totals.
+late snapshot harmless: the next scrape sees the totals. A snapshot is written at most every
+``VLLM_KVEVICT_METRICS_INTERVAL_S`` seconds (default 0.5; 0 writes at every step that changed
+something): in a busy engine some request decides at nearly every step, and writing the JSON
+costs a few hundred microseconds, as much as the step's eviction work. A change is never
+left unwritten: a timer thread writes the last one when that interval has passed.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 METRICS_DIR_ENV = "VLLM_KVEVICT_METRICS_DIR"
+METRICS_INTERVAL_ENV = "VLLM_KVEVICT_METRICS_INTERVAL_S"
+DEFAULT_INTERVAL_S = 0.5
 PREFIX = "vllm_kvevict"
 #: decision latency histogram buckets, seconds
 LATENCY_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -69,10 +77,20 @@ class EvictionMetrics:
     preemptions_avoided: int = 0
     parked_blocks_now: int = 0
     dirty: bool = False
+    #: seconds between two snapshot writes at most (``VLLM_KVEVICT_METRICS_INTERVAL_S``)
+    interval_s: float = field(default_factory=lambda: float(
+        os.environ.get(METRICS_INTERVAL_ENV, DEFAULT_INTERVAL_S)))
+    _last_write: float = field(default=float("-inf"), repr=False, compare=False)
+    _timer: threading.Timer | None = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def policy(self, name: str) -> PolicyCounters:
+        """The policy's counters (the caller is about to change them: marks the snapshot)."""
         self.dirty = True
-        return self.policies.setdefault(name, PolicyCounters())
+        counters = self.policies.get(name)
+        if counters is None:
+            counters = self.policies[name] = PolicyCounters()
+        return counters
 
     def total(self, counter: str) -> float:
         return sum(getattr(c, counter) for c in self.policies.values())
@@ -83,25 +101,49 @@ class EvictionMetrics:
 
     def snapshot(self) -> dict:
         return {
-            "policies": {name: asdict(c) for name, c in self.policies.items()},
+            # a list first: the timer thread may read while the scheduler adds a policy
+            "policies": {name: asdict(c) for name, c in list(self.policies.items())},
             "preemptions_avoided": self.preemptions_avoided,
             "parked_blocks_now": self.parked_blocks_now,
         }
 
     def publish(self) -> None:
-        """Write the snapshot if anything changed (atomic rename; a reader never sees half).
-        Called every scheduler step: costs one attribute test when nothing changed."""
+        """Write the snapshot if anything changed (atomic rename; a reader never sees half),
+        at most every ``interval_s``; a change within it is written by a timer thread when
+        the interval has passed. Called every scheduler step: costs one attribute test when
+        nothing changed."""
         if not self.dirty:
             return
         directory = os.environ.get(METRICS_DIR_ENV)
         if not directory or not os.path.isdir(directory):
             return
-        self.dirty = False
-        path = os.path.join(directory, f"engine-{os.getpid()}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.snapshot(), f)
-        os.replace(tmp, path)
+        wait = self._last_write + self.interval_s - time.monotonic()
+        if wait > 0:
+            with self._lock:
+                if self._timer is None:
+                    self._timer = threading.Timer(wait, self._write_later, (directory,))
+                    self._timer.daemon = True
+                    self._timer.start()
+            return
+        self._write(directory)
+
+    def _write_later(self, directory: str) -> None:
+        with self._lock:
+            self._timer = None
+        try:
+            self._write(directory)
+        except RuntimeError:  # a counter changed size while read: the next step writes
+            self.dirty = True
+
+    def _write(self, directory: str) -> None:
+        with self._lock:
+            self.dirty = False
+            self._last_write = time.monotonic()
+            path = os.path.join(directory, f"engine-{os.getpid()}.json")
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.snapshot(), f)
+            os.replace(tmp, path)
 
 
 class EngineTotals:

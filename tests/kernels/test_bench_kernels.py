@@ -38,6 +38,12 @@ def test_one_tiny_config_end_to_end(bench, tmp_path, device):
 
     row = bench.run_config(2, 40, args, device, timer)
     assert len(calls) == len(bench.VARIANTS)
+    # one call per request gives the batched call's output and block mass, request by request
+    loop, fused = calls[bench.VARIANTS.index("triton_fused_loop")], calls[bench.VARIANTS.index("triton_fused")]
+    assert len(loop) == 2
+    for i, one in enumerate(loop):
+        torch.testing.assert_close(one.output[0], fused.output[i])
+        torch.testing.assert_close(one.block_mass[0], fused.block_mass[i])
     assert row["max_abs_err"] < 1e-5 and row["mass_sum_err"] < 1e-5
     md, csv_path = bench.write_results([row], dict(gpu="Test GPU", dtype="float32"), out_dir=tmp_path)
     assert md.name == "bench_kernels_test_gpu.md" and "| batch | context |" in md.read_text()

@@ -108,7 +108,10 @@ class BlockLedger:
         return self.manager.req_to_blocks.get(req_id, [])
 
     def state(self, req_id: str) -> RequestBlocks:
-        return self.requests.setdefault(req_id, RequestBlocks())
+        rb = self.requests.get(req_id)
+        if rb is None:
+            rb = self.requests[req_id] = RequestBlocks()
+        return rb
 
     def num_parked_total(self) -> int:
         return self._parked_total

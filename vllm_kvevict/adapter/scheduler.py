@@ -68,11 +68,14 @@ class RequestEviction:
         self.every_step = bool(getattr(self.policy, "score_every_step", False))
 
     def set_scores(self, positions, values) -> None:
-        """Take the workers' ``positions`` / ``values`` (any order) as the latest scores."""
+        """Take the workers' ``positions`` / ``values`` (any order; the workers send them
+        ascending) as the latest scores."""
         pos = np.asarray(positions, dtype=np.int64)
-        order = np.argsort(pos, kind="stable")
-        self.score_positions = pos[order]
-        self.score_values = np.asarray(values, dtype=np.float32)[order]
+        values = np.asarray(values, dtype=np.float32)
+        if len(pos) > 1 and not (pos[1:] > pos[:-1]).all():
+            order = np.argsort(pos, kind="stable")
+            pos, values = pos[order], values[order]
+        self.score_positions, self.score_values = pos, values
 
     @property
     def scores(self) -> dict[int, float]:
@@ -117,7 +120,7 @@ def _scores_at(state: RequestEviction, positions: np.ndarray
     known = state.score_positions
     if not len(known):
         return np.zeros(len(positions), dtype=bool), np.zeros(len(positions), dtype=np.float32)
-    if len(known) == len(positions) and np.array_equal(known, positions):
+    if len(known) == len(positions) and known.tobytes() == positions.tobytes():
         return None, state.score_values  # the usual case: scores for exactly these blocks
     idx = np.minimum(np.searchsorted(known, positions), len(known) - 1)
     scored = known[idx] == positions

@@ -319,7 +319,23 @@ class WorkerEviction:
 
     # -- attention hook ------------------------------------------------------------------------
     def _hook_attention(self, names: list[str]) -> None:
-        """Wrap ``impl.forward`` of the layers ``names`` (the evicted group's, layer order)."""
+        """Wrap ``impl.forward`` of the layers ``names`` (the evicted group's, layer order).
+
+        The backend's own attention output is always the one the model uses; on steps that
+        score, the statistics kernels read the layer's K/V a second time (decode attention
+        recomputed, with per-block mass) rather than replacing the backend's output by the
+        fused kernel's. Why the second pass stays: (1) on the CPU backend the Triton kernels
+        cannot run at all; (2) on GPUs the fused kernel covers plain decode (one query per
+        request, no sliding window, soft-capping, ALiBi, sinks, FP8 cache or cascade
+        attention), while the backend's output also serves every non-scored request and
+        prefill chunk of the same batch, so it would replace the output only for part of the
+        batch; and (3) that part would then differ from stock vLLM by the kernels' rounding
+        (a different summation order) on every scored step, also for requests that have
+        evicted nothing yet - the "nothing evicted: identical to stock vLLM" guarantee holds
+        only while the backend's output is kept. The cost of the second pass on a GPU is
+        ``bench_kernels.py``'s ``triton_fused`` time per scored layer call (one launch for all
+        of a step's scored requests).
+        """
         ctx = self.runner.vllm_config.compilation_config.static_forward_context
         for index, name in enumerate(names):
             impl = ctx[name].impl

@@ -153,9 +153,10 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
             grown = tokens + GROWTH * BLOCK_SIZE
             request.num_computed_tokens = grown
             manager.allocate_new_blocks(rid, grown, grown)
-            positions = sched.ledger.resident_positions(rid)
+            positions = sched.ledger.resident_array(rid)  # arrays, as the workers send
             worker_output.kv_eviction_scores[rid] = BlockScores(
-                generation=0, positions=positions, scores=[rng.random() for _ in positions])
+                generation=0, positions=positions,
+                scores=np.array([rng.random() for _ in positions], dtype=np.float32))
         for i in range(requests):  # 1/INTERVAL of them are due for scoring in this step
             sched.kv_requests[f"r{i}"].decode_steps = i % INTERVAL  # deciding ones: 0
             if i % INTERVAL == INTERVAL - 1:  # and grown past their budget since then
@@ -204,11 +205,13 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
 
 
 def time_pressure(sched, policy_name: str, requests: int, blocks: int, rng: random.Random,
-                  full_sort: bool = False, need: int = 2) -> float:
+                  full_sort: bool = False, need: int = 2, repeat: bool = False) -> float:
     """Seconds of one pool-pressure call (``_free_under_pressure(need)``: a decode step short
     of ``need`` blocks) over ``requests`` running requests of ``blocks`` blocks, all at their
     budget already (an untimed first decision) and freshly scored. ``full_sort``: pick with a
-    full ``np.lexsort`` of every candidate (as before :func:`least_important`)."""
+    full ``np.lexsort`` of every candidate (as before :func:`least_important`). ``repeat``:
+    time the second of two calls in a row (a full pool asks at every step; the candidates of
+    the requests the first call left alone are cached)."""
     from vllm_kvevict.adapter import scheduler as S
 
     time_step(sched, policy_name, requests, blocks, rng, keep=True)
@@ -220,6 +223,8 @@ def time_pressure(sched, policy_name: str, requests: int, blocks: int, rng: rand
     if full_sort:
         S.least_important = lambda keys, need: np.lexsort(tuple(reversed(keys)))[:need]
     try:
+        if repeat:
+            sched._free_under_pressure(need)
         before = sum(sched.ledger.requests[f"r{i}"].num_released for i in range(requests))
         started = time.perf_counter()
         freed = sched._free_under_pressure(need)
@@ -282,8 +287,8 @@ def main() -> None:
                               f"{policy:12s} {ms:10.3f} ms", flush=True)
     for requests in REQUESTS:  # pool pressure (one policy: the scores are random anyway)
         for blocks in BLOCKS:
-            for impl in ("partition", "full_sort"):
-                kw = dict(full_sort=impl == "full_sort")
+            for impl in ("partition", "full_sort", "repeat"):
+                kw = dict(full_sort=impl == "full_sort", repeat=impl == "repeat")
                 time_pressure(sched, policies[0], requests, blocks, rng, **kw)  # warm-up
                 ms = statistics.median(time_pressure(sched, policies[0], requests, blocks, rng,
                                                      **kw) for _ in range(repeats)) * 1e3
@@ -305,12 +310,14 @@ def main() -> None:
 
     summaries = {f"{p}_{i}": worst(p, i) for p in ("all", "staggered")
                  for i in ("batched", "per_request")}
-    summaries.update({f"pressure_{i}": worst("pressure", i) for i in ("partition", "full_sort")})
+    summaries.update({f"pressure_{i}": worst("pressure", i)
+                      for i in ("partition", "full_sort", "repeat")})
     for pattern, title, a, b in (
             ("all", "every request deciding", "batched", "per_request"),
             ("staggered", f"steady state, 1/{INTERVAL} of them deciding", "batched",
              "per_request"),
-            ("pressure", "one pool-pressure call", "partition", "full_sort")):
+            ("pressure", "one pool-pressure call", "partition", "full_sort"),
+            ("pressure", "a second pool-pressure call in a row", "repeat", "full_sort")):
         cell = {(r["requests"], r["blocks"]): r["ms"] for r in summaries[f"{pattern}_{a}"]}
         before = {(r["requests"], r["blocks"]): r["ms"] for r in summaries[f"{pattern}_{b}"]}
         print(f"\nOne scheduling step, {title} (ms, slowest policy; {a} / {b})")

@@ -425,9 +425,13 @@ def scheduler_section(sched: dict, all_batched: list[dict]) -> list[str]:
                      else "") + ":", "", table("staggered"), ""]
     if "pressure_partition" in summaries:
         lines += ["**Pool pressure**: one call freeing 2 blocks (a decode step short of blocks) "
-                  "over every running request at its budget; picked by partition "
-                  "(`least_important`) / by a full `np.lexsort` of every candidate:", "",
-                  table("pressure", "partition", "full_sort"), ""]
+                  "over every running request at its budget, all freshly scored; picked by "
+                  "partition (`least_important`) / by a full `np.lexsort` of every candidate:",
+                  "", table("pressure", "partition", "full_sort"), ""]
+    if "pressure_repeat" in summaries:
+        lines += ["The second of two such calls in a row (a full pool asks at every step; the "
+                  "candidates of requests unchanged since the first are cached) / the full "
+                  "sort as above:", "", table("pressure", "repeat", "full_sort"), ""]
     return lines
 
 

@@ -368,7 +368,7 @@ def test_scores_reach_the_communicator_on_the_kv_cache_device(monkeypatch):
     monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce", all_reduce)
     scores, ok = W._all_reduce_mean([torch.tensor([1.0, 2.0, 3.0])], [3], device=torch.device("meta"))
     assert seen == [torch.device("meta")]
-    assert scores == [[1.0, 2.0, 3.0]] and ok == [True]
+    assert [s.tolist() for s in scores] == [[1.0, 2.0, 3.0]] and ok == [True]
 
 
 def _tp_rank(rank: int, world: int, port: int, queue) -> None:
@@ -412,7 +412,7 @@ def test_tp_mean_through_vllm_group_coordinator():
     for rank in (0, 1):
         assert not isinstance(results[rank], str), results[rank]
         scores, measured = results[rank]
-        assert scores[0] == [1.5, 3.0] and measured == [True, False]
+        assert scores[0].tolist() == [1.5, 3.0] and measured == [True, False]
 
 
 # -- compacted inputs inside captured graphs ------------------------------------------------

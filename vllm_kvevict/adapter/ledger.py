@@ -39,6 +39,7 @@ class RequestBlocks:
     #: the last compacted row ``(list length, block ids, positions)``, dropped when the
     #: ledger changes the request; blocks vLLM appends since are appended to it
     row: tuple[int, list[int], list[int]] | None = None
+    version: int = 0  # bumped by every change the ledger makes to this request
     #: tokens computed when the first block left attention: K/V of later tokens were computed
     #: without the excluded context, so blocks past this point must never become cache hits.
     poison_from_token: int | None = None
@@ -210,6 +211,7 @@ class BlockLedger:
     def _mark_changed(self, req_id: str, rb: RequestBlocks) -> None:
         self.changed.add(req_id)
         rb.row = None
+        rb.version += 1
         excluded = len(rb.parked) + rb.num_released
         if excluded:
             self.excluded_blocks[req_id] = excluded

@@ -8,6 +8,7 @@ Worker → scheduler: ``ModelRunnerOutput.kv_eviction_scores`` (``{req_id: Block
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 PLAN_ATTR = "kv_eviction"
 SCORES_ATTR = "kv_eviction_scores"
@@ -40,5 +41,5 @@ class StepPlan:
 @dataclass
 class BlockScores:
     generation: int
-    positions: list[int]
-    scores: list[float]
+    positions: Any  # [nb] int64 array (or a list), ascending: the request's resident blocks
+    scores: Any  # [nb] float32 array (or a list)

@@ -61,6 +61,9 @@ class RequestEviction:
     evicted_blocks: int = 0  # taken out of attention (parked or released), cumulative
     select_anyway: bool = False  # threshold policies (HAE) decide after prefill even in budget
     chunk_decision: bool = False  # the pending decision is between prompt chunks
+    score_version: int = 0  # bumped by every set_scores (pool pressure's candidate cache key)
+    #: pool pressure's evictable blocks of this request: (key, (positions, scores, kept) | None)
+    pressure_cache: tuple | None = None
 
     def __post_init__(self):
         # read once per step for every running request: plain attributes
@@ -76,6 +79,7 @@ class RequestEviction:
             order = np.argsort(pos, kind="stable")
             pos, values = pos[order], values[order]
         self.score_positions, self.score_values = pos, values
+        self.score_version += 1
 
     @property
     def scores(self) -> dict[int, float]:
@@ -675,16 +679,10 @@ class EvictingScheduler(Scheduler):
             if state is None:
                 continue
             committed = self._committed_tokens(request)
-            pos = self.ledger.resident_array(req_id)
-            scored, scores = _scores_at(state, pos)
-            evictable = ~protected_mask(state.config, pos, committed, scored, self.kv_block_size)
-            if not evictable.any():
+            found = self._pressure_candidates(req_id, state, committed)
+            if found is None:
                 continue
-            cand = pos[evictable]
-            rb = self.ledger.requests.get(req_id)
-            parked = rb.parked if rb else set()
-            is_kept = (np.fromiter((p not in parked for p in cand.tolist()), bool, len(cand))
-                       if parked else np.ones(len(cand), dtype=bool))
+            cand, scores, is_kept = found
             if caching:  # another request holds it too only through a prefix-cache hit
                 blocks = self.ledger.blocks(req_id)
                 refs = map(_ref_cnt, itemgetter(*cand.tolist())(blocks)) if len(cand) > 1 else (
@@ -692,11 +690,12 @@ class EvictingScheduler(Scheduler):
                 shared = np.fromiter(refs, np.int64, len(cand)) > 1
             else:
                 shared = np.zeros(len(cand), dtype=bool)
-            parts.append(_Candidates(req_id, committed, is_kept, shared, scores[evictable], cand))
+            parts.append(_Candidates(req_id, committed, is_kept, shared, scores, cand))
         if not parts:
             return False
         rank = {req_id: r for r, req_id in enumerate(sorted(p.req_id for p in parts))}
-        req = np.concatenate([np.full(len(p.positions), rank[p.req_id]) for p in parts])
+        req = np.repeat(np.array([rank[p.req_id] for p in parts]),
+                        [len(p.positions) for p in parts])
         pos = np.concatenate([p.positions for p in parts])
         is_kept = np.concatenate([p.is_kept for p in parts])
         shared = np.concatenate([p.shared for p in parts])
@@ -718,6 +717,32 @@ class EvictingScheduler(Scheduler):
                         visual=self._visual_tokens(running[req_id], released))
             self._log(req_id, committed)
         return freed > 0
+
+    def _pressure_candidates(self, req_id: str, state: RequestEviction, committed: int
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(positions, scores, kept)`` of the request's evictable blocks (``[k]`` each:
+        int64, float32, bool not parked), or None when it has none. Cached per request until
+        its scores, its ledger entry or its protection bounds change: a full pool may ask at
+        every step, and most running requests have not changed since the last call."""
+        lo, hi = protection_bounds(state.config, committed, self.kv_block_size)
+        rb = self.ledger.requests.get(req_id)
+        key = (state.score_version, -1 if rb is None else rb.version, lo, hi)
+        if state.pressure_cache is not None and state.pressure_cache[0] == key:
+            return state.pressure_cache[1]
+        pos = self.ledger.resident_array(req_id)
+        scored, scores = _scores_at(state, pos)
+        evictable = (pos >= lo) & (pos < hi)  # what protected_mask leaves
+        if scored is not None:
+            evictable &= scored
+        found = None
+        if evictable.any():
+            cand = pos[evictable]
+            parked = rb.parked if rb is not None else set()
+            is_kept = (~np.isin(cand, np.fromiter(parked, np.int64, len(parked))) if parked
+                       else np.ones(len(cand), dtype=bool))
+            found = (cand, scores[evictable], is_kept)
+        state.pressure_cache = (key, found)
+        return found
 
     # -- the plan for the workers --------------------------------------------------------------
     def _step_plan(self, output) -> StepPlan:

@@ -505,7 +505,7 @@ class WorkerEviction:
                     self._skip(sr.req_id, "another tensor-parallel rank measured nothing")
                 continue
             self.pending_scores[sr.req_id] = BlockScores(
-                generation=sr.task.generation, positions=sr.positions.tolist(), scores=scores,
+                generation=sr.task.generation, positions=sr.positions.numpy(), scores=scores,
             )
 
     def _visual_mask(self, sr: ScoredRequest) -> torch.Tensor | None:
@@ -556,7 +556,7 @@ def _linear_weight(linear) -> torch.Tensor:
 
 
 def _all_reduce_mean(scores: list[torch.Tensor | None], sizes: list[int], device
-                     ) -> tuple[list[list[float]], list[bool]]:
+                     ) -> tuple[list[np.ndarray], list[bool]]:
     """Average every scored request's block scores over the TP group in one all-reduce.
 
     Each TP rank measured only its own heads and only rank 0's output reaches the scheduler,
@@ -569,7 +569,8 @@ def _all_reduce_mean(scores: list[torch.Tensor | None], sizes: list[int], device
         scores: per request ``[nb_i]`` float32 on ``device``, or None (not measured here).
         sizes: ``nb_i`` of each request (the same on every rank: the plan is shared).
     Returns:
-        (per-request score lists, per-request measured-by-every-rank flags).
+        (per-request float32 score arrays ``[nb_i]``, per-request measured-by-every-rank
+        flags).
     """
     parts = [s.to(device, torch.float32) if s is not None else
              torch.zeros(n, dtype=torch.float32, device=device) for s, n in zip(scores, sizes)]
@@ -584,7 +585,7 @@ def _all_reduce_mean(scores: list[torch.Tensor | None], sizes: list[int], device
     values, measured = host[: sum(sizes)] / world, host[sum(sizes):]
     out, start = [], 0
     for n in sizes:
-        out.append(values[start: start + n].tolist())
+        out.append(values[start: start + n].numpy())  # views of the one host copy
         start += n
     return out, [bool(m == world) for m in measured.tolist()]
 

@@ -146,13 +146,17 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
         for rid in sched.ledger.take_changed(sched.requests):  # sent in that step's plan
             sched.ledger.compacted_row(rid)
         deciding = list(range(0, requests, INTERVAL))
-        # the workers' output of the previous step: scores of exactly the resident blocks
+        # the workers' output of the previous step: scores of exactly the resident blocks, for
+        # the deciding requests - and for every request with a policy scored at every step
+        # (H2O, HybridKV: all of them decide, most within budget)
+        every_step = get_policy(policy_name).score_every_step
         worker_output = SimpleNamespace(kv_eviction_skipped={}, kv_eviction_scores={})
-        for i in deciding:
+        for i in range(requests) if every_step else deciding:
             rid, request = f"r{i}", sched.running[i]
-            grown = tokens + GROWTH * BLOCK_SIZE
-            request.num_computed_tokens = grown
-            manager.allocate_new_blocks(rid, grown, grown)
+            if i in deciding:
+                grown = tokens + GROWTH * BLOCK_SIZE
+                request.num_computed_tokens = grown
+                manager.allocate_new_blocks(rid, grown, grown)
             positions = sched.ledger.resident_array(rid)  # arrays, as the workers send
             worker_output.kv_eviction_scores[rid] = BlockScores(
                 generation=0, positions=positions,
@@ -191,11 +195,14 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
                    if f"r{i}" in sched.ledger.requests) - before
     if not keep:
         cleanup(sched, requests)
-    if staggered and requests >= INTERVAL and (len(plan.rows) != len(deciding)
-                                               or len(plan.score) != requests // INTERVAL):
+    # H2O and HybridKV are scored at every decode step, the others every INTERVAL (and with
+    # scores at every step the grown requests due for scoring decide too)
+    every_step = get_policy(policy_name).score_every_step
+    due = requests if every_step else requests // INTERVAL
+    rows = len(deciding) * (2 if every_step else 1)
+    if staggered and requests >= INTERVAL and (len(plan.rows) != rows or len(plan.score) != due):
         raise RuntimeError(f"{policy_name}: the plan holds {len(plan.rows)} rows and "
-                           f"{len(plan.score)} score tasks (expected {len(deciding)} and "
-                           f"{requests // INTERVAL})")
+                           f"{len(plan.score)} score tasks (expected {rows} and {due})")
     expected = (len(deciding) * (blocks - max(-(-int(BUDGET * tokens) // BLOCK_SIZE), 4))
                 if not staggered else len(deciding) * (GROWTH - 2))
     if blocks > 8 and released < 0.9 * expected:

@@ -514,19 +514,22 @@ class EvictingScheduler(Scheduler):
 
     def _decision_input(self, request, state: RequestEviction) -> _Pending | None:
         """What a decision needs, as arrays; None when this request has nothing to decide."""
-        req_id, bs = request.request_id, self.kv_block_size
+        req_id, bs, ledger = request.request_id, self.kv_block_size, self.ledger
         committed = self._committed_tokens(request)
-        pos = self.ledger.resident_array(req_id)
-        if not len(pos):
-            return None
         config = state.config
         # between prompt chunks the request may hold its whole prompt's budget (see _score_task)
         keep_blocks = config.keep_blocks(
             request.num_prompt_tokens if state.chunk_decision else committed, bs)
-        rb = self.ledger.requests.get(req_id)
+        rb = ledger.requests.get(req_id)
         parked = set(rb.parked) if rb is not None and rb.parked else set()
         select_anyway, state.select_anyway = state.select_anyway, False
-        if len(pos) - len(parked) <= keep_blocks and not parked and not select_anyway:
+        # blocks in attention, O(1): policies scored at every step (H2O, HybridKV) get here at
+        # every step, and are within budget at most of them
+        attended = len(ledger.blocks(req_id)) - ledger.excluded_blocks.get(req_id, 0)
+        if attended <= keep_blocks and not parked and not select_anyway:
+            return None
+        pos = ledger.resident_array(req_id)
+        if not len(pos):
             return None
         scored, scores = _scores_at(state, pos)
         visual = self._visual_blocks(request, pos.tolist()) if getattr(request, "mm_features", None) else None

@@ -226,8 +226,8 @@ def protected_mask(config: EvictionConfig, positions: np.ndarray, committed: int
             and the first chunks would lose the attention sink for good.
     """
     lo, hi = protection_bounds(config, committed, block_size, sized_for)
-    kept = (positions < lo) | (positions >= hi)
-    return kept if scored is None else kept | ~scored
+    protected = (positions < lo) | (positions >= hi)
+    return protected if scored is None else protected | ~scored
 
 
 def request_config(default: EvictionConfig, request) -> EvictionConfig:
@@ -567,7 +567,8 @@ class EvictingScheduler(Scheduler):
         shape = (len(group), int(lens.max()))
         positions = np.zeros(shape, dtype=np.int64)
         scores, unscored = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=bool)
-        tier = np.zeros(shape, dtype=np.int64) if release_zero else None
+        has_tier = release_zero and any(p.tier is not None for p in group)
+        tier = np.zeros(shape, dtype=np.int64) if has_tier else None
         for i, p in enumerate(group):
             n = len(p.positions)
             positions[i, :n], scores[i, :n] = p.positions, p.scores
@@ -578,11 +579,9 @@ class EvictingScheduler(Scheduler):
         valid = np.arange(shape[1]) < lens[:, None]
         lo, hi = (np.array(b) for b in zip(*(p.bounds for p in group)))
         protected = valid & ((positions < lo[:, None]) | (positions >= hi[:, None]) | unscored)
-        has_tier = release_zero and any(p.tier is not None for p in group)
         decision = select_batch(
             scores, valid, protected, np.array([p.keep_blocks for p in group]),
-            np.array([p.bin_blocks for p in group]), release_zero=release_zero,
-            tier=tier if has_tier else None,
+            np.array([p.bin_blocks for p in group]), release_zero=release_zero, tier=tier,
         )
         for i, p in enumerate(group):
             row = positions[i]

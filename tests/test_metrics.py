@@ -86,6 +86,28 @@ def test_snapshots_are_rate_limited_and_the_last_change_is_written_later(tmp_pat
     assert _scrape(tmp_path)[key] == 2 and not metrics.dirty
 
 
+def test_a_late_write_into_a_removed_directory_is_dropped_quietly(tmp_path, monkeypatch):
+    """At shutdown the front end removes the snapshot directory; a pending timer write must
+    not raise in its thread."""
+    import shutil
+    import threading
+
+    directory = tmp_path / "snapshots"
+    directory.mkdir()
+    monkeypatch.setenv(METRICS_DIR_ENV, str(directory))
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    metrics = EvictionMetrics(interval_s=0.2)
+    metrics.policy("hae").decisions += 1
+    metrics.publish()
+    metrics.policy("hae").decisions += 1
+    metrics.publish()  # pending in the timer
+    timer = metrics._timer
+    shutil.rmtree(directory)
+    timer.join(5)
+    assert not timer.is_alive() and errors == []
+
+
 def test_multiprocess_registries_of_api_servers_carry_the_collector(tmp_path, monkeypatch):
     """``--api-server-count N``: prometheus_client's multiprocess mode. Each API server's
     ``/metrics`` handler (prometheus_fastapi_instrumentator) builds a fresh registry per scrape

@@ -134,6 +134,8 @@ class EvictionMetrics:
             self._write(directory)
         except RuntimeError:  # a counter changed size while read: the next step writes
             self.dirty = True
+        except OSError:  # the front end removed the directory (shutting down): nothing to do
+            pass
 
     def _write(self, directory: str) -> None:
         with self._lock:

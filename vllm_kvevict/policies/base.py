@@ -202,7 +202,9 @@ def select_batch(
     """:func:`select_blocks` (or, with ``release_zero``, :func:`select_tiered`) for ``R``
     requests at once, on the host: the scheduler's decisions of one step in a few array
     operations instead of a dozen tensor operations per request. Same decisions, ties
-    included (stable sort of the same float64 keys).
+    included: float32 scores without tiers (the scheduler's usual case) are ranked by one sort
+    of packed keys (:func:`_first_k_packed`), anything else by a stable argsort of the same
+    float64 keys as the per-request functions.
 
     Args:
         scores: ``[R, N]`` block scores, row ``r`` valid in its first entries (``valid``).

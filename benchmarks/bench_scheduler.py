@@ -180,10 +180,9 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
             sched._apply_decisions()
         else:
             for request in sched.running:
-                state = sched.kv_requests[request.request_id]
-                if state.fresh:
-                    state.fresh = False
-                    sched._decide_batch([(request, state)])
+                if request.request_id in sched.kv_fresh:
+                    sched.kv_fresh.discard(request.request_id)
+                    sched._decide_batch([(request, sched.kv_requests[request.request_id])])
         plan_started = time.perf_counter()
         if staggered:  # and the plan for the workers: rows that changed, offsets, score tasks
             plan = sched._step_plan(output)

@@ -14,6 +14,7 @@ import logging
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -329,6 +330,10 @@ def test_unmeasured_statistics_are_reported(caplog):
 
     measured = _worker_after_a_step(True)
     assert set(getattr(measured, SCORES_ATTR)) == {"r1"} and not hasattr(measured, SKIPPED_ATTR)
+    # host arrays, one score per resident block in positional order (what the scheduler takes)
+    sent = getattr(measured, SCORES_ATTR)["r1"]
+    assert sent.positions.tolist() == [0, 1, 2] and sent.scores.dtype == np.float32
+    assert sent.scores.shape == (3,) and np.isfinite(sent.scores).all()
     with caplog.at_level(logging.WARNING, logger="vllm_kvevict"):
         missed = _worker_after_a_step(False)  # e.g. a full CUDA graph replayed
     assert getattr(missed, SKIPPED_ATTR) == {"r1": "h2o"} and not hasattr(missed, SCORES_ATTR)
@@ -421,7 +426,6 @@ def test_compaction_edits_the_runner_buffers_in_place():
     table's slot mapping) at the addresses it was captured with, and FlashInfer plans from
     ``optimistic_seq_lens_cpu``: the compacted lengths and slots must be written into those
     same tensors, every row but the compacted ones untouched."""
-    import numpy as np
     from vllm.platforms import current_platform
     from vllm.v1.worker.block_table import MultiGroupBlockTable
 

@@ -132,8 +132,6 @@ class EvictionMetrics:
             self._timer = None
         try:
             self._write(directory)
-        except RuntimeError:  # a counter changed size while read: the next step writes
-            self.dirty = True
         except OSError:  # the front end removed the directory (shutting down): nothing to do
             pass
 

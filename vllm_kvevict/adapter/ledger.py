@@ -132,6 +132,10 @@ class BlockLedger:
                 mask[list(rb.parked)] = True
         return mask
 
+    def num_attended(self, req_id: str) -> int:
+        """Blocks of the request in attention (neither parked nor released), O(1)."""
+        return len(self.blocks(req_id)) - self.excluded_blocks.get(req_id, 0)
+
     def offset_tokens(self, req_id: str) -> int:
         """E: tokens before the write position that the worker does not attend to."""
         return self.excluded_blocks.get(req_id, 0) * self.block_size

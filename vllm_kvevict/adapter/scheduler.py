@@ -15,7 +15,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,7 +42,6 @@ from vllm_kvevict.policies import get_policy
 from vllm_kvevict.policies.base import EvictionPolicy, select_batch
 
 logger = logging.getLogger("vllm_kvevict")
-_ref_cnt = attrgetter("ref_cnt")
 
 
 @dataclass
@@ -54,7 +52,6 @@ class RequestEviction:
     #: the latest block scores from the workers: positions ascending, float32 values
     score_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     score_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
-    fresh: bool = False  # scores arrived since the last decision
     decode_steps: int = 0  # decode steps since the last scoring
     evicted_tokens: int = 0  # released to the pool, cumulative (for reporting)
     visual_evicted_tokens: int = 0  # of those, multimodal embedding (image) tokens
@@ -64,11 +61,6 @@ class RequestEviction:
     score_version: int = 0  # bumped by every set_scores (pool pressure's candidate cache key)
     #: pool pressure's evictable blocks of this request: (key, (positions, scores, kept) | None)
     pressure_cache: tuple | None = None
-
-    def __post_init__(self):
-        # read once per step for every running request: plain attributes
-        self.interval = self.config.interval
-        self.every_step = bool(getattr(self.policy, "score_every_step", False))
 
     def set_scores(self, positions, values) -> None:
         """Take the workers' ``positions`` / ``values`` (any order; the workers send them
@@ -226,8 +218,16 @@ def protected_mask(config: EvictionConfig, positions: np.ndarray, committed: int
             and the first chunks would lose the attention sink for good.
     """
     lo, hi = protection_bounds(config, committed, block_size, sized_for)
+    return protected_by_bounds(positions, lo, hi, None if scored is None else ~scored)
+
+
+def protected_by_bounds(positions: np.ndarray, lo, hi, unscored: np.ndarray | None = None
+                        ) -> np.ndarray:
+    """The protection rule itself, for one request (``lo``, ``hi`` ints) or a padded batch
+    (``[R, 1]`` columns against ``[R, W]`` positions): kept are positions below ``lo``, from
+    ``hi`` on, and the ``unscored`` ones (None: every block has a score)."""
     protected = (positions < lo) | (positions >= hi)
-    return protected if scored is None else protected | ~scored
+    return protected if unscored is None else protected | unscored
 
 
 def request_config(default: EvictionConfig, request) -> EvictionConfig:
@@ -419,7 +419,6 @@ class EvictingScheduler(Scheduler):
         else:
             state.generation += 1
             state.set_scores([], [])
-            state.fresh = False
             self.kv_fresh.discard(request.request_id)
             state.decode_steps = 0
             state.chunk_decision = False
@@ -458,7 +457,6 @@ class EvictingScheduler(Scheduler):
     def _note_scores(self, req_id: str, state: RequestEviction, positions, values) -> None:
         """Take a request's fresh block scores: it decides at the next ``schedule``."""
         state.set_scores(positions, values)
-        state.fresh = True
         self.kv_fresh.add(req_id)
 
     # -- decisions -----------------------------------------------------------------------------
@@ -482,8 +480,7 @@ class EvictingScheduler(Scheduler):
         for request in self.running:  # in running order: the bin is granted in that order
             if request.request_id in fresh:
                 state = self.kv_requests.get(request.request_id)
-                if state is not None and state.fresh:
-                    state.fresh = False
+                if state is not None:
                     deciding.append((request, state))
         # the decided leave the set, and the finished; one not running now keeps its scores
         fresh.difference_update(r.request_id for r, _ in deciding)
@@ -525,8 +522,7 @@ class EvictingScheduler(Scheduler):
         select_anyway, state.select_anyway = state.select_anyway, False
         # blocks in attention, O(1): policies scored at every step (H2O, HybridKV) get here at
         # every step, and are within budget at most of them
-        attended = len(ledger.blocks(req_id)) - ledger.excluded_blocks.get(req_id, 0)
-        if attended <= keep_blocks and not parked and not select_anyway:
+        if ledger.num_attended(req_id) <= keep_blocks and not parked and not select_anyway:
             return None
         pos = ledger.resident_array(req_id)
         if not len(pos):
@@ -543,18 +539,12 @@ class EvictingScheduler(Scheduler):
             tier=None if tier is None else tier.cpu().numpy(), visual=visual,
         )
 
-    @staticmethod
-    def _protected_of(p: _Pending) -> np.ndarray:
-        """[nb] bool protected blocks of one pending decision."""
-        lo, hi = p.bounds
-        protected = (p.positions < lo) | (p.positions >= hi)
-        return protected if p.scored is None else protected | ~p.scored
-
     def _select_one(self, p: _Pending) -> None:
         """A policy with its own ``select`` (an extension point): called as is, per request."""
         decision = p.state.policy.select(
             torch.from_numpy(p.scores), block_index=torch.from_numpy(p.positions),
-            keep_blocks=p.keep_blocks, protected=torch.from_numpy(self._protected_of(p)),
+            keep_blocks=p.keep_blocks, protected=torch.from_numpy(protected_by_bounds(
+                p.positions, *p.bounds, None if p.scored is None else ~p.scored)),
             bin_blocks=p.bin_blocks, visual_blocks=p.visual,
         )
         self._apply(p, p.positions[decision.keep.numpy()], p.positions[decision.park.numpy()],
@@ -578,7 +568,7 @@ class EvictingScheduler(Scheduler):
                 tier[i, :n] = p.tier
         valid = np.arange(shape[1]) < lens[:, None]
         lo, hi = (np.array(b) for b in zip(*(p.bounds for p in group)))
-        protected = valid & ((positions < lo[:, None]) | (positions >= hi[:, None]) | unscored)
+        protected = valid & protected_by_bounds(positions, lo[:, None], hi[:, None], unscored)
         decision = select_batch(
             scores, valid, protected, np.array([p.keep_blocks for p in group]),
             np.array([p.bin_blocks for p in group]), release_zero=release_zero, tier=tier,
@@ -687,9 +677,8 @@ class EvictingScheduler(Scheduler):
             cand, scores, is_kept = found
             if caching:  # another request holds it too only through a prefix-cache hit
                 blocks = self.ledger.blocks(req_id)
-                refs = map(_ref_cnt, itemgetter(*cand.tolist())(blocks)) if len(cand) > 1 else (
-                    blocks[int(cand[0])].ref_cnt,)
-                shared = np.fromiter(refs, np.int64, len(cand)) > 1
+                shared = np.fromiter((blocks[q].ref_cnt > 1 for q in cand.tolist()), bool,
+                                     len(cand))
             else:
                 shared = np.zeros(len(cand), dtype=bool)
             parts.append(_Candidates(req_id, committed, is_kept, shared, scores, cand))
@@ -733,9 +722,7 @@ class EvictingScheduler(Scheduler):
             return state.pressure_cache[1]
         pos = self.ledger.resident_array(req_id)
         scored, scores = _scores_at(state, pos)
-        evictable = (pos >= lo) & (pos < hi)  # what protected_mask leaves
-        if scored is not None:
-            evictable &= scored
+        evictable = ~protected_by_bounds(pos, lo, hi, None if scored is None else ~scored)
         found = None
         if evictable.any():
             cand = pos[evictable]
@@ -768,7 +755,8 @@ class EvictingScheduler(Scheduler):
             if request.num_computed_tokens - num_tokens >= request.num_prompt_tokens:
                 # decode: due every ``interval`` of its decode steps (or every step)
                 state.decode_steps += 1
-                if state.decode_steps < state.interval and not state.every_step:
+                if (state.decode_steps < state.config.interval
+                        and not state.policy.score_every_step):
                     continue
             task = self._score_task(request, state, num_tokens, rows.get(req_id))
             if task is not None:
@@ -800,7 +788,7 @@ class EvictingScheduler(Scheduler):
             return None  # a middle prefill chunk
         req_id = request.request_id
         rb = self.ledger.requests.get(req_id)
-        kept = len(self.ledger.blocks(req_id)) - self.ledger.excluded_blocks.get(req_id, 0)
+        kept = self.ledger.num_attended(req_id)
         # Between prompt chunks the request is brought back to its *prompt's* budget, not to
         # the budget of the tokens computed so far: its peak (that budget + one chunk) is the
         # same either way, and a middle chunk's queries cannot know the question at the

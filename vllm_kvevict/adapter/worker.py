@@ -505,7 +505,7 @@ class WorkerEviction:
                     self._skip(sr.req_id, "another tensor-parallel rank measured nothing")
                 continue
             self.pending_scores[sr.req_id] = BlockScores(
-                generation=sr.task.generation, positions=sr.positions.numpy(), scores=scores,
+                generation=sr.task.generation, positions=sr.positions.cpu().numpy(), scores=scores,
             )
 
     def _visual_mask(self, sr: ScoredRequest) -> torch.Tensor | None:

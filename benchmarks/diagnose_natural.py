@@ -55,7 +55,7 @@ def protected_mask(arm: str, budget: float, nb: int, committed: int, bs: int) ->
 
     from vllm_kvevict.adapter.scheduler import EvictingScheduler
 
-    cfg = EvictionConfig(policy="snapkv", budget=budget, **ARMS[arm])
+    cfg = EvictionConfig(policy="snapkv", budget=budget, floor_tokens=0, **ARMS[arm])  # the policy at its budget
     positions = list(range(nb))
     protected = EvictingScheduler._protected(SimpleNamespace(kv_block_size=bs), cfg, positions,
                                              committed, dict.fromkeys(positions, 1.0))

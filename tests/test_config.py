@@ -52,15 +52,15 @@ def test_absent_key_means_plugin_inert_and_none_means_no_eviction():
 
 def test_budget_resolution():
     assert EvictionConfig(policy="attention").keep_tokens(1000) == 500
-    assert EvictionConfig(policy="attention", budget=0.1).keep_tokens(1001) == 101
-    assert EvictionConfig(policy="attention", budget_tokens=64).keep_tokens(1000) == 64
+    assert EvictionConfig(policy="attention", budget=0.1, floor_tokens=0).keep_tokens(1001) == 101
+    assert EvictionConfig(policy="attention", budget_tokens=64, floor_tokens=0).keep_tokens(1000) == 64
     assert EvictionConfig(policy="attention", budget=1.0).keep_blocks(1000, 32) == 32  # 31.25
 
 
 def test_per_request_overrides():
     server = parse_config({"policy": "attention", "budget": 0.25})
     assert server.with_overrides({"budget_tokens": 128}).budget is None
-    assert server.with_overrides({"budget": 1.0}).keep_tokens(100) == 100
+    assert server.with_overrides({"budget": 1.0}).keep_tokens(300) == 300
     with pytest.raises(ValueError, match="kv_eviction.pool_pressure: not a per-request option"):
         server.with_overrides({"pool_pressure": True})
     with pytest.raises(ValueError, match="kv_eviction.budget"):

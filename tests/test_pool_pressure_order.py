@@ -39,7 +39,8 @@ def test_the_globally_least_important_blocks_go_first(seed, need, num_requests, 
         rid, blocks = f"req-{rng.randrange(100)}-{r}", rng.randrange(8, 40)
         tokens = blocks * BS
         manager.allocate_new_blocks(rid, tokens, tokens)
-        config = EvictionConfig(policy="snapkv", budget=0.25, sink_tokens=32, recent_tokens=64)
+        config = EvictionConfig(policy="snapkv", budget=0.25, sink_tokens=32, recent_tokens=64,
+                                floor_tokens=0)
         state = RequestEviction(config=config, policy=get_policy("snapkv"))
         values = [rng.choice([0.1, 0.2, 0.2, 0.5, rng.random()]) for _ in range(blocks)]
         state.set_scores(range(blocks), values)

@@ -53,7 +53,7 @@ def test_defaults_are_unchanged_where_the_budget_has_room():
 
 def test_tight_budget_shrinks_recent_first_then_the_sink():
     # 1k tokens at 10 %: 4 blocks -> sink + in-flight block protected, 2 scored
-    config = parse_config({"policy": "snapkv", "budget": 0.1})
+    config = parse_config({"policy": "snapkv", "budget": 0.1, "floor_tokens": 0})
     protected, positions = _protected(config, 1000, 32)
     assert [p for p, x in zip(positions, protected.tolist()) if x] == [0, 31]
     assert config.protection(4, 32) == (1, 0) and config.protection(2, 32) == (0, 0)

@@ -25,13 +25,19 @@ SOAK_REQUESTS = int(os.environ.get("KVEVICT_SOAK_REQUESTS", "96"))
 CONCURRENCY = 8
 
 
+#: what clients of the test server may set (the operator's --kv-eviction-client-options)
+CLIENT_OPTIONS = {"policy": {"choices": ["attention", "streamingllm", "snapkv"]},
+                  "budget": {"min": 0.1}, "floor_tokens": {}, "prefill_eviction": {}}
+
+
 @pytest.fixture(scope="module")
 def server():
     with Server(["smollm2", "--served-model-name", "smollm2", "--block-size", "32",
                  "--max-model-len", "2048", "--dtype", "float32", "--enforce-eager",
                  "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
                  "--kv-eviction", "attention",
-                 "--kv-eviction-budget", "0.25", "--kv-eviction-interval", "4"]) as srv:
+                 "--kv-eviction-budget", "0.25", "--kv-eviction-interval", "4",
+                 "--kv-eviction-client-options", json.dumps(CLIENT_OPTIONS)]) as srv:
         yield srv
 
 
@@ -57,6 +63,29 @@ def test_per_request_options_and_the_eviction_report(server):
     assert status == 200 and body["kv_transfer_params"]["kv_eviction"]["policy"] == "streamingllm"
 
 
+def _chat(question: str, xargs: dict | None = None) -> dict:
+    body = {"model": "smollm2", "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": question}]}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    return body
+
+
+def test_a_short_chat_under_the_floor_is_answered_with_nothing_evicted(server):
+    """The demo's chat at the server's 25 % budget: ≈ 40 tokens with the template, under the
+    default floor (256 tokens), so nothing is scored or evicted and it answers; with the floor
+    lifted for the request (the control) its first block, the system prompt and question, goes."""
+    status, body = server.post("/v1/chat/completions", _chat("What is the capital of France?"))
+    assert status == 200, body
+    report = body["kv_transfer_params"]["kv_eviction"]
+    assert report["evicted_tokens"] == 0 and report["evicted_blocks"] == 0, report
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    status, body = server.post("/v1/chat/completions", _chat(
+        "What is the capital of France?", {"kv_eviction.floor_tokens": 0}))
+    assert status == 200, body
+    assert body["kv_transfer_params"]["kv_eviction"]["evicted_tokens"] > 0
+
+
 @pytest.mark.parametrize("xargs, field", [
     ({"kv_eviction.budget": 1.5}, "kv_eviction.budget"),
     ({"kv_eviction.policy": "lru"}, "kv_eviction.policy"),
@@ -69,6 +98,22 @@ def test_bad_request_options_get_a_400_naming_the_field(server, xargs, field):
     assert field in body["error"]["message"]
     status, _ = server.post("/v1/completions", _completion("The sky is"))
     assert status == 200  # the server keeps serving
+
+
+@pytest.mark.parametrize("xargs, message", [
+    ({"kv_eviction.recycle_bin_blocks": 4096}, "kv_eviction.recycle_bin_blocks: this server does "
+     "not let clients set it"),
+    ({"kv_eviction.policy": "hybridkv"}, "kv_eviction.policy: this server lets clients choose only"),
+    ({"kv_eviction.budget": 0.05}, "kv_eviction.budget: this server allows clients >= 0.1"),
+    ({"kv_eviction": json.dumps({"options": {"window": 8}})}, "kv_eviction.options: this server"),
+])
+def test_options_the_operator_did_not_allow_get_a_400(server, xargs, message):
+    status, body = server.post("/v1/completions", _completion("The sky is", xargs))
+    assert status == 400, body
+    assert message in body["error"]["message"]
+    # what the operator allows still works
+    status, _ = server.post("/v1/completions", _completion("The sky is", {"kv_eviction.budget": 0.5}))
+    assert status == 200
 
 
 def test_metrics_endpoint_exports_eviction_counters(server):

@@ -21,6 +21,14 @@ CONFIG_KEY = "kv_eviction"
 PROTECTED_SHARE = 0.5
 #: budget used when a policy is set but neither ``budget`` nor ``budget_tokens`` is
 DEFAULT_BUDGET = 0.5
+#: tokens every request keeps whatever its budget (``floor_tokens``'s default). A request of at
+#: most this many tokens is never scored or evicted. Why 256: a chat turn with its template and
+#: system prompt is 40-200 tokens, and a fraction budget of such a request keeps one or two
+#: blocks - the system prompt and question go, and the answer with them (0 of 6 short chats
+#: answered as with the full cache at 25 %, 6 of 6 with this floor: benchmarks/bench_floor.py),
+#: while the memory it could free is a few blocks. It costs nothing at or above
+#: ``floor / budget`` tokens (1,024 at 25 %) and at most 256 tokens per request below that.
+DEFAULT_FLOOR_TOKENS = 256
 
 
 class EvictionConfig(BaseModel):
@@ -33,6 +41,10 @@ class EvictionConfig(BaseModel):
         None, description="fraction of the sequence's KV kept, 0 < budget <= 1 (default 0.5)"
     )
     budget_tokens: int | None = Field(None, description="tokens of KV kept (instead of budget)")
+    floor_tokens: int = Field(
+        DEFAULT_FLOOR_TOKENS, ge=0, description="tokens every request keeps whatever its budget: "
+        "requests of at most this many tokens are never evicted (0: no floor)"
+    )
     sink_tokens: int = Field(4, ge=0, description="first tokens never evicted (whole blocks)")
     recent_tokens: int = Field(64, ge=0, description="most recent tokens never evicted")
     interval: int = Field(16, ge=1, description="decode steps between eviction checks")
@@ -50,6 +62,10 @@ class EvictionConfig(BaseModel):
         "about its budget plus one chunk (prompts longer than the KV pool)"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="policy-specific options")
+    client_options: dict[str, ClientBound] | None = Field(
+        None, description="server only: the per-request fields clients may set, with bounds "
+        "(None: every per-request field; {}: none)"
+    )
 
     @field_validator("policy")
     @classmethod
@@ -86,12 +102,23 @@ class EvictionConfig(BaseModel):
     def enabled(self) -> bool:
         return self.policy != "none"
 
+    @field_validator("client_options", mode="before")
+    @classmethod
+    def _client_options_forms(cls, value: Any) -> Any:
+        return parse_client_options(value)
+
     def keep_tokens(self, seq_len: int) -> int:
-        """Tokens of KV a sequence of ``seq_len`` tokens may keep under this budget."""
+        """Tokens of KV a sequence of ``seq_len`` tokens may keep: its budget (a fraction of
+        ``seq_len`` or ``budget_tokens``), but never fewer than ``floor_tokens``."""
         if self.budget_tokens is not None:
-            return self.budget_tokens
+            return max(self.budget_tokens, self.floor_tokens)
         fraction = DEFAULT_BUDGET if self.budget is None else self.budget
-        return math.ceil(fraction * seq_len)
+        return max(math.ceil(fraction * seq_len), self.floor_tokens)
+
+    def below_floor(self, seq_len: int) -> bool:
+        """A sequence this short is never scored or evicted (not even by a policy that
+        selects within its budget, such as HAE's visual pruning, nor under pool pressure)."""
+        return seq_len <= self.floor_tokens
 
     def keep_blocks(self, seq_len: int, block_size: int) -> int:
         """Whole blocks a sequence of ``seq_len`` tokens may keep: the budget is met in blocks,
@@ -144,6 +171,7 @@ class EvictionConfig(BaseModel):
             raise ValueError(
                 f"{CONFIG_KEY}.{unknown[0]}: not a per-request option; valid: {sorted(allowed)}"
             )
+        self.check_client_overrides(overrides)
         merged = self.model_dump(exclude_unset=True)  # explicit fields stay explicit
         if "policy" in overrides and overrides["policy"] != self.policy:
             merged["options"] = {}
@@ -154,11 +182,98 @@ class EvictionConfig(BaseModel):
         merged.update(overrides)
         return parse_config(merged)
 
+    def check_client_overrides(self, overrides: dict[str, Any]) -> None:
+        """Refuse overrides the operator's ``client_options`` do not allow (``ValueError``
+        naming the field and what is allowed). No ``client_options``: everything is."""
+        if self.client_options is None:
+            return
+        allowed = sorted(self.client_options)
+        for name, value in overrides.items():
+            bound = self.client_options.get(name)
+            if bound is None:
+                raise ValueError(
+                    f"{CONFIG_KEY}.{name}: this server does not let clients set it; "
+                    + (f"settable: {allowed}" if allowed else "no kv_eviction options are settable"))
+            bound.check(name, value)
+
 
 PER_REQUEST_FIELDS = (
-    "policy", "budget", "budget_tokens", "sink_tokens", "recent_tokens", "recycle_bin_blocks",
-    "prefill_eviction", "options",
+    "policy", "budget", "budget_tokens", "floor_tokens", "sink_tokens", "recent_tokens",
+    "recycle_bin_blocks", "prefill_eviction", "options",
 )
+#: per-request fields that take ``min`` / ``max`` bounds, and the one that takes ``choices``
+NUMERIC_FIELDS = ("budget", "budget_tokens", "floor_tokens", "sink_tokens", "recent_tokens",
+                  "recycle_bin_blocks")
+
+
+class ClientBound(BaseModel):
+    """What a client may set one per-request field to: ``min`` / ``max`` for numbers,
+    ``choices`` for ``policy`` (an empty bound: any valid value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        field = f"{CONFIG_KEY}.{name}"
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{field}: this server lets clients choose only "
+                             f"{list(self.choices)} (got {value!r})")
+        if self.min is None and self.max is None:
+            return
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{field}: must be a number (got {value!r})") from None
+        if self.min is not None and number < self.min:
+            raise ValueError(f"{field}: this server allows clients >= {self.min:g} (got {value!r})")
+        if self.max is not None and number > self.max:
+            raise ValueError(f"{field}: this server allows clients <= {self.max:g} (got {value!r})")
+
+
+def parse_client_options(value: Any) -> Any:
+    """``client_options`` in any of its forms, as ``{field: bound dict}`` (or None).
+
+    Forms: None (every per-request field), ``"all"``, ``"none"`` / ``""`` / ``[]`` (no field),
+    a list or comma-separated string of field names (any valid value), or a JSON object /
+    dict ``{"budget": {"min": 0.1}, "policy": {"choices": ["snapkv", "hae"]}, "options": {}}``.
+    Raises ``ValueError`` naming an unknown field or a bound that does not fit the field.
+    """
+    if value is None or isinstance(value, str) and value.strip() == "all":
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            value = _json_object(text, f"{CONFIG_KEY}.client_options", "must be")
+        else:
+            value = [] if text in ("", "none") else [f.strip() for f in text.split(",")]
+    if isinstance(value, list | tuple):
+        value = {name: {} for name in value}
+    if not isinstance(value, dict):
+        raise ValueError("expected 'all', 'none', a list of fields or a JSON object")
+    out = {}
+    for name, bound in value.items():
+        if name not in PER_REQUEST_FIELDS:
+            raise ValueError(f"{name!r} is not a per-request field; valid: "
+                             f"{list(PER_REQUEST_FIELDS)}")
+        bound = dict(bound.model_dump(exclude_none=True) if isinstance(bound, ClientBound)
+                     else bound or {})
+        if ("min" in bound or "max" in bound) and name not in NUMERIC_FIELDS:
+            raise ValueError(f"{name}: min/max bound only {list(NUMERIC_FIELDS)}")
+        if "choices" in bound:
+            if name != "policy":
+                raise ValueError(f"{name}: a choices bound is for policy only")
+            unknown = sorted(set(bound["choices"]) - set(available_policies()))
+            if unknown:
+                raise ValueError(f"policy: unknown policy {unknown[0]!r}; valid "
+                                 f"policies: {available_policies()}")
+        out[name] = bound
+    return out
+
+
+EvictionConfig.model_rebuild()  # ClientBound is defined after it
 
 
 def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:

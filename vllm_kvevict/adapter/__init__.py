@@ -187,7 +187,9 @@ def check_request_peak(vllm_config, default, config) -> None:
     wanted = config.peak_blocks(max_len, chunk, bs)
     if wanted > allowed:
         field = ("prefill_eviction" if not (config.enabled and config.prefill_eviction)
-                 else "policy" if not config.enabled else "budget")
+                 else "policy" if not config.enabled
+                 else "floor_tokens" if config.floor_tokens > default.floor_tokens
+                 else "budget")
         raise ValueError(
             f"{CONFIG_KEY}.{field}: this server evicts during prefill, so its KV pool need only "
             f"hold the default budget's peak per request; these options let a request hold up to "

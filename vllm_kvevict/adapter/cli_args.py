@@ -19,10 +19,12 @@ _FLAGS = {
     "kv_eviction": "policy",
     "kv_eviction_budget": "budget",
     "kv_eviction_budget_tokens": "budget_tokens",
+    "kv_eviction_floor_tokens": "floor_tokens",
     "kv_eviction_interval": "interval",
     "kv_eviction_recycle_bin": "recycle_bin_blocks",
     "kv_eviction_pool_pressure": "pool_pressure",
     "kv_eviction_prefill": "prefill_eviction",
+    "kv_eviction_client_options": "client_options",
 }
 
 
@@ -40,6 +42,9 @@ def add_flags(parser) -> None:
                        help="fraction of each sequence's KV kept, 0 < B <= 1 (default 0.5)")
     group.add_argument("--kv-eviction-budget-tokens", type=int, default=None, metavar="N",
                        help="tokens of KV kept per sequence (instead of --kv-eviction-budget)")
+    group.add_argument("--kv-eviction-floor-tokens", type=int, default=None, metavar="N",
+                       help="tokens every request keeps whatever its budget; requests of at "
+                       "most N tokens are never evicted (default 256; 0: no floor)")
     group.add_argument("--kv-eviction-interval", type=int, default=None, metavar="STEPS",
                        help="decode steps between eviction checks (default 16)")
     group.add_argument("--kv-eviction-recycle-bin", type=int, default=None, metavar="BLOCKS",
@@ -51,6 +56,10 @@ def add_flags(parser) -> None:
                        help="evict between the chunks of a chunked prefill: a request holds "
                        "about its budget plus one chunk, so prompts longer than the KV pool "
                        "are served")
+    group.add_argument("--kv-eviction-client-options", default=None, metavar="SPEC",
+                       help="per-request kv_eviction fields clients may set: 'all' (default), "
+                       "'none', a comma list (budget,policy) or a JSON object with bounds "
+                       "('{\"budget\": {\"min\": 0.1}}'); others get HTTP 400")
     group.add_argument("--kv-eviction-config", default=None, metavar="JSON",
                        help="full kv_eviction config as JSON (flags above override its fields)")
 

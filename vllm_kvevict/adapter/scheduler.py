@@ -309,8 +309,10 @@ class EvictingScheduler(Scheduler):
 
         original_computed = self.kv_cache_manager.get_computed_blocks
 
-        def get_computed_blocks(request):
-            return self._cap_prefix_hit(request, *original_computed(request))
+        def get_computed_blocks(request, *args, **kwargs):
+            # vLLM 0.33 passes max_cache_hit_length (an upper bound on the hit); the cap below
+            # only ever shortens what vLLM found, so it composes with that bound
+            return self._cap_prefix_hit(request, *original_computed(request, *args, **kwargs))
 
         self.kv_cache_manager.get_computed_blocks = get_computed_blocks
 
@@ -343,16 +345,17 @@ class EvictingScheduler(Scheduler):
         of the window before the hit's end (the rest are null blocks)."""
         state = self.kv_requests.get(request.request_id)
         window = state.policy.window if state is not None else 0
-        if not window or not num_computed:
-            return (blocks, num_computed, *rest)
         bs, prompt = self.kv_block_size, request.num_prompt_tokens
+        if not window or not num_computed or state.config.below_floor(prompt):
+            return (blocks, num_computed, *rest)
         scored = (state.config.keep_blocks(prompt, bs) < math.ceil(prompt / bs)
                   or state.policy.select_after_prefill)
         limit = max(prompt - window, 0) // bs * bs
         if not scored or num_computed <= limit:
             return (blocks, num_computed, *rest)
         if self.kv_hybrid:
-            return (self.kv_cache_manager.empty_kv_cache_blocks, 0, *rest)
+            # no hit: 0.32/0.33's third value (a shared-prefix boundary) is 0 with it
+            return (self.kv_cache_manager.empty_kv_cache_blocks, 0, *(0 for _ in rest))
         from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
         capped = KVCacheBlocks(tuple(list(group[: limit // bs]) for group in blocks.blocks))
@@ -715,6 +718,8 @@ class EvictingScheduler(Scheduler):
         int64, float32, bool not parked), or None when it has none. Cached per request until
         its scores, its ledger entry or its protection bounds change: a full pool may ask at
         every step, and most running requests have not changed since the last call."""
+        if state.config.below_floor(committed):
+            return None  # short requests are never evicted, not even under pool pressure
         lo, hi = protection_bounds(state.config, committed, self.kv_block_size)
         rb = self.ledger.requests.get(req_id)
         key = (state.score_version, -1 if rb is None else rb.version, lo, hi)
@@ -788,6 +793,8 @@ class EvictingScheduler(Scheduler):
             return None  # a middle prefill chunk
         req_id = request.request_id
         rb = self.ledger.requests.get(req_id)
+        if state.config.below_floor(max(done, prompt)) and not (rb and rb.parked):
+            return None  # never scored nor evicted, whatever the policy (floor_tokens)
         kept = self.ledger.num_attended(req_id)
         # Between prompt chunks the request is brought back to its *prompt's* budget, not to
         # the budget of the tokens computed so far: its peak (that budget + one chunk) is the

@@ -146,8 +146,9 @@ def test_cli_bad_value_fails_at_startup():
 
 def test_unsupported_vllm_version_is_refused():
     check_vllm_version("0.32.0")
-    with pytest.raises(UnsupportedConfigError, match="found vLLM 0.33.1"):
-        check_vllm_version("0.33.1")
+    check_vllm_version("0.33.1")
+    with pytest.raises(UnsupportedConfigError, match="found vLLM 0.34.0"):
+        check_vllm_version("0.34.0")
 
 
 def test_serve_alias_resolves_to_the_folder_and_serves_under_its_alias(monkeypatch, tmp_path):

@@ -25,14 +25,17 @@ GPU_LAYOUTS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
 
 
 def vllm_gpu_caches(layout: str, bs: int) -> dict[str, torch.Tensor]:
-    """Per-layer caches made by vLLM 0.32's own code: the KV-cache config from
-    ``get_kv_cache_config_from_groups`` and the views from ``allocate_kv_cache`` (what
+    """Per-layer caches made by vLLM's own code: the KV-cache config from
+    ``get_kv_cache_config_from_groups`` (0.32: ``kv_cache_utils``, 0.33: ``kv_cache_planning``)
+    and the views from ``allocate_kv_cache`` (what
     ``GPUModelRunner.initialize_kv_cache_tensors`` binds to each layer), every slot NaN."""
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
     from vllm.v1.kv_cache_layout import KVCacheLayout
     from vllm.v1.worker.utils import allocate_kv_cache
 
+    from vllm_kvevict.adapter.vllm_internals import kv_planning_module
+
+    get_kv_cache_config_from_groups = kv_planning_module().get_kv_cache_config_from_groups
     kv_layout = KVCacheLayout[layout]
     spec = FullAttentionSpec(block_size=bs, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
     cache_config = SimpleNamespace(get_resolved_kv_cache_layout=lambda: kv_layout,

@@ -75,10 +75,11 @@ def _install_engine_config_hook() -> None:
 def _install_capacity_check() -> None:
     """Prefill eviction bounds what one request holds, so the engine may start with a KV pool
     smaller than ``max_model_len``: vLLM's check is replaced, for that one call of
-    ``get_kv_cache_configs`` in the engine core, by ``check_prefill_capacity``."""
+    ``get_kv_cache_configs`` in the engine core, by ``check_prefill_capacity``. The check is
+    a global of the module that defines ``get_kv_cache_configs`` (``kv_planning_module``:
+    0.33's ``kv_cache_planning``, 0.32's ``kv_cache_utils``), so it is replaced there."""
     import functools
 
-    import vllm.v1.core.kv_cache_utils as kv_utils
     import vllm.v1.engine.core as core
 
     original = core.get_kv_cache_configs
@@ -86,7 +87,7 @@ def _install_capacity_check() -> None:
         return
 
     def get_kv_cache_configs(vllm_config, *args, **kwargs):
-        from vllm_kvevict.adapter.vllm_internals import check_prefill_capacity
+        from vllm_kvevict.adapter.vllm_internals import check_prefill_capacity, kv_planning_module
         from vllm_kvevict.config import config_from_additional
 
         config = config_from_additional(getattr(vllm_config, "additional_config", None))
@@ -94,13 +95,14 @@ def _install_capacity_check() -> None:
         if (config is None or not config.prefill_eviction
                 or not all(_full_attention_only(worker) for worker in specs)):
             return original(vllm_config, *args, **kwargs)
-        vllm_check = kv_utils._check_enough_kv_cache_memory
-        kv_utils._check_enough_kv_cache_memory = functools.partial(
+        planning = kv_planning_module()
+        vllm_check = planning._check_enough_kv_cache_memory
+        planning._check_enough_kv_cache_memory = functools.partial(
             check_prefill_capacity, vllm_config, config, vllm_check)
         try:
             return original(vllm_config, *args, **kwargs)
         finally:
-            kv_utils._check_enough_kv_cache_memory = vllm_check
+            planning._check_enough_kv_cache_memory = vllm_check
 
     get_kv_cache_configs._kvevict = True
     core.get_kv_cache_configs = get_kv_cache_configs

@@ -101,3 +101,35 @@ def test_a_hybrid_model_gets_no_hit_where_the_hit_would_be_capped():
     assert _cap("snapkv", 0.1, 1000, 31, groups=6) == 0
     assert _cap("snapkv", 0.1, 1024, 31, groups=6) == 31 * 32  # nothing to cap: hit kept
     assert _cap("streamingllm", 0.1, 1000, 31, groups=6) == 31 * 32
+
+
+def test_the_prefix_hit_wrapper_takes_vllm_033s_max_cache_hit_length():
+    """vLLM 0.33's scheduler calls ``get_computed_blocks(request, max_cache_hit_length)``
+    (0.32: ``(request)``). The plugin's instance wrapper forwards the bound to vLLM's method
+    and still caps the hit for a windowed policy (a one-argument wrapper: TypeError)."""
+    import os
+    import sys
+
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+
+    from vllm_kvevict.adapter.scheduler import RequestEviction
+    from vllm_kvevict.policies import get_policy
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_scheduler
+
+    sched = bench_scheduler.build_scheduler(64, 40)
+    seen = []
+
+    def get_computed_blocks_033(request, max_cache_hit_length=None):  # 0.33's signature
+        seen.append(max_cache_hit_length)
+        return KVCacheBlocks((list(range(31)),)), 31 * 32, 0
+
+    sched.kv_cache_manager.get_computed_blocks = get_computed_blocks_033
+    sched._install_guards()  # wraps the 0.33-style method as at engine start
+    config = parse_config({"policy": "snapkv", "budget": 0.1})
+    sched.kv_requests["r"] = RequestEviction(config=config, policy=get_policy("snapkv", {}))
+    request = SimpleNamespace(request_id="r", num_prompt_tokens=1000)
+    blocks, n, boundary = sched.kv_cache_manager.get_computed_blocks(request, 999)
+    assert seen == [999] and n == 30 * 32 and len(blocks.blocks[0]) == 30 and boundary == 0
+    assert sched.kv_cache_manager.get_computed_blocks(request)[1] == 30 * 32  # 0.32's call

@@ -33,6 +33,38 @@ DEFAULT_BUDGET = 0.5
 DEFAULT_FLOOR_TOKENS = 256
 
 
+#: per-request fields that take ``min`` / ``max`` bounds, and the one that takes ``choices``
+NUMERIC_FIELDS = ("budget", "budget_tokens", "floor_tokens", "sink_tokens", "recent_tokens",
+                  "recycle_bin_blocks")
+
+
+class ClientBound(BaseModel):
+    """What a client may set one per-request field to: ``min`` / ``max`` for numbers,
+    ``choices`` for ``policy`` (an empty bound: any valid value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        field = f"{CONFIG_KEY}.{name}"
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{field}: this server lets clients choose only "
+                             f"{list(self.choices)} (got {value!r})")
+        if self.min is None and self.max is None:
+            return
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{field}: must be a number (got {value!r})") from None
+        if self.min is not None and number < self.min:
+            raise ValueError(f"{field}: this server allows clients >= {self.min:g} (got {value!r})")
+        if self.max is not None and number > self.max:
+            raise ValueError(f"{field}: this server allows clients <= {self.max:g} (got {value!r})")
+
+
 class EvictionConfig(BaseModel):
     """What to evict, how much to keep, and what is never evicted."""
 
@@ -203,38 +235,6 @@ PER_REQUEST_FIELDS = (
     "policy", "budget", "budget_tokens", "floor_tokens", "sink_tokens", "recent_tokens",
     "recycle_bin_blocks", "prefill_eviction", "options",
 )
-#: per-request fields that take ``min`` / ``max`` bounds, and the one that takes ``choices``
-NUMERIC_FIELDS = ("budget", "budget_tokens", "floor_tokens", "sink_tokens", "recent_tokens",
-                  "recycle_bin_blocks")
-
-
-class ClientBound(BaseModel):
-    """What a client may set one per-request field to: ``min`` / ``max`` for numbers,
-    ``choices`` for ``policy`` (an empty bound: any valid value)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min: float | None = None
-    max: float | None = None
-    choices: tuple[str, ...] | None = None
-
-    def check(self, name: str, value: Any) -> None:
-        field = f"{CONFIG_KEY}.{name}"
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{field}: this server lets clients choose only "
-                             f"{list(self.choices)} (got {value!r})")
-        if self.min is None and self.max is None:
-            return
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{field}: must be a number (got {value!r})") from None
-        if self.min is not None and number < self.min:
-            raise ValueError(f"{field}: this server allows clients >= {self.min:g} (got {value!r})")
-        if self.max is not None and number > self.max:
-            raise ValueError(f"{field}: this server allows clients <= {self.max:g} (got {value!r})")
-
-
 def parse_client_options(value: Any) -> Any:
     """``client_options`` in any of its forms, as ``{field: bound dict}`` (or None).
 
@@ -262,7 +262,8 @@ def parse_client_options(value: Any) -> Any:
                              f"{list(PER_REQUEST_FIELDS)}")
         bound = dict(bound.model_dump(exclude_none=True) if isinstance(bound, ClientBound)
                      else bound or {})
-        if ("min" in bound or "max" in bound) and name not in NUMERIC_FIELDS:
+        numeric = bound.get("min") is not None or bound.get("max") is not None
+        if numeric and name not in NUMERIC_FIELDS:
             raise ValueError(f"{name}: min/max bound only {list(NUMERIC_FIELDS)}")
         if "choices" in bound:
             if name != "policy":
@@ -274,8 +275,6 @@ def parse_client_options(value: Any) -> Any:
         out[name] = bound
     return out
 
-
-EvictionConfig.model_rebuild()  # ClientBound is defined after it
 
 
 def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -156,6 +156,63 @@ def decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale
     return DecodeStats(out.to(query.dtype), group(mass_q), group(sq_q), mass_q, sq_q, probs)
 
 
+def dense_block_attention(q: torch.Tensor, keys: torch.Tensor, block_size: int, scale: float,
+                          parked: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention each block of one row received from the newest query: ``[Hq, nb + np]``.
+
+    ``keys`` ``[T, Hkv, D]`` are the attended tokens in blocks of ``block_size`` (the last may
+    be partial), ``parked`` ``[np * block_size, Hkv, D]`` the tokens of full blocks held out of
+    attention (recycle bin). Attended blocks get their softmax mass; a parked block gets
+    ``Σ exp(s - m) / den`` with the attended max ``m`` and denominator ``den`` — the mass it
+    would get relative to what is attended — its exponent capped at ``MAX_EXPONENT`` (60), as
+    the fused kernel measures it. float32.
+    """
+    hq = q.shape[0]
+    t = keys.shape[0]
+    qs = q.float() * scale
+    logits = torch.einsum("hd,thd->ht", qs, expand_kv(keys.float(), hq, dim=1))
+    m = logits.amax(-1, keepdim=True)
+    den = torch.exp(logits - m).sum(-1, keepdim=True)
+    nb = -(-t // block_size)
+    out = F.pad(torch.exp(logits - m) / den, (0, nb * block_size - t)).view(hq, nb, block_size).sum(-1)
+    if parked is None or parked.shape[0] == 0:
+        return out
+    lp = torch.einsum("hd,thd->ht", qs, expand_kv(parked.float(), hq, dim=1))
+    pp = torch.exp((lp - m).clamp(max=60.0)) / den
+    return torch.cat([out, pp.view(hq, -1, block_size).sum(-1)], dim=1)
+
+
+def fused_decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale,
+                           slot=None, park_table=None, park_count=None, num_slots=0, nb_stats=0):
+    """The twin of ``fused_decode.py`` for one layer: ``(out [R, Hq, D], mass, peak)``.
+
+    ``mass``/``peak`` ``[num_slots, Hkv, nb_stats]`` float32 start at 0: a scored row's slot
+    gets, per KV head, the Σ and the max over the group's query heads of
+    :func:`dense_block_attention`, attended blocks first (row order), then its parked blocks.
+    """
+    r_n, hq, d = query.shape
+    bs, hkv = key_cache.shape[1], key_cache.shape[2]
+    out = torch.zeros(r_n, hq, d, dtype=torch.float32, device=query.device)
+    mass = torch.zeros(num_slots, hkv, nb_stats, dtype=torch.float32, device=query.device)
+    peak = torch.zeros_like(mass)
+    for r in range(r_n):
+        n = int(seq_lens[r])
+        if n == 0:
+            continue
+        k, v = _gather(key_cache, block_table[r], n), _gather(value_cache, block_table[r], n)
+        p = dense_decode_attention(query[r], k, scale)
+        out[r] = torch.einsum("ht,thd->hd", p, expand_kv(v.float(), hq, dim=1))
+        s = -1 if slot is None else int(slot[r])
+        if s < 0:
+            continue
+        n_park = int(park_count[s])
+        parked = _gather(key_cache, park_table[s, :n_park], n_park * bs) if n_park else None
+        blocks = dense_block_attention(query[r], k, bs, scale, parked).view(hkv, hq // hkv, -1)
+        mass[s, :, : blocks.shape[2]] = blocks.sum(1)
+        peak[s, :, : blocks.shape[2]] = blocks.amax(1)
+    return out.to(query.dtype), mass, peak
+
+
 def window_attention(q_window, key_cache, block_table, seq_lens, scale=None) -> WindowStats:
     """softmax(q·Kᵀ) of the last W queries ``[R, Hq, W, D]``; window query i sits at position
     ``seq_len - W + i`` and sees tokens ``t <=`` it. Rows before the prompt start

@@ -52,7 +52,7 @@ def _phase1(
     s_qr, s_qh, s_qd,
     s_kb, s_kt, s_kh, s_kd,
     s_vb, s_vt, s_vh, s_vd,
-    s_btr, s_ptr,
+    s_btr,
     G: tl.constexpr, HQ: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -119,9 +119,10 @@ def _phase1(
         tl.store(ls_ptr + row, den, mask=g_ok)
     elif STATS:
         if slot >= 0:  # the parked blocks: full, scored from K, not attended
-            n_park = tl.load(pc_ptr + slot)
+            first = tl.load(pc_ptr + slot)
+            n_park = tl.load(pc_ptr + slot + 1) - first
             for i in range(0, n_park):
-                blk = tl.load(pt_ptr + slot * s_ptr + i).to(tl.int64)
+                blk = tl.load(pt_ptr + first + i).to(tl.int64)
                 k = tl.load(k_tile + blk * s_kb, mask=d_ok[None, :], other=0.0)
                 if IEEE:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -176,7 +177,8 @@ def _phase2(
     if STATS:
         slot = tl.load(slot_ptr + r)
         if slot >= 0:
-            n_total = tl.cdiv(tl.load(sl_ptr + r), BLOCK_SIZE) + tl.load(pc_ptr + slot)
+            n_park = tl.load(pc_ptr + slot + 1) - tl.load(pc_ptr + slot)
+            n_total = tl.cdiv(tl.load(sl_ptr + r), BLOCK_SIZE) + n_park
             m_ref = tl.where(has, m, 0.0)
             offs_b = tl.arange(0, BLOCK_B)
             for b0 in range(0, n_total, BLOCK_B):
@@ -231,8 +233,8 @@ def fused_decode_attention(
     scale: float,
     *,
     slot: torch.Tensor | None = None,
-    park_table: torch.Tensor | None = None,
-    park_count: torch.Tensor | None = None,
+    park_ids: torch.Tensor | None = None,
+    park_start: torch.Tensor | None = None,
     mass: torch.Tensor | None = None,
     peak: torch.Tensor | None = None,
     block_partials: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -251,7 +253,8 @@ def fused_decode_attention(
         seq_lens: ``[>= R]`` int32 compacted lengths; 0 = an empty (padding) row.
         out: ``[R, Hq, D]`` written.
         slot: ``[>= R]`` int32, the statistics slot of each row or -1; None = no statistics.
-        park_table: ``[S, P]`` int32 parked block ids per slot; ``park_count`` ``[S]`` int32.
+        park_ids: int32 parked block ids of all slots, slot ``s``'s at
+            ``park_ids[park_start[s]: park_start[s + 1]]`` (``park_start`` ``[S + 1]`` int32).
         mass, peak: ``[S, Hkv, NB]`` float32, accumulated (``+=`` / ``max=``); a slot's
             attended blocks at ``[0, n)`` in row order, then its parked blocks.
         block_partials: two ``[S, NB, Hq]`` float32 scratch tensors (allocated if None).
@@ -279,7 +282,7 @@ def fused_decode_attention(
             block_partials = tuple(torch.empty(mass.shape[0], nb_stats, hq, device=dev,
                                                dtype=torch.float32) for _ in range(2))
         mb, lb = block_partials
-        pt, pc = park_table, park_count
+        pt, pc = park_ids, park_start
     else:
         nb_stats = 0
         slot = pt = pc = mb = lb = mass = peak = seq_lens  # never read (STATS is off)
@@ -290,7 +293,6 @@ def fused_decode_attention(
         acc, m_split, l_split, mb, lb,
         float(scale), splits, nb_stats,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), block_table.stride(0),
-        pt.stride(0) if stats else 0,
         IEEE=key_cache.dtype == torch.float32, **common,
     )
     _phase2[(r_n, hkv)](

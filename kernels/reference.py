@@ -183,7 +183,7 @@ def dense_block_attention(q: torch.Tensor, keys: torch.Tensor, block_size: int, 
 
 
 def fused_decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale,
-                           slot=None, park_table=None, park_count=None, num_slots=0, nb_stats=0):
+                           slot=None, park_ids=None, park_start=None, num_slots=0, nb_stats=0):
     """The twin of ``fused_decode.py`` for one layer: ``(out [R, Hq, D], mass, peak)``.
 
     ``mass``/``peak`` ``[num_slots, Hkv, nb_stats]`` float32 start at 0: a scored row's slot
@@ -205,8 +205,8 @@ def fused_decode_attention(query, key_cache, value_cache, block_table, seq_lens,
         s = -1 if slot is None else int(slot[r])
         if s < 0:
             continue
-        n_park = int(park_count[s])
-        parked = _gather(key_cache, park_table[s, :n_park], n_park * bs) if n_park else None
+        first, end = int(park_start[s]), int(park_start[s + 1])
+        parked = _gather(key_cache, park_ids[first:end], (end - first) * bs) if end > first else None
         blocks = dense_block_attention(query[r], k, bs, scale, parked).view(hkv, hq // hkv, -1)
         mass[s, :, : blocks.shape[2]] = blocks.sum(1)
         peak[s, :, : blocks.shape[2]] = blocks.amax(1)

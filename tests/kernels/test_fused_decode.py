@@ -39,12 +39,10 @@ def build(layout, dtype, block_size, group, device, seed=0):
         nxt += nb
         t = torch.arange(n)
         slots.append(table[r, t // block_size].long() * block_size + t % block_size)
-    park_table = torch.full((len(PARKED), max(PARKED) + 1), int(perm[-1]), dtype=torch.int32)
-    for s, p in enumerate(PARKED):
-        park_table[s, :p] = perm[nxt: nxt + p].to(torch.int32)
-        for blk in park_table[s, :p].tolist():
-            slots.append(blk * block_size + torch.arange(block_size))
-        nxt += p
+    park_ids = perm[nxt: nxt + sum(PARKED)].to(torch.int32)  # slot s's: after slots < s
+    for blk in park_ids.tolist():
+        slots.append(blk * block_size + torch.arange(block_size))
+    park_start = torch.tensor([0, *torch.tensor(PARKED).cumsum(0).tolist()], dtype=torch.int32)
     slot_mapping = torch.cat(slots)
     keys = torch.randn(len(slot_mapping), HKV, D, generator=gen).to(dtype)
     values = torch.randn(len(slot_mapping), HKV, D, generator=gen).to(dtype)
@@ -59,8 +57,8 @@ def build(layout, dtype, block_size, group, device, seed=0):
         caches=caches, table=table.to(device),
         seq_lens=torch.tensor(LENS, dtype=torch.int32, device=device),
         slot=torch.tensor(SLOTS, dtype=torch.int32, device=device),
-        park_table=park_table.to(device),
-        park_count=torch.tensor(PARKED, dtype=torch.int32, device=device),
+        park_ids=torch.cat([park_ids, perm[-1:].to(torch.int32)]).to(device),  # + a poisoned one
+        park_start=park_start.to(device),
         queries=[torch.randn(len(LENS), hq, D, generator=gen).to(device, dtype) for _ in range(2)],
         nb=max_blocks + max(PARKED),
     )
@@ -78,8 +76,8 @@ def run_kernel(c, *, rescale=True, num_splits=None):
         kv = PagedKV.from_vllm(c["caches"][layer], D)
         out = torch.full_like(q, float("nan"))
         fused_decode_attention(q, kv.key, kv.value, c["table"], c["seq_lens"], out, D**-0.5,
-                               slot=c["slot"], park_table=c["park_table"],
-                               park_count=c["park_count"], mass=mass, peak=peak,
+                               slot=c["slot"], park_ids=c["park_ids"],
+                               park_start=c["park_start"], mass=mass, peak=peak,
                                num_splits=num_splits, rescale=rescale)
         outs.append(out)
         assert hq == q.shape[1]
@@ -92,8 +90,8 @@ def run_reference(c):
     for layer, q in zip((0, 2), c["queries"]):
         kv = PagedKV.from_vllm(c["caches"][layer], D)
         out, m, p = reference.fused_decode_attention(
-            q, kv.key, kv.value, c["table"], c["seq_lens"], D**-0.5, c["slot"], c["park_table"],
-            c["park_count"], num_slots=len(PARKED), nb_stats=c["nb"])
+            q, kv.key, kv.value, c["table"], c["seq_lens"], D**-0.5, c["slot"], c["park_ids"],
+            c["park_start"], num_slots=len(PARKED), nb_stats=c["nb"])
         outs.append(out)
         mass = m if mass is None else mass + m
         peak = p if peak is None else torch.maximum(peak, p)

@@ -188,9 +188,14 @@ def _runner(dispatcher, vllm_config, scored, group_lens=None):
     return runner
 
 
-def _scored(needs, phase="decode"):
+def _scored(needs, phase="decode", in_backend=False):
+    """A scored request as ``_resolve_scored`` leaves it; ``in_backend``: a decode row of the
+    plugin's attention backend (its kernel measures the decode statistics)."""
+    from vllm_kvevict.adapter.statistics import measured
+
     return SimpleNamespace(policy=SimpleNamespace(needs=frozenset(needs)),
-                           task=SimpleNamespace(phase=phase), layers={})
+                           task=SimpleNamespace(phase=phase), layers={},
+                           hooked=frozenset(s.name for s in measured(needs, phase, in_backend)))
 
 
 @pytest.mark.parametrize("mode, scoring_mode", [
@@ -215,6 +220,12 @@ def test_steps_that_measure_never_replay_a_full_graph(mode, scoring_mode):
     assert step(_runner(dispatcher, vllm_config, [_scored(["decode_attn"])]), **decode)[0].name \
         == scoring_mode
     assert step(_runner(dispatcher, vllm_config, [_scored([])]), **decode)[0] == stock
+    # the plugin's attention backend: every policy's decode scoring keeps the FULL graph
+    from vllm_kvevict.policies import NONE, available_policies, get_policy
+
+    for name in (p for p in available_policies() if p != NONE):
+        scored = [_scored(get_policy(name, {}).needs, in_backend=True) for _ in range(4)]
+        assert step(_runner(dispatcher, vllm_config, scored), **decode)[0] == stock, name
     # a windowed policy scoring at decode measures nothing in attention: graphs stay
     assert step(_runner(dispatcher, vllm_config, [_scored(["window_attn"])]), **decode)[0] == stock
     assert scoring_cudagraph_mode(vllm_config.compilation_config).name == scoring_mode
@@ -306,17 +317,20 @@ def _worker_after_a_step(layers_measured: bool):
     ev.layer_names = ["model.layers.0.attn", "model.layers.1.attn"]
     ev.runner = SimpleNamespace(
         device=torch.device("cpu"), input_batch=SimpleNamespace(block_table=[SimpleNamespace(block_size=BS)]),
-        model_config=SimpleNamespace(get_num_kv_heads=lambda _: HKV), parallel_config=None)
+        model_config=SimpleNamespace(get_num_kv_heads=lambda _: HKV,
+                                     get_num_attention_heads=lambda _: HQ), parallel_config=None)
     from vllm_kvevict.policies import get_policy
 
     sr = SimpleNamespace(req_id="r1", policy=get_policy("h2o", {}),
                          task=SimpleNamespace(phase="decode", generation=0, visual_spans=[],
                                               policy="h2o"),
                          positions=torch.arange(3), parked=torch.zeros(3, dtype=torch.bool),
-                         num_tokens=3 * BS - 5, device="cpu", layers={})
+                         num_tokens=3 * BS - 5, device="cpu", layers={}, slot=None,
+                         hooked=frozenset({"decode_attn"}))
     if layers_measured:
-        probs = torch.softmax(torch.randn(HQ, sr.num_tokens), -1)
-        sr.layers["decode_attn"] = [probs, probs]
+        mass = torch.softmax(torch.randn(HKV, 3), -1) * (HQ // HKV)
+        sr.layers["decode_mass"] = [mass, mass]
+        sr.layers["decode_peak"] = [mass, mass]
     ev.scored = [sr]
     ev.plan = SimpleNamespace(score={"r1": sr.task})
     ev.finish_step()
@@ -337,7 +351,7 @@ def test_unmeasured_statistics_are_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="vllm_kvevict"):
         missed = _worker_after_a_step(False)  # e.g. a full CUDA graph replayed
     assert getattr(missed, SKIPPED_ATTR) == {"r1": "h2o"} and not hasattr(missed, SCORES_ATTR)
-    assert "decode_attn not measured" in caplog.text
+    assert "decode_mass, decode_peak not measured" in caplog.text
 
 
 def test_scheduler_counts_and_exports_skipped_scoring(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
+from test_policies_common import decode_probs, make_stats, one_thread  # noqa: F401 (autouse fixture)
 
 from vllm_kvevict.policies import get_policy
 
@@ -82,8 +82,8 @@ def test_snapkv_decode_reuses_prefill_and_fills_new_blocks():
     pre, _ = make_stats(tokens=16, block_size=4, window=4, needs=policy.needs)
     first = policy.block_scores(pre, state)
     # block 1 was released; blocks 4, 5 were generated since
-    dec, _ = make_stats(tokens=20, block_size=4, window=4, phase="decode", seed=3,
-                        needs=policy.needs, block_index=torch.tensor([0, 2, 3, 4, 5]))
+    dec, raw = make_stats(tokens=20, block_size=4, window=4, phase="decode", seed=3,
+                          needs=policy.needs, block_index=torch.tensor([0, 2, 3, 4, 5]))
     later = policy.block_scores(dec, state)
     known = first[[0, 2, 3]].double()
     top = known.max()
@@ -93,7 +93,13 @@ def test_snapkv_decode_reuses_prefill_and_fills_new_blocks():
     state2 = {}
     refresh.block_scores(pre, state2)
     got = refresh.block_scores(dec, state2).double()
-    fresh = _normalize(_mix(_per_head_blocks(dec, dec.decode_attn, 1), refresh.config.head_reduce))
+    # decode: block sums of the newest query's group-mean attention, per KV head, layers
+    # averaged (what the attention pass measures: no per-layer rows, no pooling)
+    probs = torch.stack([decode_probs(raw, li) for li in range(2)])
+    per_layer = _per_head_blocks(dec, probs, 1)
+    averaged = [[sum(col) / 2 for col in zip(*(layer[kv] for layer in per_layer))]
+                for kv in range(dec.num_kv_heads)]
+    fresh = _normalize(_mix([averaged], refresh.config.head_reduce))
     base = _normalize(known.tolist())
     expect = torch.cat([0.75 * base + 0.25 * fresh[:3], fresh[3:]])
     assert torch.allclose(got, expect / expect.sum(), atol=1e-6)
@@ -104,22 +110,26 @@ def test_snapkv_decode_reuses_prefill_and_fills_new_blocks():
 def test_h2o_accumulates_prefill_and_decode(hq, hkv, head_reduce):
     policy = get_policy("h2o", {"window": 5, "head_reduce": head_reduce})
     state = {}
-    steps = [make_stats(hq=hq, hkv=hkv, tokens=17, window=5, needs=policy.needs)[0]]
+    steps = [make_stats(hq=hq, hkv=hkv, tokens=17, window=5, needs=policy.needs)]
     for i, t in enumerate((18, 19)):
         steps.append(make_stats(hq=hq, hkv=hkv, tokens=t, window=5, phase="decode",
-                                seed=10 + i, needs=policy.needs)[0])
-    for st in steps:
+                                seed=10 + i, needs=policy.needs))
+    for st, _ in steps:
         scores = policy.block_scores(st, state)
-    # brute force: Σ over steps of group-mean attention received, per (layer, KV head, block)
+    # brute force: Σ over steps of group-mean attention received, per (KV head, block), the
+    # layers averaged
     nb, g = 5, hq // hkv
-    acc = [[[0.0] * nb for _ in range(hkv)] for _ in range(2)]
-    for st in steps:
-        recv = st.window_attn.sum(2) if st.phase == "prefill" else st.decode_attn
+    acc = [[0.0] * nb for _ in range(hkv)]
+    for st, raw in steps:
+        if st.phase == "prefill":
+            recv = st.window_attn.sum(2)
+        else:
+            recv = torch.stack([decode_probs(raw, li) for li in range(2)])
         for li in range(2):
             for kv in range(hkv):
                 for j in range(st.num_tokens):
-                    acc[li][kv][j // 4] += sum(recv[li, h, j].item() for h in range(kv * g, kv * g + g)) / g
-    assert torch.allclose(scores.double(), _normalize(_mix(acc, head_reduce)), atol=1e-6)
+                    acc[kv][j // 4] += sum(recv[li, h, j].item() for h in range(kv * g, kv * g + g)) / g / 2
+    assert torch.allclose(scores.double(), _normalize(_mix([acc], head_reduce)), atol=1e-6)
 
 
 def test_h2o_state_survives_released_blocks():

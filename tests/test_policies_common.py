@@ -51,8 +51,7 @@ def make_stats(
     if block_index is None:
         block_index = torch.arange(nb)
     raw = {"keys": [], "values": [], "q": [], "o_proj": []}
-    fields = {k: [] for k in ("window_attn", "decode_attn", "value_proj_norm", "key_min",
-                              "key_max", "query")}
+    fields = {k: [] for k in ("window_attn", "decode_mass", "decode_peak", "value_proj_norm")}
     scale = d ** -0.5
     for _ in range(layers):
         keys = torch.randn(tokens, hkv, d, generator=g) * 2
@@ -62,20 +61,18 @@ def make_stats(
         for name, x in zip(("keys", "values", "q", "o_proj"), (keys, values, q, o_proj)):
             raw[name].append(x)
         fields["window_attn"].append(R.dense_window_attention(q, keys, scale))
-        fields["decode_attn"].append(R.dense_decode_attention(q[-1], keys, scale))
+        blocks = R.dense_block_attention(q[-1], keys, block_size, scale).view(hkv, hq // hkv, nb)
+        fields["decode_mass"].append(blocks.sum(1))
+        fields["decode_peak"].append(blocks.amax(1))
         fields["value_proj_norm"].append(R.dense_value_proj_norm(values, R.wo_gram(o_proj, hq)))
-        kmin, kmax = R.dense_key_bounds(keys, block_size)
-        fields["key_min"].append(kmin)
-        fields["key_max"].append(kmax)
-        fields["query"].append(q[-1] * scale)
     wanted = {
         "window_attn": "window_attn" in needs and phase == "prefill",
-        "decode_attn": "decode_attn" in needs,  # the engine measures the newest query always
-        "value_proj_norm": "value_proj_norm" in needs,
-        "key_min": "key_bounds" in needs,
-        "key_max": "key_bounds" in needs,
-        "query": "query" in needs,
+        "decode_mass": "decode_attn" in needs,  # the engine measures the newest query always
+        "decode_peak": "decode_attn" in needs,
+        "value_proj_norm": "value_proj_norm" in needs and phase == "prefill",
     }
+    reduce = {"decode_mass": lambda v: torch.stack(v).sum(0),
+              "decode_peak": lambda v: torch.stack(v).amax(0)}
     st = RequestStats(
         block_size=block_size,
         block_index=block_index,
@@ -84,9 +81,18 @@ def make_stats(
         parked=torch.zeros(nb, dtype=torch.bool),
         phase=phase,
         visual=visual,
-        **{k: torch.stack(v) for k, v in fields.items() if wanted[k]},
+        num_layers=layers,
+        num_heads=hq,
+        **{k: reduce.get(k, torch.stack)(v) for k, v in fields.items() if wanted[k]},
     )
     return st, raw
+
+
+def decode_probs(raw: dict, layer: int) -> torch.Tensor:
+    """[Hq, T] the newest query's softmax over the keys of one layer of :func:`make_stats`'s raw
+    tensors: the per-token row the block statistics sum (brute-force references use it)."""
+    keys, q = raw["keys"][layer], raw["q"][layer]
+    return R.dense_decode_attention(q[-1], keys, keys.shape[-1] ** -0.5)
 
 
 def test_window_blocks():
@@ -181,6 +187,9 @@ def test_select_tiered_releases_zero_and_orders_tiers():
 def test_make_stats_shapes():
     st, _ = make_stats(tokens=10, block_size=4)
     assert st.window_attn.shape == (2, 6, 5, 10)
-    assert st.key_min.shape == (2, 2, 3, 4)
-    st, _ = make_stats(tokens=10, block_size=4, needs={"key_bounds"})
-    assert st.window_attn is None and st.decode_attn is None and st.query is None
+    assert st.decode_mass.shape == st.decode_peak.shape == (2, 3)
+    # attended blocks of each KV head: Σ over layers and its 3 query heads of rows summing to 1
+    assert torch.allclose(st.decode_mass.sum(1), torch.full((2,), 6.0))
+    assert torch.allclose(st.decode_share.sum(1), torch.ones(2))
+    st, _ = make_stats(tokens=10, block_size=4, needs={"value_proj_norm"}, phase="decode")
+    assert st.window_attn is None and st.decode_mass is None and st.value_proj_norm is None

@@ -333,5 +333,5 @@ def test_decode_scoring_reads_back_nothing_but_the_store_size(name, options, kin
             policy.block_scores(st, state)
         allowed = [[], ["__int__ save_blocks"]] if name in STORES_AT_DECODE else [[]]
         assert mode.reads in allowed, f"{name} at decode reads back {mode.reads}"
-        if name in STORES_AT_DECODE and st.decode_attn is not None:
+        if name in STORES_AT_DECODE and st.decode_mass is not None:
             assert mode.reads, "the detector missed the store's read"

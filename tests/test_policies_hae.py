@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
+from test_policies_common import decode_probs, make_stats, one_thread  # noqa: F401 (autouse fixture)
 
 from vllm_kvevict.policies import get_policy
 from vllm_kvevict.policies.base import RequestStats
@@ -134,10 +134,10 @@ def test_decode_score_is_decayed_attention_and_pruned_stay_zero(decay, head_redu
     policy.block_scores(stats_for(prefill), state)
     steps = []
     for seed in (1, 2):
-        st, _ = make_stats(layers=2, hq=2, hkv=1, tokens=T, block_size=BS, phase="decode",
-                           needs=policy.needs, seed=seed)
+        st, raw = make_stats(layers=2, hq=2, hkv=1, tokens=T, block_size=BS, phase="decode",
+                             needs=policy.needs, seed=seed)
         st.visual = VISUAL
-        steps.append(st.decode_attn)
+        steps.append(torch.stack([decode_probs(raw, li) for li in range(2)]))  # [L, H, T]
         scores = policy.block_scores(st, state)
     def merge(a):  # [L, H, T] -> per-(layer, head) block sums -> merged over (layer, head)
         b = a.reshape(*a.shape[:2], -1, BS).sum(-1)

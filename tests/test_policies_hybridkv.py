@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
+from test_policies_common import decode_probs, make_stats, one_thread  # noqa: F401 (autouse fixture)
 
 from vllm_kvevict.policies import get_policy
 from vllm_kvevict.policies.base import RequestStats
@@ -170,10 +170,15 @@ def test_decode_retrieval_brute_force(hq, hkv, head_reduce):
     policy.block_scores(make_stats(hq=hq, hkv=hkv, tokens=20, window=4, needs=policy.needs)[0], state)
     state["static"] = torch.tensor([[True, False], [False, True]])
     stored = state["need"].clone()  # [L, Hkv, 5] prefill needs
-    st, _ = make_stats(hq=hq, hkv=hkv, tokens=23, phase="decode", seed=4, needs=policy.needs)
+    st, raw = make_stats(hq=hq, hkv=hkv, tokens=23, phase="decode", seed=4, needs=policy.needs)
     scores = policy.block_scores(st, state)
     nb, g = 6, hq // hkv
     k = math.ceil(frac * nb)
+    probs = [decode_probs(raw, li) for li in range(2)]  # [Hq, T] per layer
+    # a dynamic KV head ranks blocks by the most attention any of its query heads paid them in
+    # any layer, keeps its top k and renormalises (the same retrieval in every layer)
+    peak = [[max(probs[li][h, b * 4: b * 4 + 4].sum().item() for li in range(2)
+                 for h in range(kv * g, kv * g + g)) for b in range(nb)] for kv in range(hkv)]
     need = torch.zeros(2, hkv, nb)
     for li in range(2):
         for kv in range(hkv):
@@ -182,17 +187,10 @@ def test_decode_retrieval_brute_force(hq, hkv, head_reduce):
                 row.append(sum(row) / len(row))  # new block 5: mean need (all positive here)
                 need[li, kv] = torch.tensor(row) / sum(row)
                 continue
-            bounds = []
-            for b in range(nb):
-                bounds.append(max(
-                    sum(max(st.query[li, h, e] * st.key_min[li, kv, b, e],
-                            st.query[li, h, e] * st.key_max[li, kv, b, e]).item()
-                        for e in range(st.query.shape[-1]))
-                    for h in range(kv * g, kv * g + g)))
-            top = sorted(range(nb), key=lambda b: -bounds[b])[:k]
-            z = sum(math.exp(bounds[b]) for b in top)
+            top = sorted(range(nb), key=lambda b: -peak[kv][b])[:k]
+            z = sum(peak[kv][b] for b in top)
             for b in top:
-                need[li, kv, b] = math.exp(bounds[b]) / z
+                need[li, kv, b] = peak[kv][b] / z
     weighted = state["weights"][..., None] * need
     expect = weighted.sum((0, 1)) if head_reduce == "mean" else weighted.amax((0, 1))
     expect = (expect / expect.sum()).clamp_min(1e-12)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
+from test_policies_common import decode_probs, make_stats, one_thread  # noqa: F401 (autouse fixture)
 
 from vllm_kvevict.policies import get_policy
 
@@ -95,14 +95,19 @@ def test_laprox_window_protected_and_reused_at_decode():
     assert torch.allclose(later, expect / expect.sum())
 
 
-def test_laprox_decode_without_prefill_uses_decode_attention():
-    policy = get_policy("laprox", {"pool_kernel": 1})
+@pytest.mark.parametrize("block_reduce", ["max", "sum"])
+def test_laprox_decode_without_prefill_uses_decode_attention(block_reduce):
+    """At decode the attention pass gives block masses only: the score is each block's share
+    of the newest query's attention per KV head (layers and the group's heads summed), over
+    all of them, then the best KV head (``max``) or their sum. No value factor at decode."""
+    policy = get_policy("laprox", {"pool_kernel": 1, "block_reduce": block_reduce})
     st, raw = make_stats(tokens=12, block_size=4, phase="decode", needs=policy.needs)
+    assert st.value_proj_norm is None  # a prefill statistic
     scores = policy.block_scores(st, {})
-    # one query: ‖A[:, j]‖ is its weight; compare against the window formula with W = 1
-    st.window_attn = st.decode_attn[:, :, None, :]
-    s = brute_token_scores(raw, st, 1, "sum")
-    block = [max(s[li][kv][j] for li in range(2) for kv in range(2) for j in range(b, b + 4))
-             for b in range(0, 12, 4)]
-    expect = torch.tensor(block)
+    probs = [decode_probs(raw, li) for li in range(2)]  # [Hq=6, T]
+    mass = [[sum(probs[li][h, b: b + 4].sum().item() for li in range(2)
+                 for h in range(kv * 3, kv * 3 + 3)) for b in range(0, 12, 4)] for kv in range(2)]
+    total = sum(map(sum, mass))
+    share = torch.tensor(mass) / total
+    expect = share.amax(0) if block_reduce == "max" else share.sum(0)
     assert torch.allclose(scores, expect / expect.sum(), atol=1e-6)

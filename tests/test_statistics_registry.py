@@ -18,13 +18,22 @@ def test_every_statistic_a_policy_may_need_is_declared_once_with_its_fields():
 
 
 def test_what_the_hooks_record_per_phase():
-    """The observation window only in the step that completes the prompt; key bounds as two
-    fields; a policy that needs nothing gets nothing."""
-    def fields(policy, phase):
-        return expected_fields(get_policy(policy, {}).needs, phase)
+    """The observation window and the value norms only in the step that completes the prompt;
+    decode attention as two block fields; a policy that needs nothing gets nothing; on a
+    decode row of the plugin's attention backend the hooks record nothing at decode (its
+    kernel measures the decode statistics), for every policy."""
+    def fields(policy, phase, in_backend=False):
+        return expected_fields(get_policy(policy, {}).needs, phase, in_backend)
 
-    assert fields("snapkv", "prefill") == {"window_attn", "decode_attn"}
-    assert fields("snapkv", "decode") == {"decode_attn"}
-    assert fields("hybridkv", "decode") == {"key_min", "key_max", "query"}
-    assert fields("laprox", "decode") == {"decode_attn", "value_proj_norm"}
+    decode = {"decode_mass", "decode_peak"}
+    assert fields("snapkv", "prefill") == {"window_attn"} | decode
+    assert fields("snapkv", "decode") == decode
+    assert fields("hybridkv", "decode") == decode
+    assert fields("laprox", "decode") == decode
+    assert fields("laprox", "prefill") == {"window_attn", "value_proj_norm"} | decode
     assert fields("streamingllm", "prefill") == set()
+    from vllm_kvevict.policies import NONE, available_policies
+
+    for name in (p for p in available_policies() if p != NONE):
+        assert fields(name, "decode", in_backend=True) == set(), name
+        assert "window_attn" not in fields(name, "decode"), name

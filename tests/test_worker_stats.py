@@ -13,6 +13,7 @@ import torch
 from vllm_kvevict.kernels import reference as R
 from vllm_kvevict.kernels.paged import cpu_kv_view
 
+from vllm_kvevict.adapter.statistics import measured
 from vllm_kvevict.adapter.worker import ScoredRequest, WorkerEviction
 from vllm_kvevict.policies.base import STATISTICS
 
@@ -52,7 +53,7 @@ def vllm_gpu_caches(layout: str, bs: int) -> dict[str, torch.Tensor]:
     return caches
 
 
-def _scored_layer(bs, group, phase, layout, packed=False, seed=0, others=()):
+def _scored_layer(bs, group, phase, layout, packed=False, seed=0, others=(), others_phase="decode"):
     """A KV cache holding one request's resident blocks, the step's query/key, and a worker.
 
     ``layout``: ``cpu``/``cpu_t`` (vLLM's CPU backend, keys plain / transposed per block) or a
@@ -138,11 +139,14 @@ def _scored_layer(bs, group, phase, layout, packed=False, seed=0, others=()):
     # ``others``: more requests of the same step over a prefix of the same blocks, each with
     # its own newest query (index into the step's tokens): the statistics are batched
     extra = [ScoredRequest(
-        req_id=f"r{i}", task=SimpleNamespace(phase="decode"), policy=sr.policy, q_start=q, q_end=q + 1,
+        req_id=f"r{i}", task=SimpleNamespace(phase=others_phase), policy=sr.policy, q_start=q,
+        q_end=q + 1,
         block_ids=torch.tensor(BLOCK_IDS[:nb]), positions=torch.arange(nb),
         parked=torch.zeros(nb, dtype=torch.bool), tokens_per_block=[bs] * (nb - 1) + [last],
         query_positions=torch.tensor([0]), layers={}) for i, (q, nb, last) in enumerate(others)]
     worker.scored = [sr, *extra]
+    for one in worker.scored:  # as _resolve_scored sets it (no backend of ours: hooks measure)
+        one.hooked = frozenset(s.name for s in measured(one.policy.needs, one.task.phase))
     layer = SimpleNamespace(impl=SimpleNamespace(num_heads=hq, scale=D**-0.5, head_size=D))
     worker._measure_layer(1, LAYER, layer, query.view(len(query), -1), key.view(len(key), -1), raw)
     dense = SimpleNamespace(keys=torch.stack(keys), values=torch.stack(values),
@@ -160,14 +164,22 @@ def test_worker_statistics_equal_dense_stats(phase, bs, group, layout):
     scale = D**-0.5
     close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # noqa: E731
     newest = dense.query[sr.q_end - 1]
-    close(got["decode_attn"], R.dense_decode_attention(newest, dense.keys, scale))
-    close(got["query"], newest * scale)
-    close(got["value_proj_norm"], R.dense_value_proj_norm(dense.values, R.wo_gram(dense.o_proj, HKV * group)))
-    kmin, kmax = R.dense_key_bounds(dense.keys, bs)
-    assert torch.equal(got["key_min"], kmin) and torch.equal(got["key_max"], kmax)
+    # decode statistics: the attended (kept) tokens in the softmax, the parked block (resident
+    # index 2, full) scored against it; per block, then Σ / max over each KV group's heads
+    parked = slice(2 * bs, 3 * bs)
+    kept = torch.cat([dense.keys[: 2 * bs], dense.keys[3 * bs:]])
+    blocks = R.dense_block_attention(newest, kept, bs, scale, dense.keys[parked])
+    blocks = blocks[:, [0, 1, 4, 2, 3]].view(HKV, group, 5)  # back to resident order
+    close(got["decode_mass"], blocks.sum(1))
+    close(got["decode_peak"], blocks.amax(1))
+    probs = R.dense_decode_attention(newest, kept, scale)  # the attended row sums to 1
+    close(got["decode_mass"][:, [0, 1, 3, 4]].sum(1), torch.full((HKV,), float(group)))
+    assert torch.allclose(got["decode_mass"][:, 0], probs[:, :bs].sum(1).view(HKV, group).sum(1))
+    assert not ({"query", "key_min", "key_max"} & got.keys())
     if phase == "decode":
-        assert "window_attn" not in got
+        assert "window_attn" not in got and "value_proj_norm" not in got  # prefill only
         return
+    close(got["value_proj_norm"], R.dense_value_proj_norm(dense.values, R.wo_gram(dense.o_proj, HKV * group)))
     w = min(WINDOW, sr.q_end - sr.q_start)  # a short last chunk is a short window
     q_window = dense.query[sr.q_end - w: sr.q_end]
     close(got["window_attn"], R.dense_window_attention(q_window, dense.keys, scale))
@@ -180,8 +192,8 @@ def test_worker_statistics_equal_dense_stats(phase, bs, group, layout):
 def test_value_norms_from_a_packed_o_proj_weight():
     """The CPU backend drops ``o_proj.weight`` after packing it: W_O is read back through the
     layer's own GEMM, giving the same norms as the plain weight."""
-    plain, _ = _scored_layer(16, 3, "decode", "cpu")
-    packed, _ = _scored_layer(16, 3, "decode", "cpu", packed="cpu")
+    plain, _ = _scored_layer(16, 3, "prefill", "cpu")
+    packed, _ = _scored_layer(16, 3, "prefill", "cpu", packed="cpu")
     assert bool(plain.layers["value_proj_norm"][0].gt(0).all())
     assert torch.equal(packed.layers["value_proj_norm"][0], plain.layers["value_proj_norm"][0])
 
@@ -189,7 +201,7 @@ def test_value_norms_from_a_packed_o_proj_weight():
 def test_value_norms_from_a_quantised_o_proj():
     """An FP8 ``o_proj`` stores transposed codes and a scale: read as a plain weight they are
     the wrong shape and values; the norms must use the dequantised weight the layer applies."""
-    sr, dense = _scored_layer(16, 3, "decode", "LBNHC", packed="fp8")
+    sr, dense = _scored_layer(16, 3, "prefill", "LBNHC", packed="fp8")
     want = R.dense_value_proj_norm(dense.values, R.wo_gram(dense.o_proj, HKV * 3))
     torch.testing.assert_close(sr.layers["value_proj_norm"][0], want, atol=1e-5, rtol=1e-5)
 
@@ -203,7 +215,7 @@ def test_old_readers_of_a_gpu_cache_fail(layout, monkeypatch):
     from vllm_kvevict.adapter import worker as W
 
     sr, dense = _scored_layer(16, 1, "decode", layout)
-    want = sr.layers["decode_attn"][0]
+    want = sr.layers["decode_mass"][0]
     as_cpu = lambda self, kv, key, reader, d: W.WorkerEviction._paged_kv(self, kv, key, "cpu", d)  # noqa: E731
     as_pair = lambda self, kv, key, reader, d: PagedKV(  # noqa: E731
         *kv.reshape(2, kv.shape[0], kv.shape[2], kv.shape[1], d).unbind(0))
@@ -213,7 +225,7 @@ def test_old_readers_of_a_gpu_cache_fail(layout, monkeypatch):
             got, _ = _scored_layer(16, 1, "decode", layout)
         except (W.KeyLayoutError, ValueError, RuntimeError):
             continue  # refused: also a failure of the mutant
-        assert not torch.allclose(got.layers["decode_attn"][0], want, equal_nan=True)
+        assert not torch.allclose(got.layers["decode_mass"][0], want, equal_nan=True)
 
 
 @pytest.mark.parametrize("layout", GPU_LAYOUTS)
@@ -232,29 +244,31 @@ def test_kernel_layout_replica_equals_vllm_allocation(layout):
 
 
 def test_an_unnamed_output_projection_is_not_measured_rather_than_failing_the_step():
-    sr, _ = _scored_layer(16, 1, "decode", "LBNHC", packed="unnamed")
-    assert "value_proj_norm" not in sr.layers and "decode_attn" in sr.layers
+    sr, _ = _scored_layer(16, 1, "prefill", "LBNHC", packed="unnamed")
+    assert "value_proj_norm" not in sr.layers and "decode_mass" in sr.layers
 
 
 @pytest.mark.parametrize("layout", ["cpu", "LBNHC"])
 def test_requests_of_one_step_are_measured_together_as_alone(layout, monkeypatch):
-    """One launch per statistic for all scored requests (rows of different lengths, padded
-    block table) gives each request what it gets in a smaller batch or alone."""
+    """One launch of a batched statistic (the value norms, at prefill) for all scored requests
+    (rows of different lengths, padded block table) gives each request what it gets in a
+    smaller batch or alone; so do the per-request ones."""
     from vllm_kvevict.kernels import dispatch
 
     calls = []
-    for name in ("decode_attention", "value_proj_norm", "key_bounds"):
-        real = getattr(dispatch, name)
-        monkeypatch.setattr(dispatch, name, lambda *a, _real=real, _n=name, **k: (
-            calls.append(_n), _real(*a, **k))[1])
+    real = dispatch.value_proj_norm
+    monkeypatch.setattr(dispatch, "value_proj_norm", lambda *a, **k: (
+        calls.append("value_proj_norm"), real(*a, **k))[1])
     others = [(0, 2, 5), (1, 3, 16), (0, 1, 1)]  # (newest query index, blocks, tokens in last)
-    (first, *rest), _ = _scored_layer(16, 3, "decode", layout, others=others)
-    assert sorted(calls) == ["decode_attention", "key_bounds", "value_proj_norm"]  # 4 requests
+    (first, *rest), _ = _scored_layer(16, 3, "prefill", layout, others=others,
+                                      others_phase="prefill")
+    assert calls == ["value_proj_norm"]  # 4 requests, one launch
     for i, sr in enumerate(rest):
-        (_, alone), _ = _scored_layer(16, 3, "decode", layout, others=[others[i]])
+        (_, alone), _ = _scored_layer(16, 3, "prefill", layout, others=[others[i]],
+                                      others_phase="prefill")
         assert sr.layers.keys() == alone.layers.keys()
         for stat in sr.layers:
             assert torch.equal(sr.layers[stat][0], alone.layers[stat][0]), stat
-    solo, _ = _scored_layer(16, 3, "decode", layout)
+    solo, _ = _scored_layer(16, 3, "prefill", layout)
     for stat in first.layers:
         assert torch.equal(first.layers[stat][0], solo.layers[stat][0]), stat

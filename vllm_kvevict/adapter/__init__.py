@@ -21,9 +21,11 @@ def install() -> None:
     _installed = True
     from vllm_kvevict.adapter.cli_args import install_cli
     from vllm_kvevict.adapter.worker import install_runner_hooks
+    from vllm_kvevict.backend import register as register_backend
     from vllm_kvevict.metrics import install_multiprocess_hook
 
     install_cli()
+    register_backend()  # every process: the workers resolve CUSTOM through it
     install_multiprocess_hook()
     _install_engine_config_hook()
     _install_capacity_check()
@@ -61,8 +63,11 @@ def _install_engine_config_hook() -> None:
             pin_v1_model_runner()
         vllm_config = original(self, *args, **kwargs)
         if config is not None:
+            from vllm_kvevict.backend.selection import select_attention_backend
+
             check_engine_config(vllm_config)
-            log_cudagraph_plan(vllm_config.compilation_config)
+            selection = select_attention_backend(vllm_config, config)
+            log_cudagraph_plan(vllm_config.compilation_config, fused=selection.fused)
             from vllm_kvevict.metrics import register_collector
 
             register_collector()  # before the engine core starts: it inherits the directory
@@ -118,12 +123,15 @@ def _full_attention_only(kv_cache_spec: dict) -> bool:
 
 
 def scoring_cudagraph_mode(compilation_config):
-    """The CUDA-graph mode of steps that measure attention statistics, for a configured mode.
+    """The CUDA-graph mode of steps whose statistics the attention hooks measure, for a
+    configured mode.
 
     The engine keeps the mode the user (or vLLM's optimization level: FULL_AND_PIECEWISE on
-    NVIDIA at -O2/-O3) configured; only steps whose scored requests need attention statistics
-    are dispatched without FULL graphs (``worker.without_full_cudagraphs``): PIECEWISE where
-    piecewise graphs are captured, else eager (NONE).
+    NVIDIA at -O2/-O3) configured; only steps whose scored requests need statistics the hooks
+    measure are dispatched without FULL graphs (``worker.without_full_cudagraphs``): PIECEWISE
+    where piecewise graphs are captured, else eager (NONE). With the plugin's attention
+    backend those are the prefill scorings only (observation window, once per request); its
+    kernel measures decode statistics inside FULL graphs.
     """
     from vllm.config import CUDAGraphMode
 
@@ -135,11 +143,16 @@ def scoring_cudagraph_mode(compilation_config):
     return CUDAGraphMode.NONE
 
 
-def log_cudagraph_plan(compilation_config) -> None:
+def log_cudagraph_plan(compilation_config, fused: bool = False) -> None:
     from vllm.config import CUDAGraphMode
 
     mode = compilation_config.cudagraph_mode
     scoring = scoring_cudagraph_mode(compilation_config)
+    if fused:
+        logger.info("kv_eviction: cudagraph_mode %s; decode steps keep it (the attention "
+                    "backend measures their statistics), prefill scorings run as %s",
+                    getattr(mode, "name", mode), scoring.name)
+        return
     if mode is not None and mode.has_full_cudagraphs() and scoring == CUDAGraphMode.NONE:
         logger.warning(
             "kv_eviction: cudagraph_mode %s captures no piecewise graphs, so steps that measure "

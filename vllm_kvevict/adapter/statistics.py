@@ -11,19 +11,13 @@ kernel and reference, and its ``RequestStats`` field.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from vllm_kvevict.kernels import dispatch
-from vllm_kvevict.policies.base import (
-    DECODE_ATTN,
-    KEY_BOUNDS,
-    QUERY,
-    VALUE_PROJ_NORM,
-    WINDOW_ATTN,
-)
+from vllm_kvevict.kernels import dispatch, reference
+from vllm_kvevict.policies.base import DECODE_ATTN, VALUE_PROJ_NORM, WINDOW_ATTN
 
 
 @dataclass
@@ -59,19 +53,30 @@ class Statistic:
     measure: Callable[[LayerInputs, Any], None]
     batched: bool = True
     prefill_only: bool = False  # measured only in the step that completes the prompt
+    #: measured inside the attention pass by the plugin's backend on its decode rows (then the
+    #: hooks skip it for those requests)
+    in_backend: bool = False
+    #: how a field's per-layer values combine (``sum`` / ``max``); others are stacked ``[L, ...]``
+    reduce: dict[str, str] = field(default_factory=dict)
 
 
-def _decode_attention(inputs: LayerInputs, b) -> None:
-    probs = dispatch.decode_attention(inputs.queries[b.newest], inputs.kv, b.block_table,
-                                      b.seq_lens, inputs.scale, token_probs=True).token_probs
-    for i, sr in enumerate(b.members):
-        sr.record(DECODE_ATTN, probs[i, :, :sr.num_tokens])  # [Hq, T]
-
-
-def _query(inputs: LayerInputs, b) -> None:
-    newest = inputs.queries[b.newest].float() * inputs.scale
-    for i, sr in enumerate(b.members):
-        sr.record(QUERY, newest[i])  # [Hq, D]
+def _decode_attention(inputs: LayerInputs, sr) -> None:
+    """The attention each resident block got from the newest query, Σ and max over the query
+    heads of each KV group (``[Hkv, nb]`` twice, resident order). The torch twin of what the
+    plugin's attention backend measures inside its decode pass (``kernels/fused_decode.py``),
+    for layers served by any other backend (the CPU one): the softmax runs over the attended
+    (kept) tokens; a parked block gets the mass it would get relative to them."""
+    kv, bs = inputs.kv, inputs.kv.block_size
+    kept, parked = sr.block_ids[~sr.parked], sr.block_ids[sr.parked]
+    n_kept = sum(n for n, p in zip(sr.tokens_per_block, sr.parked.tolist()) if not p)
+    keys = kv.gather(kept, n_kept)[0]
+    parked_keys = kv.gather(parked, parked.numel() * bs)[0] if parked.numel() else None
+    query = inputs.queries[sr.q_end - 1]
+    blocks = reference.dense_block_attention(query, keys, bs, inputs.scale, parked_keys)
+    blocks = blocks[:, sr.stat_columns.to(blocks.device)]  # resident order
+    grouped = blocks.view(kv.num_kv_heads, -1, blocks.shape[-1])
+    sr.record("decode_mass", grouped.sum(1))
+    sr.record("decode_peak", grouped.amax(1))
 
 
 def _value_proj_norm(inputs: LayerInputs, b) -> None:
@@ -81,14 +86,6 @@ def _value_proj_norm(inputs: LayerInputs, b) -> None:
     norms = dispatch.value_proj_norm(gram, inputs.kv, b.block_table, b.seq_lens)
     for i, sr in enumerate(b.members):
         sr.record(VALUE_PROJ_NORM, norms[i, :, :sr.num_tokens])  # [Hq, T]
-
-
-def _key_bounds(inputs: LayerInputs, b) -> None:
-    kmin, kmax = dispatch.key_bounds(inputs.kv, b.block_table, b.seq_lens)  # [R, nb, Hkv, D]
-    for i, sr in enumerate(b.members):
-        nb = sr.block_ids.numel()
-        sr.record("key_min", kmin[i, :nb].transpose(0, 1).float())  # [Hkv, nb, D]
-        sr.record("key_max", kmax[i, :nb].transpose(0, 1).float())
 
 
 def _window_attention(inputs: LayerInputs, sr) -> None:
@@ -104,17 +101,36 @@ def _window_attention(inputs: LayerInputs, sr) -> None:
 
 #: every statistic, in the order the worker measures them
 REGISTRY: tuple[Statistic, ...] = (
-    Statistic(DECODE_ATTN, (DECODE_ATTN,), _decode_attention),
-    Statistic(QUERY, (QUERY,), _query),
-    Statistic(VALUE_PROJ_NORM, (VALUE_PROJ_NORM,), _value_proj_norm),
-    Statistic(KEY_BOUNDS, ("key_min", "key_max"), _key_bounds),
+    Statistic(DECODE_ATTN, ("decode_mass", "decode_peak"), _decode_attention, batched=False,
+              in_backend=True, reduce={"decode_mass": "sum", "decode_peak": "max"}),
+    Statistic(VALUE_PROJ_NORM, (VALUE_PROJ_NORM,), _value_proj_norm, prefill_only=True),
     Statistic(WINDOW_ATTN, (WINDOW_ATTN,), _window_attention, batched=False, prefill_only=True),
 )
 BY_NAME = {s.name: s for s in REGISTRY}
+FIELD_REDUCE = {f: how for s in REGISTRY for f, how in s.reduce.items()}
 
 
-def expected_fields(needs, phase: str) -> set[str]:
-    """The ``RequestStats`` fields the attention hooks record for a request with these
-    ``needs`` in a step of ``phase`` (``"prefill"`` or ``"decode"``)."""
-    return {f for name in needs for f in BY_NAME[name].fields
-            if phase == "prefill" or not BY_NAME[name].prefill_only}
+def measured(needs, phase: str, in_backend: bool = False) -> list[Statistic]:
+    """The statistics the attention hooks measure for a request with these ``needs`` in a step
+    of ``phase`` (``"prefill"`` or ``"decode"``); ``in_backend``: its row is a decode row of
+    the plugin's backend, which measures its ``in_backend`` statistics itself."""
+    return [s for s in REGISTRY if s.name in needs
+            and (phase == "prefill" or not s.prefill_only)
+            and not (in_backend and s.in_backend)]
+
+
+def expected_fields(needs, phase: str, in_backend: bool = False) -> set[str]:
+    """The ``RequestStats`` fields the attention hooks record (see :func:`measured`)."""
+    return {f for s in measured(needs, phase, in_backend) for f in s.fields}
+
+
+def combine_layers(name: str, values: list[torch.Tensor]) -> torch.Tensor:
+    """One field's per-layer values as ``RequestStats`` holds them: reduced (``sum``/``max``
+    over layers) or stacked ``[L, ...]``."""
+    how = FIELD_REDUCE.get(name)
+    stacked = torch.stack(values)
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "max":
+        return stacked.amax(0)
+    return stacked

@@ -33,7 +33,8 @@ KV_PLANNING_MODULES = ("vllm.v1.core.kv_cache_planning", "vllm.v1.core.kv_cache_
 #: stride orders (the kernels take strides); the CPU backend packs its own tiles and is only
 #: allocated LBHNC (``CPUAttentionBackend.supported_kv_cache_layouts``).
 GPU_LAYOUTS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
-READERS = {"FLASH_ATTN": "gpu", "FLASHINFER": "gpu", "TRITON_ATTN": "gpu", "CPU_ATTN": "cpu"}
+READERS = {"FLASH_ATTN": "gpu", "FLASHINFER": "gpu", "TRITON_ATTN": "gpu", "CPU_ATTN": "cpu",
+           "CUSTOM": "gpu"}  # CUSTOM: the plugin's own backend (vllm_kvevict.backend) only
 READABLE_LAYOUTS = {"gpu": GPU_LAYOUTS, "cpu": ("LBHNC",)}
 #: ``kv_cache_dtype`` values that store K/V unquantised (anything else: fp8/nvfp4/int8 + scales)
 NATIVE_KV_DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "float", "bf16", "fp16")
@@ -535,6 +536,14 @@ def _is_unset(value) -> bool:
     return value is None or value in (0, 0.0, -1, (-1, -1))
 
 
+def _is_plugin_backend() -> bool:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_kvevict.backend import is_ours
+
+    return is_ours(AttentionBackendEnum.CUSTOM)
+
+
 def check_attention_layers(layers: dict, layout: str, block_size: int) -> dict[str, str]:
     """Refuse, at KV-cache init, attention layers whose cache the statistics cannot read.
 
@@ -560,6 +569,10 @@ def check_attention_layers(layers: dict, layout: str, block_size: int) -> dict[s
         if reader is None:
             refuse(f"attention backend {backend} (supported: {', '.join(READERS)}; choose one "
                    "with --attention-backend)")
+            continue
+        if backend == "CUSTOM" and not _is_plugin_backend():
+            refuse("attention backend CUSTOM registered by another plugin (the plugin's own "
+                   "CUSTOM backend is vllm_kvevict.backend)")
             continue
         readers[name] = reader
         if layout not in READABLE_LAYOUTS[reader]:

@@ -30,8 +30,10 @@ from vllm_kvevict.adapter.protocol import (
     ScoreTask,
     StepPlan,
 )
+from vllm_kvevict.adapter.statistics import BY_NAME as STATISTICS_BY_NAME
 from vllm_kvevict.adapter.statistics import REGISTRY as STATISTIC_REGISTRY
-from vllm_kvevict.adapter.statistics import LayerInputs, expected_fields
+from vllm_kvevict.adapter.statistics import LayerInputs, combine_layers
+from vllm_kvevict.adapter.statistics import measured as statistics_measured
 from vllm_kvevict.config import config_from_additional
 from vllm_kvevict.kernels import dispatch
 from vllm_kvevict.kernels.paged import PagedKV, cpu_kv_view, detect_cpu_key_layout
@@ -65,14 +67,31 @@ class ScoredRequest:
     query_positions: torch.Tensor  # original positions of this step's query tokens
     layers: dict  # stat name -> list of per-layer tensors
     device: torch.device | str = "cpu"  # of the KV cache
+    #: statistics slot in the attention backend's buffers (a decode row of the plugin's
+    #: backend: the kernel measures its decode statistics), else None (the hooks do)
+    slot: int | None = None
+    #: names of the statistics the attention hooks measure for it this step
+    hooked: frozenset = frozenset()
     num_tokens: int = field(init=False)
     block_table: torch.Tensor = field(init=False)  # [1, nb] int32 on ``device``
     seq_lens: torch.Tensor = field(init=False)  # [1] int32 on ``device``
+    #: [nb] int64: column of each resident block in the decode statistics, which list the
+    #: attended (kept) blocks first, in row order, then the parked ones (positional order)
+    stat_columns: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.num_tokens = sum(self.tokens_per_block)
         self.block_table = self.block_ids.to(self.device, torch.int32)[None]
         self.seq_lens = torch.tensor([self.num_tokens], dtype=torch.int32, device=self.device)
+        kept = ~self.parked
+        n_kept = int(kept.sum())
+        self.stat_columns = torch.where(kept, kept.long().cumsum(0) - 1,
+                                        n_kept + self.parked.long().cumsum(0) - 1)
+
+    @property
+    def parked_block_ids(self) -> list[int]:
+        """Physical ids of the parked blocks, in positional order (their statistics columns)."""
+        return self.block_ids[self.parked].tolist()
 
     def record(self, stat: str, value: torch.Tensor) -> None:
         self.layers.setdefault(stat, []).append(value)
@@ -111,9 +130,14 @@ class WorkerEviction:
     #: hybrid models, steps with some E > 0: the full group's own (device seq_lens, CPU upper
     #: bound) per batch row, what its attention metadata is built from; else None
     group_lens: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: the evicted group's layers run the plugin's attention backend (decode statistics come
+    #: from its kernel, in ``backend.buffers.active()``)
+    fused: bool = False
+    _backend_rows: bool = False  # the backend's buffers flag scored rows (last upload)
 
-    def __init__(self, runner):
+    def __init__(self, runner, config=None):
         self.runner = runner
+        self.config = config  # the server's EvictionConfig
         self.plan: StepPlan | None = None
         self.scored: list[ScoredRequest] = []
         self.pending_scores: dict[str, BlockScores] = {}
@@ -154,6 +178,7 @@ class WorkerEviction:
         layout = runner.cache_config.get_resolved_kv_cache_layout().name
         block_size = groups[self.gid].kv_cache_spec.block_size
         self.readers = check_attention_layers(layers, layout, block_size)
+        self.fused = _fused_backend(layers)
         if not self.hooked:
             self._hook_attention(list(layers))
         if self.hybrid:
@@ -184,6 +209,16 @@ class WorkerEviction:
 
         attn_group.build_metadata = build_metadata
         attn_group._kvevict_wrapped = True
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads of this tensor-parallel rank."""
+        return self.runner.model_config.get_num_kv_heads(self.runner.parallel_config)
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads of this tensor-parallel rank."""
+        return self.runner.model_config.get_num_attention_heads(self.runner.parallel_config)
 
     @property
     def block_table(self):
@@ -227,6 +262,8 @@ class WorkerEviction:
             num_scheduled_tokens: ``[num_reqs]`` this step's tokens per batch row.
         """
         if not self.plan:
+            if self.fused:
+                self._prepare_backend(self.runner.input_batch.num_reqs)
             return
         runner = self.runner
         batch = runner.input_batch
@@ -251,6 +288,19 @@ class WorkerEviction:
             )
         if self.plan.score:
             self._resolve_scored(req_ids)
+        if self.fused:
+            self._prepare_backend(num_reqs)
+
+    def _prepare_backend(self, num_reqs: int) -> None:
+        """The attention backend's statistics buffers for this step: which rows its kernel
+        scores and their parked blocks (one non-blocking upload; skipped when nothing is scored
+        now or in the previous step)."""
+        from vllm_kvevict.backend import buffers as stat_buffers
+
+        rows = [(sr.slot, sr.parked_block_ids) for sr in self.scored if sr.slot is not None]
+        if rows or self._backend_rows:
+            stat_buffers.active().prepare(rows, num_reqs)
+        self._backend_rows = bool(rows)
 
     def _resolve_scored(self, req_ids) -> None:
         runner = self.runner
@@ -295,6 +345,10 @@ class WorkerEviction:
             if not torch.equal(tail, sr.query_positions.long()):
                 self._skip(req_id, "resident blocks do not end with this step's tokens")
                 continue
+            if self.fused and task.phase == "decode" and q_end - q_start == 1:
+                sr.slot = row  # a decode row of the plugin's backend: its kernel measures
+            sr.hooked = frozenset(s.name for s in statistics_measured(
+                sr.policy.needs, task.phase, in_backend=sr.slot is not None))
             self.scored.append(sr)
 
     @property
@@ -302,7 +356,7 @@ class WorkerEviction:
         """This step must not replay a full CUDA graph (no Python runs inside one): some
         request scored this step needs statistics that only the attention hooks measure, or
         a hybrid model's full group attends over lengths its own metadata build supplies."""
-        return self.group_lens is not None or any(_expected_stats(sr) for sr in self.scored)
+        return self.group_lens is not None or any(sr.hooked for sr in self.scored)
 
     def _skip(self, req_id: str, reason: str) -> None:
         self.skipped[req_id] = reason
@@ -321,20 +375,13 @@ class WorkerEviction:
     def _hook_attention(self, names: list[str]) -> None:
         """Wrap ``impl.forward`` of the layers ``names`` (the evicted group's, layer order).
 
-        The backend's own attention output is always the one the model uses; on steps that
-        score, the statistics kernels read the layer's K/V a second time (decode attention
-        recomputed, with per-block mass) rather than replacing the backend's output by the
-        fused kernel's. Why the second pass stays: (1) on the CPU backend the Triton kernels
-        cannot run at all; (2) on GPUs the fused kernel covers plain decode (one query per
-        request, no sliding window, soft-capping, ALiBi, sinks, FP8 cache or cascade
-        attention), while the backend's output also serves every non-scored request and
-        prefill chunk of the same batch, so it would replace the output only for part of the
-        batch; and (3) that part would then differ from stock vLLM by the kernels' rounding
-        (a different summation order) on every scored step, also for requests that have
-        evicted nothing yet - the "nothing evicted: identical to stock vLLM" guarantee holds
-        only while the backend's output is kept. The cost of the second pass on a GPU is
-        ``bench_kernels.py``'s ``triton_fused`` time per scored layer call (one launch for all
-        of a step's scored requests).
+        The backend's own attention output is always the one the model uses. The hooks measure
+        what that backend does not: the observation window at prefill (once per request), and,
+        for layers served by any backend but the plugin's own (vLLM's CPU backend here; a
+        backend the user chose on a GPU), the decode statistics too, by their torch twin
+        reading the layer's K/V a second time. With the plugin's backend the decode rows'
+        statistics come from its kernel (``sr.slot``), so decode steps run no hook work and
+        may replay FULL CUDA graphs, where no Python runs.
         """
         ctx = self.runner.vllm_config.compilation_config.static_forward_context
         for index, name in enumerate(names):
@@ -344,7 +391,7 @@ class WorkerEviction:
             def forward(layer, query, key, value, kv_cache, attn_metadata, *a,
                         _orig=original, _index=index, _name=name, **kw):
                 out = _orig(layer, query, key, value, kv_cache, attn_metadata, *a, **kw)
-                if self.scored and attn_metadata is not None:
+                if attn_metadata is not None and any(sr.hooked for sr in self.scored):
                     self._measure_layer(_index, _name, layer, query, key, kv_cache)
                 return out
 
@@ -423,8 +470,7 @@ class WorkerEviction:
                     stat.measure(inputs, batches[stat.name])
                 continue
             for sr in self.scored:
-                if stat.name in sr.policy.needs and (sr.task.phase == "prefill"
-                                                     or not stat.prefill_only):
+                if stat.name in sr.hooked:
                     stat.measure(inputs, sr)
 
     def _batches(self) -> dict[str, _Batch]:
@@ -434,7 +480,7 @@ class WorkerEviction:
             by_members: dict[tuple, _Batch] = {}
             self._step_batches = {}
             for stat in (s.name for s in STATISTIC_REGISTRY if s.batched):
-                members = tuple(sr for sr in self.scored if stat in sr.policy.needs)
+                members = tuple(sr for sr in self.scored if stat in sr.hooked)
                 if members:
                     key = tuple(id(sr) for sr in members)
                     if key not in by_members:
@@ -478,16 +524,25 @@ class WorkerEviction:
                            "hooks (a full CUDA graph replayed, or the hooks did not run)")
                 results.append((sr, None))
                 continue
-            device = _stats_device(sr)
+            fields = {k: combine_layers(k, v) for k, v in sr.layers.items()}
+            if sr.slot is not None:  # measured by the attention backend's kernel
+                from vllm_kvevict.backend import buffers as stat_buffers
+
+                columns = sr.stat_columns.to(self.runner.device)
+                fields["decode_mass"], fields["decode_peak"] = stat_buffers.active().read(
+                    sr.slot, columns)
+            device = next(iter(fields.values())).device if fields else torch.device(sr.device)
             stats = RequestStats(
                 block_size=self.block_table.block_size,
                 block_index=sr.positions.to(device),
                 num_tokens=sr.num_tokens,
-                num_kv_heads=self.runner.model_config.get_num_kv_heads(self.runner.parallel_config),
+                num_kv_heads=self.num_kv_heads,
                 parked=sr.parked.to(device),
                 phase=sr.task.phase,
                 visual=_to(self._visual_mask(sr), device),
-                **{k: torch.stack(v) for k, v in sr.layers.items()},
+                num_layers=len(self.layer_names),
+                num_heads=self.num_heads,
+                **fields,
             )
             state = self.policy_state.setdefault((sr.req_id, sr.task.generation), {})
             results.append((sr, sr.policy.block_scores(stats, state).to(torch.float32)))
@@ -619,20 +674,34 @@ def _head_size(layer, kv_cache: torch.Tensor) -> int:
 
 
 def _expected_stats(sr: ScoredRequest) -> set[str]:
-    """The statistics the attention hooks record for this request in this step."""
-    return expected_fields(sr.policy.needs, sr.task.phase)
+    """The ``RequestStats`` fields the attention hooks record for this request in this step."""
+    return {f for name in sr.hooked for f in STATISTICS_BY_NAME[name].fields}
+
+
+def _fused_backend(layers: dict) -> bool:
+    """Whether the evicted group's layers run the plugin's attention backend (all or none:
+    a mix is refused by name), and its statistics buffers exist."""
+    from vllm_kvevict.adapter.vllm_internals import UnsupportedConfigError
+    from vllm_kvevict.backend import NAME, buffers
+
+    ours = [name for name, layer in layers.items() if layer.attn_backend.get_name() == NAME]
+    if not ours:
+        return False
+    if len(ours) != len(layers):
+        raise UnsupportedConfigError(
+            f"kv_eviction: {len(ours)} of {len(layers)} evicted attention layers run the "
+            f"plugin's attention backend ({NAME}); all or none must")
+    if buffers.active() is None:
+        raise UnsupportedConfigError(
+            "kv_eviction: the attention layers run the plugin's backend but its statistics "
+            "buffers were not allocated when the model was loaded")
+    return True
 
 
 def _missing_stats(sr: ScoredRequest, num_layers: int) -> list[str]:
     """Expected statistics not recorded for every attention layer (sorted names)."""
     return sorted(n for n in _expected_stats(sr)
                   if len(sr.layers.get(n, ())) != num_layers or num_layers == 0)
-
-
-def _stats_device(sr: ScoredRequest):
-    for values in sr.layers.values():
-        return values[0].device
-    return torch.device(sr.device)
 
 
 def _to(x: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -644,7 +713,7 @@ def _eviction(runner) -> WorkerEviction | None:
     state = runner.__dict__.get("_kvevict")
     if state is None:
         config = config_from_additional(getattr(runner.vllm_config, "additional_config", None))
-        state = WorkerEviction(runner) if config is not None else False
+        state = WorkerEviction(runner, config) if config is not None else False
         runner.__dict__["_kvevict"] = state
     return state or None
 
@@ -660,6 +729,20 @@ def install_runner_hooks() -> None:
     execute_model = GPUModelRunner.execute_model
     sample_tokens = GPUModelRunner.sample_tokens
     initialize_kv_cache = GPUModelRunner.initialize_kv_cache
+    load_model = GPUModelRunner.load_model
+
+    def load_model_hook(self, *a, **k):
+        result = load_model(self, *a, **k)
+        ev = _eviction(self)
+        if ev is not None:
+            from vllm_kvevict.backend import buffers
+
+            made = buffers.allocate(self.vllm_config, ev.config, self.device)
+            if made is not None:
+                logger.info("kv_eviction: attention backend statistics buffers: %.1f MiB "
+                            "(%d KiB per scored request), before the KV pool is sized",
+                            made.nbytes / 2**20, made.bytes_per_request() // 1024)
+        return result
 
     def initialize_kv_cache_hook(self, *a, **k):
         result = initialize_kv_cache(self, *a, **k)
@@ -705,6 +788,7 @@ def install_runner_hooks() -> None:
         return output
 
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache_hook
+    GPUModelRunner.load_model = load_model_hook
     GPUModelRunner._update_states = _update_states_hook
     GPUModelRunner._prepare_inputs = _prepare_inputs_hook
     GPUModelRunner._determine_batch_execution_and_padding = _determine_execution_hook

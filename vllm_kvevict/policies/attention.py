@@ -1,8 +1,9 @@
 """``attention``: the engine's built-in scorer — attention mass of the newest query per block.
 
 Score of block b = mean over layers and query heads of the softmax probability the newest
-decode query puts on b's tokens (sum over the block's tokens). It needs nothing but decode
-attention, which makes it the reference the engine mechanism is tested with.
+decode query puts on b's tokens (sum over the block's tokens): the block statistic the
+attention pass measures, normalised. It needs nothing but decode attention, which makes it the
+reference the engine mechanism is tested with.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from vllm_kvevict.policies.base import (
     RequestStats,
     normalize_mass,
     register_policy,
-    tokens_to_blocks,
 )
 
 
@@ -27,6 +27,5 @@ class AttentionMassPolicy(EvictionPolicy):
     needs = frozenset({DECODE_ATTN})
 
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
-        assert stats.decode_attn is not None
-        per_token = stats.decode_attn.mean(dim=(0, 1))  # [T]
-        return normalize_mass(tokens_to_blocks(per_token, stats.block_size, stats.num_blocks))
+        assert stats.decode_mass is not None
+        return normalize_mass(stats.decode_mass.sum(0))  # Σ over layers and query heads

@@ -22,11 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Names of the statistics a policy may ask the worker for (``EvictionPolicy.needs``).
 WINDOW_ATTN = "window_attn"  # softmax attention of the last W prompt queries (prefill)
-DECODE_ATTN = "decode_attn"  # softmax attention of the newest query (decode)
-VALUE_PROJ_NORM = "value_proj_norm"  # ‖v_j W_O^h‖₂ per query head
-KEY_BOUNDS = "key_bounds"  # per-block min/max keys (Quest bounds)
-QUERY = "query"  # the newest query vector per layer/head
-STATISTICS = frozenset({WINDOW_ATTN, DECODE_ATTN, VALUE_PROJ_NORM, KEY_BOUNDS, QUERY})
+DECODE_ATTN = "decode_attn"  # attention mass per block of the newest query (every step)
+VALUE_PROJ_NORM = "value_proj_norm"  # ‖v_j W_O^h‖₂ per query head (prefill)
+STATISTICS = frozenset({WINDOW_ATTN, DECODE_ATTN, VALUE_PROJ_NORM})
 
 
 @dataclass
@@ -39,6 +37,13 @@ class RequestStats:
 
     Shapes: L layers, Hq query heads, Hkv KV heads, W window queries, D head dim,
     nb resident blocks. Optional fields are ``None`` unless the policy listed them in ``needs``.
+
+    Decode statistics are per *block*, already summed and max-reduced over layers and the
+    query heads of each KV group: on NVIDIA GPUs the plugin's attention backend measures them
+    inside its decode pass, where no per-token probability row exists (``kernels/
+    fused_decode.py``). A parked block's entry is the mass it would get relative to the
+    attended tokens (it is not in the softmax). Per-token statistics exist only at prefill,
+    from the observation window.
     """
 
     block_size: int
@@ -47,17 +52,28 @@ class RequestStats:
     num_kv_heads: int
     parked: torch.Tensor  # [nb] bool, parked blocks (held in memory, excluded from attention)
     phase: str = "decode"  # "prefill" (right after the last prompt chunk) or "decode"
+    num_layers: int = 1  # L
+    num_heads: int = 0  # Hq (0: as many as KV heads)
     window_attn: torch.Tensor | None = None  # [L, Hq, W, T] float32, rows sum to 1
-    decode_attn: torch.Tensor | None = None  # [L, Hq, T] float32, rows sum to 1
-    value_proj_norm: torch.Tensor | None = None  # [L, Hq, T] float32
-    key_min: torch.Tensor | None = None  # [L, Hkv, nb, D]
-    key_max: torch.Tensor | None = None  # [L, Hkv, nb, D]
-    query: torch.Tensor | None = None  # [L, Hq, D] newest query (pre-scaled by 1/sqrt(D))
+    #: [Hkv, nb] float32: Σ over layers and the group's query heads of the newest query's
+    #: attention on each block (attended blocks of one KV head sum to L·Hq/Hkv)
+    decode_mass: torch.Tensor | None = None
+    decode_peak: torch.Tensor | None = None  # [Hkv, nb]: the max over layers and group heads
+    value_proj_norm: torch.Tensor | None = None  # [L, Hq, T] float32 (prefill)
     visual: torch.Tensor | None = None  # [T] bool, multimodal placeholder tokens
 
     @property
     def num_blocks(self) -> int:
         return int(self.block_index.numel())
+
+    @property
+    def decode_share(self) -> torch.Tensor | None:
+        """``[Hkv, nb]`` the newest query's attention per block as a share of one (layer,
+        query head): ``decode_mass / (L · group)``, so a KV head's attended blocks sum to 1."""
+        if self.decode_mass is None:
+            return None
+        group = max(1, (self.num_heads or self.num_kv_heads) // self.num_kv_heads)
+        return self.decode_mass / (self.num_layers * group)
 
 
 @dataclass(frozen=True)

@@ -93,12 +93,12 @@ def load_blocks(state: dict[str, Any], key: str, block_index: torch.Tensor) -> t
     return torch.where(inside, store[..., block_index.clamp(max=n - 1)], float("nan"))
 
 
-def received_attention(stats: RequestStats) -> torch.Tensor | None:
-    """[L, Hq, T] float32 attention each token received this step: summed over the observation
-    window's queries at prefill, the newest query's at decode; None if neither was measured."""
+def window_received(stats: RequestStats) -> torch.Tensor | None:
+    """[L, Hq, T] float32 attention each token received from the observation window's queries
+    (summed over them), at prefill; None at decode or when it was not measured."""
     if stats.phase == "prefill" and stats.window_attn is not None:
         return stats.window_attn.float().sum(2)
-    return None if stats.decode_attn is None else stats.decode_attn.float()
+    return None
 
 
 def accumulate_blocks(
@@ -197,8 +197,8 @@ class WindowRankedPolicy(EvictionPolicy):
 
     A subclass says how the attention a token receives from several queries combines
     (``received``) and how those token scores become block scores (``rank``). At prefill the
-    window's blocks are optionally ranked first (``protect_window``); at decode the newest query
-    is ranked the same way (a window of one) and blended in by ``decode_refresh``
+    window's blocks are optionally ranked first (``protect_window``); at decode the newest query's
+    block statistics are ranked (``rank_decode``) and blended in by ``decode_refresh``
     (:func:`carry_scores`).
     """
 
@@ -212,6 +212,10 @@ class WindowRankedPolicy(EvictionPolicy):
         """[L, Hq, T] received attention -> [nb] block scores."""
         raise NotImplementedError
 
+    def rank_decode(self, stats: RequestStats) -> torch.Tensor:
+        """[nb] block scores from the newest query's block statistics (``decode_mass``)."""
+        raise NotImplementedError
+
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
         prefill = decode = None
         if stats.phase == "prefill" and stats.window_attn is not None:
@@ -221,8 +225,8 @@ class WindowRankedPolicy(EvictionPolicy):
                 win = window_blocks(stats.num_tokens, w, stats.block_size, stats.num_blocks,
                                     device=stats.block_index.device)
                 prefill = torch.where(win, prefill.max(), prefill)
-        elif stats.decode_attn is not None:
-            decode = self.rank(stats.decode_attn, stats)
+        elif stats.decode_mass is not None:
+            decode = self.rank_decode(stats)
         return carry_scores(
             state, self.name, stats.block_index, prefill=prefill, decode=decode,
             refresh=self.config.decode_refresh, unscored=self.config.unscored,

@@ -13,7 +13,12 @@ Readings we had to choose:
 * steps: H2O adds every decode query. The policy asks to be scored every decode step
   (``score_every_step``); if the engine scores less often, only the scored steps accumulate.
 * GQA: mean over the group; one block serves all heads, so per-head heavy-hitter sets become
-  ``head_reduce`` (``mean`` share of accumulated mass, or ``max`` over heads).
+  ``head_reduce`` (``mean`` share of accumulated mass, or ``max`` over KV heads).
+* layers: the accumulation is per KV head with the layers averaged. At decode the attention
+  pass measures block statistics already summed over layers (``RequestStats.decode_mass``:
+  no per-layer rows are kept on the device), so the prefill window's contribution is averaged
+  over layers too; with ``mean`` this equals the per-(layer, head) mean while every head's
+  rows have equal totals (no block released yet).
 * no decay: H2O's plain sum (older tokens have been seen by more queries; the engine's recent
   protection is what keeps young tokens alive, as H2O's recent window does).
 * parked blocks accumulate whatever the engine reports for them (0 if it excludes them).
@@ -36,7 +41,7 @@ from vllm_kvevict.policies.base import (
     register_policy,
     tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import accumulate_blocks, head_mix, received_attention, recency
+from vllm_kvevict.policies.common import accumulate_blocks, head_mix, recency, window_received
 from vllm_kvevict.stats import group_heads
 
 
@@ -52,11 +57,11 @@ class H2OPolicy(EvictionPolicy):
         )
 
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
-        received = received_attention(stats)  # [L, Hq, T]
-        step = None
+        received = window_received(stats)  # [L, Hq, T] at prefill
+        step = stats.decode_share  # [Hkv, nb] at decode
         if received is not None:
             per_kv = group_heads(received, stats.num_kv_heads, "mean", dim=1)
-            step = tokens_to_blocks(per_kv, stats.block_size, stats.num_blocks)
+            step = tokens_to_blocks(per_kv, stats.block_size, stats.num_blocks).mean(0)
         acc = accumulate_blocks(state, "h2o", stats.block_index, step)
         if acc is None:
             return normalize_mass(recency(stats.block_index))

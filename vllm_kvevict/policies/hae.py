@@ -26,6 +26,9 @@ Readings we had to choose (no public code; [U] in algorithms.md):
   (``decay=1``: H2O's plain sum; ``0``: the latest query only). The prefill window's attention
   seeds it. Text and visual blocks share this score; ``visual_first`` makes ``select`` move
   every visual block out (bin, then release) before any text block.
+* parked blocks (recycle bin) are out of attention, but the decode pass scores them from
+  their keys: a parked block's step score is the mass it would get relative to the attended
+  tokens, so a block the newest queries turn to again competes its way back.
 * text-only requests (``visual`` None or all False): no prefill pruning; decode eviction is the
   decayed attention score with the recycle bin — HAE's decode half alone. Never an error.
 * the prompt ending with visual tokens (no text query in the window): no prefill pruning.
@@ -52,8 +55,8 @@ from vllm_kvevict.policies.base import (
 from vllm_kvevict.policies.common import (
     Fraction,
     accumulate_blocks,
-    received_attention,
     recency,
+    window_received,
 )
 
 
@@ -113,12 +116,15 @@ class HAEPolicy(EvictionPolicy):
                 full = tokens_to_blocks(torch.ones(stats.num_tokens, device=device), bs, nb)
                 pruned = tokens_to_blocks(tokens.float(), bs, nb) == full
                 state["pruned"] = stats.block_index[pruned]  # positions: once, at prefill
-        received = received_attention(stats)  # [L, Hq, T]
+        received = window_received(stats)  # [L, Hq, T] at prefill
+        mean = self.config.head_reduce == "mean"
         step = None
-        if received is not None and self.config.head_reduce == "mean":
+        if received is not None and mean:
             step = tokens_to_blocks(received.mean(dim=(0, 1)), bs, nb)
         elif received is not None:  # the (layer, head) that needs the block most
             step = tokens_to_blocks(received, bs, nb).amax(dim=(0, 1))
+        elif stats.decode_mass is not None:  # the same two, from the block statistics
+            step = stats.decode_share.mean(0) if mean else stats.decode_peak.amax(0)
         acc = accumulate_blocks(state, "hae", stats.block_index, step, self.config.decay)
         base = recency(stats.block_index) if acc is None else acc.nan_to_num(0.0)
         none = torch.empty(0, dtype=torch.long, device=device)

@@ -33,10 +33,16 @@ Readings we had to choose (no public code; [S]/[U] in algorithms.md):
 * static heads, text prior (LOOK-M): need = window attention on every text token plus the top
   ``static_visual_keep`` fraction of visual tokens (by that head's attention); other visual
   tokens get 0. Fixed at prefill; blocks generated later count as text of average need.
-* dynamic heads, chunk retrieval (Quest): at each decode step, the Quest upper bound from the
-  newest query and per-block key min/max picks the top ``retrieval_fraction`` of resident blocks
-  (query heads of a group: max bound); need = softmax of the bounds over those blocks. At
-  prefill their need is the window attention (nothing pruned: the "cold copy").
+* dynamic heads, chunk retrieval: at each decode step a dynamic KV head picks the top
+  ``retrieval_fraction`` of resident blocks by the attention the newest query paid them
+  (``decode_peak``: the max over the group's query heads and the layers; parked blocks are
+  scored from their keys too); need = that attention over those blocks, renormalised. The
+  paper ranks by Quest's upper bound on q·k because it must choose blocks without reading
+  them; the plugin's decode pass reads every attended block (and the parked blocks' keys)
+  anyway, so the exact mass replaces the bound. The pass accumulates over layers (no per-layer
+  rows are kept on the device), so a KV head's retrieval is the same in every layer; the
+  layer and head weights still apply. At prefill their need is the window attention (nothing
+  pruned: the "cold copy").
 * decisions: a block no head needs scores exactly 0 and ``select`` releases it; if the request
   has dynamic heads, any block they might retrieve later keeps a tiny positive score, so blocks
   outside the budget go to the recycle bin (parked, restorable) before being released.
@@ -51,11 +57,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from vllm_kvevict.kernels.reference import quest_block_bounds
 from vllm_kvevict.policies.base import (
-    KEY_BOUNDS,
+    DECODE_ATTN,
     LIVE_FLOOR,
-    QUERY,
     WINDOW_ATTN,
     EvictionPolicy,
     RequestStats,
@@ -105,7 +109,7 @@ def budget_weights(a: torch.Tensor, how: str, floor: float) -> torch.Tensor:
 @register_policy
 class HybridKVPolicy(EvictionPolicy):
     name = "hybridkv"
-    needs = frozenset({WINDOW_ATTN, QUERY, KEY_BOUNDS})
+    needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
     score_every_step = True
     release_zero = True  # blocks no head needs; LIVE_FLOOR: blocks a dynamic head may retrieve
 
@@ -187,15 +191,16 @@ class HybridKVPolicy(EvictionPolicy):
 
     # -- decode: chunk retrieval for dynamic heads ---------------------------------------------
     def retrieval_need(self, stats: RequestStats) -> torch.Tensor | None:
-        """[L, Hkv, nb] softmax of Quest bounds over each head's top blocks, else 0."""
-        if stats.query is None or stats.key_min is None or stats.key_max is None:
+        """[L, Hkv, nb]: each KV head's attention on its top blocks, renormalised, else 0 (the
+        same for every layer)."""
+        if stats.decode_peak is None:
             return None
-        bounds = quest_block_bounds(stats.query, stats.key_min, stats.key_max)  # [L, Hq, nb]
-        bounds = group_heads(bounds, stats.num_kv_heads, "max", dim=1)
+        peak = stats.decode_peak.float()  # [Hkv, nb]
         k = max(1, math.ceil(self.config.retrieval_fraction * stats.num_blocks))
-        top = bounds.topk(min(k, stats.num_blocks), dim=-1).indices
-        masked = torch.full_like(bounds, float("-inf")).scatter(-1, top, bounds.gather(-1, top))
-        return torch.softmax(masked, dim=-1)
+        top = peak.topk(min(k, stats.num_blocks), dim=-1).indices
+        picked = torch.zeros_like(peak).scatter(-1, top, peak.gather(-1, top))
+        need = picked / picked.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return need.expand(stats.num_layers, *need.shape)
 
     def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
         bs, nb = stats.block_size, stats.num_blocks

@@ -23,9 +23,13 @@ Readings we had to choose (the method section was not available; see algorithms.
   contribution over all layers (favours blocks that matter a little everywhere).
 * the observation window is always kept (``protect_window``) [S].
 * decode: the paper scores once after prefill; the ranking is stored in ``state`` and reused
-  (``unscored`` fills blocks generated later). ``decode_refresh`` > 0 blends in the same score
-  with the newest query in place of the window (``‖A[:, j]‖₂`` of one query is its weight).
-  If the prefill was never scored, the decode-time score is used alone.
+  (``unscored`` fills blocks generated later). ``decode_refresh`` > 0 blends in a decode-time
+  score; if the prefill was never scored, it is used alone. That score is the *attention factor
+  only*: the attention pass measures each block's attention mass (summed over layers and the
+  group's query heads), but the value factor ``‖v_j W_O^h‖₂`` is per token and head (a D x D
+  form per token: tens of times the attention's own work if computed in the pass), so it is
+  measured at prefill only. Blocks are ranked model-wide by their mass share per KV head
+  (``block_reduce``: the best KV head, or the sum).
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ class LaProxPolicy(WindowRankedPolicy):
 
     def received(self, window_attn: torch.Tensor) -> torch.Tensor:
         return window_attn.float().norm(dim=2)  # ‖A_W[:, j]‖₂ over the window queries
+
+    def rank_decode(self, stats: RequestStats) -> torch.Tensor:
+        share = stats.decode_mass / stats.decode_mass.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return share.amax(0) if self.config.block_reduce == "max" else share.sum(0)
 
     def rank(self, received: torch.Tensor, stats: RequestStats) -> torch.Tensor:
         c = self.config

@@ -23,7 +23,10 @@ Readings we had to choose (all options):
 * decode: the paper compresses once after prefill; the prefill scores are kept in ``state``
   and reused. Blocks generated later get the ``unscored`` fill (``max``: generated text is not
   SnapKV's subject and is kept over the prompt). ``decode_refresh`` > 0 blends in the newest
-  query's attention. If the prefill was never scored, decode attention is used alone.
+  query's attention. If the prefill was never scored, decode attention is used alone. At
+  decode the attention pass gives block statistics only (per KV head, summed over layers and
+  the group's query heads), so the newest query's ranking is ``head_reduce`` over KV heads of
+  that share, unpooled (a block already sums its neighbouring tokens).
 """
 
 from __future__ import annotations
@@ -62,3 +65,6 @@ class SnapKVPolicy(WindowRankedPolicy):
         per_kv = group_heads(pooled, stats.num_kv_heads, "mean", dim=1)
         blocks = tokens_to_blocks(per_kv, stats.block_size, stats.num_blocks)
         return head_mix(blocks, self.config.head_reduce)
+
+    def rank_decode(self, stats: RequestStats) -> torch.Tensor:
+        return head_mix(stats.decode_share, self.config.head_reduce)

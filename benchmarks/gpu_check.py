@@ -6,8 +6,11 @@ by path (``tests/kernels/conftest.py``, ``bench_kernels.py``).
 
 1. ``pytest tests/kernels`` once per cache dtype (``KVEVICT_KERNEL_DTYPES``), the three runs in
    parallel (each compiles its own Triton kernels, which is most of their time);
-2. ``bench_kernels.py``'s benchmark (fused statistics vs plain paged decode), bounded by what is
-   left of the time budget; it writes its markdown/CSV to ``benchmarks/results/``;
+2. ``bench_kernels.py``'s benchmark of the attention backend's kernel — statistics on vs off
+   (``fused_cost_ratio``) and against torch SDPA — at Llama-8B shapes (batch 64, 8k context,
+   float16 and bfloat16) first, then a grid, bounded by what is left of the time budget; it
+   writes its markdown/CSV to ``benchmarks/results/``; the headline ratios go to the JSON's
+   ``bench`` entry;
 3. one JSON (default ``benchmarks/results/gpu_check.json``; ``--out`` or
    ``KVEVICT_GPU_CHECK_JSON``), also copied with the logs under ``$OUT`` when that is set.
 
@@ -110,7 +113,7 @@ def run_bench(args, budget_s: float) -> dict:
     sys.path.insert(0, str(HERE))
     import bench_kernels
 
-    argv = ["--dtype", args.bench_dtype, "--time-budget-s", f"{budget_s:.0f}"]
+    argv = ["--dtypes", *args.bench_dtypes, "--time-budget-s", f"{budget_s:.0f}"]
     if args.bench_batches:
         argv += ["--batches", *map(str, args.bench_batches)]
     if args.bench_contexts:
@@ -123,10 +126,16 @@ def run_bench(args, budget_s: float) -> dict:
         return dict(error=traceback.format_exc()[-TAIL_CHARS:], argv=argv)
     result = dict(argv=argv, meta=meta, rows=rows, skipped=skipped,
                   seconds=round(time.monotonic() - started, 1))
+    head = [r for r in rows if (r["batch"], r["context"]) == bench_kernels.HEADLINE]
+    for key in ("fused_cost_ratio", "sdpa_ratio", "stats_bytes_per_request", "max_abs_err"):
+        result[key] = {r["dtype"]: r[key] for r in head}  # batch 64, 8k context, per dtype
     if rows:
         md, csv_path = bench_kernels.write_results(rows, meta, bargs.out_dir or bench_kernels.RESULTS)
         result.update(markdown=str(md), csv=str(csv_path))
         print(f"bench: wrote {md} and {csv_path}", flush=True)
+        print(f"bench: fused_cost_ratio {result['fused_cost_ratio']} (goal <= 1.05), plain / "
+              f"SDPA {result['sdpa_ratio']}, statistics bytes per request "
+              f"{result['stats_bytes_per_request']}", flush=True)
     else:
         result["error"] = "no configuration ran (out of memory or time budget)"
     return result
@@ -183,7 +192,8 @@ def parse_args(argv):
                    default=Path(os.environ.get("KVEVICT_GPU_CHECK_JSON") or HERE / "results" / "gpu_check.json"))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     p.add_argument("--skip-bench", action="store_true")
-    p.add_argument("--bench-dtype", default="float16", choices=DTYPES)
+    p.add_argument("--bench-dtypes", nargs="+", default=["float16", "bfloat16"], choices=DTYPES,
+                   help="the headline shape (batch 64, 8k) in each, the grid in the first")
     p.add_argument("--bench-batches", type=int, nargs="+", help="default: bench_kernels.py's")
     p.add_argument("--bench-contexts", type=int, nargs="+", help="default: bench_kernels.py's")
     return p.parse_args(argv)

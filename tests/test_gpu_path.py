@@ -477,3 +477,107 @@ def test_compaction_edits_the_runner_buffers_in_place():
     assert runner.optimistic_seq_lens_cpu.tolist() == runner.seq_lens.tolist()
     # "a": compacted position 3*BS-3 - ... lands in its 3rd row block (id 2), row BS-3
     assert table[0].slot_mapping.gpu[:3].tolist() == [2 * BS + BS - 3, *stock_slots[1:].tolist()]
+
+
+# -- the plugin's attention backend: statistics from its buffers ------------------------------
+def test_fused_rows_are_scored_from_the_backend_buffers(monkeypatch):
+    """A decode row of the plugin's backend: the worker flags it (slot = batch row) with its
+    parked blocks in one upload, runs no hook statistic, and hands the policy the kernel's
+    per-block values moved from the kernel's order (attended blocks in row order, then the
+    parked ones) to the resident positional order the policy and the scheduler use."""
+    from vllm_kvevict.adapter.protocol import SCORES_ATTR
+    from vllm_kvevict.backend import buffers
+    from vllm_kvevict.policies import get_policy
+
+    stats = buffers.DecodeStatBuffers(max_rows=4, max_slots=4, num_heads=HQ, num_kv_heads=HKV,
+                                      max_blocks=8, max_parked=4, device="cpu")
+    buffers.activate(stats)
+    try:
+        ev = W.WorkerEviction.__new__(W.WorkerEviction)
+        ev.pending_scores, ev.skipped, ev._warned, ev.policy_state = {}, {}, set(), {}
+        ev.fused, ev.layer_names = True, ["model.layers.0.attn", "model.layers.1.attn"]
+        ev.runner = SimpleNamespace(
+            device=torch.device("cpu"),
+            input_batch=SimpleNamespace(block_table=[SimpleNamespace(block_size=BS)]),
+            model_config=SimpleNamespace(get_num_kv_heads=lambda _: HKV,
+                                         get_num_attention_heads=lambda _: HQ),
+            parallel_config=None)
+        policy = get_policy("attention", {})
+        task = SimpleNamespace(phase="decode", generation=0, visual_spans=[], policy="attention")
+        sr = W.ScoredRequest(
+            req_id="r1", task=task, policy=policy, q_start=1, q_end=2,
+            block_ids=torch.tensor([5, 9, 2]), positions=torch.tensor([0, 1, 3]),
+            parked=torch.tensor([False, True, False]), tokens_per_block=[BS, BS, 3],
+            query_positions=torch.tensor([3 * BS + 2]), layers={}, slot=1, hooked=frozenset())
+        assert sr.stat_columns.tolist() == [0, 2, 1]
+        ev.scored, ev.plan = [sr], SimpleNamespace(score={"r1": task})
+        assert not ev.needs_eager_attention  # a FULL graph may replay this step
+        ev._prepare_backend(num_reqs=2)
+        assert stats.slot[:4].tolist() == [-1, 1, -1, -1]
+        assert stats.park_start[:3].tolist() == [0, 0, 1] and stats.park_ids[:1].tolist() == [9]
+        stats.mass[1, :, :3] = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # as the kernel
+        stats.peak[1, :, :3] = stats.mass[1, :, :3] / 10
+        seen = []
+        real = policy.block_scores
+        monkeypatch.setattr(policy, "block_scores", lambda st, state: seen.append(st) or real(st, state))
+        ev.finish_step()
+        got = seen[0]
+        assert got.decode_mass.tolist() == [[1.0, 3.0, 2.0], [4.0, 6.0, 5.0]]
+        assert torch.allclose(got.decode_peak, got.decode_mass / 10)
+        assert got.num_layers == 2 and got.num_heads == HQ
+        output = SimpleNamespace(req_ids=["r1"])
+        ev.attach_scores(output)
+        sent = getattr(output, SCORES_ATTR)["r1"]
+        assert np.allclose(sent.scores, np.array([5.0, 9.0, 7.0]) / 21)
+        # the next step flags nothing: the rows are cleared once (one more upload), then no more
+        ev.scored = []
+        ev._prepare_backend(num_reqs=2)
+        assert stats.slot[:4].tolist() == [-1, -1, -1, -1] and not ev._backend_rows
+    finally:
+        buffers.activate(None)
+
+
+def test_backend_selection(monkeypatch, smollm2, caplog):
+    """On an NVIDIA GPU with eviction on, the full-attention layers get the plugin's backend;
+    a backend the user chose is kept and the cost is logged; policy ``none`` and other
+    platforms leave vLLM's configuration untouched; a model the kernel does not serve keeps
+    vLLM's choice with the cost logged."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_kvevict.backend import buffers, is_ours
+    from vllm_kvevict.backend.selection import select_attention_backend
+    from vllm_kvevict.config import parse_config
+
+    def config(**kw):
+        return EngineArgs(model=smollm2, block_size=32, max_model_len=512, **kw).create_engine_config()
+
+    h2o = parse_config({"policy": "h2o", "budget": 0.25})
+    vc = config()
+    with caplog.at_level(logging.INFO, logger="vllm_kvevict"):
+        chosen = select_attention_backend(vc, h2o, cuda=True)
+    assert chosen.fused and is_ours(vc.attention_config.backend_per_kind["full_attention"])
+    assert vc.attention_config.backend is None  # sliding-window layers: vLLM's choice
+    assert "inside the attention pass" in caplog.text
+    # the worker allocates the statistics buffers for exactly this configuration
+    made = buffers.allocate(vc, h2o, "cpu")
+    try:
+        assert made is buffers.active() and made.mass.shape == (vc.scheduler_config.max_num_seqs,
+                                                                3, 512 // 32)
+    finally:
+        buffers.activate(None)
+    assert buffers.allocate(config(), h2o, "cpu") is None  # not selected: nothing reserved
+
+    user = config(attention_backend="FLASH_ATTN")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vllm_kvevict"):
+        kept = select_attention_backend(user, h2o, cuda=True)
+    assert not kept.fused and user.attention_config.backend == AttentionBackendEnum.FLASH_ATTN
+    assert not user.attention_config.backend_per_kind and "second pass" in caplog.text
+    for untouched in (select_attention_backend(config(), parse_config({"policy": "none"}), cuda=True),
+                      select_attention_backend(config(), h2o, cuda=False)):
+        assert not untouched.fused
+    odd = config()
+    odd.cache_config.block_size = 48
+    assert not select_attention_backend(odd, h2o, cuda=True).fused
+    assert not odd.attention_config.backend_per_kind

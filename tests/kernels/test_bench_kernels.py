@@ -27,24 +27,26 @@ def test_without_gpu_it_says_so_and_writes_nothing(bench, capsys, tmp_path, monk
 
 @pytest.mark.usefixtures("needs_triton")
 def test_one_tiny_config_end_to_end(bench, tmp_path, device):
-    """Same code as on the GPU, float32, with a stand-in timer (its numbers are not results)."""
+    """Same code as on the GPU, float32, with a stand-in timer (its numbers are not results):
+    the fused launch gives the plain launch's output plus statistics whose attended mass sums
+    to the group size per KV head."""
     args = bench.parse_args(["--heads", "6", "--kv-heads", "2", "--head-dim", "32",
-                             "--block-size", "16", "--dtype", "float32"])
+                             "--block-size", "16", "--dtypes", "float32"])
+    assert bench.configs(args)[0] == ("float32", *bench.HEADLINE)
+    args.dtype = "float32"
     calls = []
 
     def timer(fn):
-        calls.append(fn())
+        out = fn()
+        calls.append(out.clone() if isinstance(out, torch.Tensor) else out)
         return 1.0
 
     row = bench.run_config(2, 40, args, device, timer)
     assert len(calls) == len(bench.VARIANTS)
-    # one call per request gives the batched call's output and block mass, request by request
-    loop, fused = calls[bench.VARIANTS.index("triton_fused_loop")], calls[bench.VARIANTS.index("triton_fused")]
-    assert len(loop) == 2
-    for i, one in enumerate(loop):
-        torch.testing.assert_close(one.output[0], fused.output[i])
-        torch.testing.assert_close(one.block_mass[0], fused.block_mass[i])
+    plain, fused = (calls[bench.VARIANTS.index(v)] for v in ("plain", "fused"))
+    torch.testing.assert_close(plain, fused, atol=0, rtol=0)
     assert row["max_abs_err"] < 1e-5 and row["mass_sum_err"] < 1e-5
+    assert row["fused_cost_ratio"] == 1.0 and row["stats_bytes_per_request"] == 3 * 2 * 4 * 2 + 3 * 6 * 4 * 2
     md, csv_path = bench.write_results([row], dict(gpu="Test GPU", dtype="float32"), out_dir=tmp_path)
-    assert md.name == "bench_kernels_test_gpu.md" and "| batch | context |" in md.read_text()
-    assert csv_path.read_text().splitlines()[0].startswith("batch,context,max_abs_err")
+    assert md.name == "bench_kernels_test_gpu.md" and "| dtype | batch | context |" in md.read_text()
+    assert csv_path.read_text().splitlines()[0].startswith("dtype,batch,context,max_abs_err")

@@ -34,7 +34,7 @@ POLICIES = ("h2o", "snapkv", "hybridkv")
 REQUESTS = (1, 4, 16)
 PROMPT_TOKENS = 1024
 DECODE = 40
-ENTRY_POINTS = ("decode_attention", "window_attention", "key_bounds", "block_key_bounds",
+ENTRY_POINTS = ("window_attention", "key_bounds", "block_key_bounds",
                 "quest_scores", "value_proj_norm", "wo_gram")
 
 

@@ -25,7 +25,7 @@ import os
 import torch
 
 from . import reference
-from .paged import NHD, DecodeStats, PagedKV, WindowStats
+from .paged import NHD, PagedKV, WindowStats
 
 AUTO, TRITON, TORCH = "auto", "triton", "torch"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,20 +92,6 @@ def check_inputs(backend: str, kv: PagedKV, query: torch.Tensor | None = None,
         problems.append("tensors are not on a CUDA device (set TRITON_INTERPRET=1 to interpret)")
     if problems:
         raise ValueError("Triton kernels cannot take these inputs: " + "; ".join(problems))
-
-
-def decode_attention(query, kv: PagedKV, block_table, seq_lens, scale=None, *, stats=True,
-                     token_probs=False, backend=AUTO) -> DecodeStats:
-    """Decode attention output + per-block attention mass and Σp² (``paged_decode.py``)."""
-    backend = pick_backend(backend, query, kv.key)
-    check_inputs(backend, kv, query, block_table, seq_lens)
-    if backend == TRITON:
-        from .paged_decode import paged_decode_attention
-
-        return paged_decode_attention(query, kv.key, kv.value, block_table, seq_lens, scale,
-                                      stats=stats, token_probs=token_probs)
-    result = reference.decode_attention(query, kv.key, kv.value, block_table, seq_lens, scale)
-    return result if token_probs else result._replace(token_probs=None)
 
 
 def window_attention(q_window, kv: PagedKV, block_table, seq_lens, scale=None, *, probs=True,

@@ -231,24 +231,6 @@ def detect_cpu_key_layout(
     return matches[0]
 
 
-class DecodeStats(NamedTuple):
-    """Decode attention output and the attention it paid, per block of the compacted row.
-
-    ``block_mass[r, b, h]`` = Σ over the tokens of block ``b`` (and, for the ``[.., Hkv]``
-    variants, over the query heads of KV group ``h``) of the softmax probability;
-    ``block_sq`` the same for the squared probabilities (LaProx's ‖A‖₂² per block).
-    Blocks past a request's length are 0. ``token_probs`` (optional) is the full
-    ``[R, Hq, max_blocks * block_size]`` probability row, 0 past the request's length.
-    """
-
-    output: torch.Tensor  # [R, Hq, D], query dtype
-    block_mass: torch.Tensor  # [R, max_blocks, Hkv] float32
-    block_sq: torch.Tensor  # [R, max_blocks, Hkv] float32
-    block_mass_q: torch.Tensor  # [R, max_blocks, Hq] float32
-    block_sq_q: torch.Tensor  # [R, max_blocks, Hq] float32
-    token_probs: torch.Tensor | None = None  # [R, Hq, max_T] float32
-
-
 class WindowStats(NamedTuple):
     """Observation-window attention: rows of window queries before the prompt start are 0."""
 

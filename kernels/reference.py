@@ -3,7 +3,7 @@
 Two layers, one formula each. *Dense* references (``dense_*``, ``wo_gram``,
 ``quest_block_bounds``) work on one request and one layer: contiguous keys/values
 ``[T, Hkv, D]``, query heads ``Hq`` (GQA: query head ``h`` reads KV head ``h // (Hq / Hkv)``),
-float32 results whatever the input dtype. *Paged* references (``decode_attention``,
+float32 results whatever the input dtype. *Paged* references (``fused_decode_attention``,
 ``window_attention``, ``key_bounds``, ``quest_scores``, ``value_proj_norm``) take the paged
 layout the Triton kernels take — caches as logical ``[num_blocks, block_size, Hkv, D]`` views
 (:class:`~.paged.PagedKV` makes them for every vLLM layout), a ``block_table`` whose rows hold
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .paged import DecodeStats, WindowStats, _gather
+from .paged import WindowStats, _gather
 
 
 # -- dense: one request, one layer --------------------------------------------------------------
@@ -133,27 +133,6 @@ def _per_block(values: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[R, H, max_blocks * bs]`` token values -> ``[R, max_blocks, H]`` block sums."""
     r, h, t = values.shape
     return values.view(r, h, t // block_size, block_size).sum(-1).transpose(1, 2).contiguous()
-
-
-def decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale=None) -> DecodeStats:
-    """One decode query per request: attention output plus per-block probability mass/squares."""
-    r_n, hq, d = query.shape
-    bs, hkv = key_cache.shape[1], key_cache.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    max_t = block_table.shape[1] * bs
-    out = torch.zeros(r_n, hq, d, dtype=torch.float32, device=query.device)
-    probs = torch.zeros(r_n, hq, max_t, dtype=torch.float32, device=query.device)
-    for r in range(r_n):
-        n = int(seq_lens[r])
-        if n == 0:
-            continue
-        k, v = _gather(key_cache, block_table[r], n), _gather(value_cache, block_table[r], n)
-        p = dense_decode_attention(query[r], k, scale)
-        out[r] = torch.einsum("ht,thd->hd", p, expand_kv(v.float(), hq, dim=1))
-        probs[r, :, :n] = p
-    mass_q, sq_q = _per_block(probs, bs), _per_block(probs * probs, bs)
-    group = lambda x: x.view(r_n, -1, hkv, hq // hkv).sum(-1)  # noqa: E731
-    return DecodeStats(out.to(query.dtype), group(mass_q), group(sq_q), mass_q, sq_q, probs)
 
 
 def dense_block_attention(q: torch.Tensor, keys: torch.Tensor, block_size: int, scale: float,

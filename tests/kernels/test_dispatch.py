@@ -24,9 +24,9 @@ def test_cpu_layouts_give_the_gpu_layout_statistics(paged_case, layout):
     cpu = to_cpu_layout(gpu, layout)
     args = (case.block_table, case.seq_lens)
     same = lambda a, b: torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)  # noqa: E731
-    for x, y in zip(dispatch.decode_attention(case.query, gpu, *args, token_probs=True),
-                    dispatch.decode_attention(case.query, cpu, *args, token_probs=True)):
-        same(x, y)
+    for r, n in enumerate(case.seq_lens.tolist()):  # what the hooks' decode statistic reads
+        for x, y in zip(gpu.gather(case.block_table[r], n), cpu.gather(case.block_table[r], n)):
+            same(x, y)
     qw = torch.randn(3, 6, 4, 32, generator=case.gen)
     for x, y in zip(dispatch.window_attention(qw, gpu, *args), dispatch.window_attention(qw, cpu, *args)):
         same(x, y)
@@ -53,8 +53,7 @@ def test_triton_path_refuses_what_it_cannot_read(paged_case):
     args = (case.block_table, case.seq_lens)
     cpu = to_cpu_layout(PagedKV(case.key_cache.cpu(), case.value_cache.cpu()), CPU_T)
     with pytest.raises(ValueError, match="CPU backend's.*use backend='torch'"):
-        dispatch.decode_attention(case.query.cpu(), cpu, case.block_table.cpu(), case.seq_lens.cpu(),
-                                  backend="triton")
+        dispatch.key_bounds(cpu, case.block_table.cpu(), case.seq_lens.cpu(), backend="triton")
     with pytest.raises(ValueError, match="int32"):
         dispatch.key_bounds(gpu, case.block_table.long(), case.seq_lens, backend="triton")
     small = PagedKV(case.key_cache.view(-1, 8, 2, 32), case.value_cache.view(-1, 8, 2, 32))
@@ -63,8 +62,8 @@ def test_triton_path_refuses_what_it_cannot_read(paged_case):
     # the CPU backend's whole [nb, Hkv, 2*bs, D] tensor handed over as if it were a GPU cache
     whole = torch.zeros(4, 2, 32, 32)
     with pytest.raises(ValueError, match="is the cache in the layout it claims"):
-        dispatch.decode_attention(case.query.cpu(), PagedKV(whole, whole), case.block_table.cpu(),
-                                  case.seq_lens.cpu(), backend="torch")
+        dispatch.window_attention(case.query.cpu()[:, :, None], PagedKV(whole, whole),
+                                  case.block_table.cpu(), case.seq_lens.cpu(), backend="torch")
 
 
 @pytest.mark.usefixtures("needs_triton")
@@ -74,11 +73,6 @@ def test_forced_triton_equals_torch(paged_case, dtype, tol):
     kv = PagedKV(case.key_cache, case.value_cache)
     args = (case.block_table, case.seq_lens)
     close = tol.close
-    got = dispatch.decode_attention(case.query, kv, *args, backend="triton")
-    want = dispatch.decode_attention(case.query, kv, *args, backend="torch")
-    assert got.token_probs is None and want.token_probs is None
-    for x, y in zip(got[:-1], want[:-1]):
-        close(x, y)
     qw = case.query[:, :, None].repeat(1, 1, 4, 1)
     got = dispatch.window_attention(qw, kv, *args, probs=False, backend="triton")
     want = dispatch.window_attention(qw, kv, *args, probs=False, backend="torch")

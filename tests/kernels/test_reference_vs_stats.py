@@ -3,6 +3,7 @@ block tables, partial last blocks, padding entries and causal offsets handled ri
 
 import pytest
 import torch
+import torch.nn.functional as F
 from vllm_kvevict.kernels import reference
 from vllm_kvevict.kernels import reference as R
 from vllm_kvevict.kernels.paged import PagedKV
@@ -21,7 +22,10 @@ def test_paged_references_equal_dense_stats(case):
     gram = reference.wo_gram(o_proj, hq)
 
     args = (case.block_table, case.seq_lens)
-    dec = reference.decode_attention(case.query, kv.key, kv.value, *args)
+    out, mass, peak = reference.fused_decode_attention(
+        case.query, kv.key, kv.value, *args, scale, slot=torch.arange(len(case.seq_lens)),
+        park_ids=torch.zeros(1, dtype=torch.int32), park_start=torch.zeros(len(case.seq_lens) + 1),
+        num_slots=len(case.seq_lens), nb_stats=case.block_table.shape[1])
     win = reference.window_attention(q_window, kv.key, *args)
     kmin, kmax = reference.key_bounds(kv.key, *args)
     n_blocks = (case.seq_lens + bs - 1) // bs
@@ -31,7 +35,13 @@ def test_paged_references_equal_dense_stats(case):
         k, v = kv.gather(case.block_table[r], n)
         nb = int(n_blocks[r])
         close = lambda a, b: torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)  # noqa: E731
-        close(dec.token_probs[r, :, :n], R.dense_decode_attention(case.query[r], k, scale))
+        probs = R.dense_decode_attention(case.query[r], k, scale)  # [Hq, n]
+        per_block = F.pad(probs, (0, -n % bs)).view(hq, -1, bs).sum(-1)  # [Hq, nb]
+        grouped = per_block.view(case.num_kv_heads, -1, per_block.shape[-1])
+        close(mass[r, :, :per_block.shape[-1]], grouped.sum(1))
+        close(peak[r, :, :per_block.shape[-1]], grouped.amax(1))
+        v_q = v.float().repeat_interleave(hq // case.num_kv_heads, 1)  # [n, Hq, D]
+        close(out[r].float(), torch.einsum("ht,thd->hd", probs, v_q))
         if n >= window:  # (shorter prompts: zero rows, checked by the kernel tests)
             close(win.probs[r, :, :, :n], R.dense_window_attention(q_window[r].transpose(0, 1), k, scale))
         dense_min, dense_max = R.dense_key_bounds(k, bs)  # [Hkv, nb, D]

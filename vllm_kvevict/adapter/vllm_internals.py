@@ -103,6 +103,8 @@ _RUNNER = "vllm.v1.worker.gpu_model_runner"
 _BATCH = "vllm.v1.worker.gpu_input_batch"
 _TABLE = "vllm.v1.worker.block_table"
 _ATTN = "vllm.model_executor.layers.attention.attention"
+_REGISTRY = "vllm.v1.attention.backends.registry"
+_TRITON = "vllm.v1.attention.backends.triton_attn"
 #: (module, AttentionImpl, AttentionBackend) of each backend in READERS
 _BACKENDS = (
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl", "FlashAttentionBackend"),
@@ -371,6 +373,50 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.distributed", "tensor_model_parallel_all_reduce", "function",
              note="block scores averaged over TP ranks"),
     Internal("vllm.distributed", "get_tensor_model_parallel_world_size", "function"),
+    # -- the plugin's attention backend (vllm_kvevict/backend) ----------------------------------
+    Internal(_REGISTRY, "register_backend", "function", params=("backend", "class_path"),
+             note="registers vllm_kvevict.backend.attention.EvictionAttentionBackend as CUSTOM"),
+    Internal(_REGISTRY, "AttentionBackendEnum.CUSTOM", "attribute"),
+    Internal(_REGISTRY, "AttentionBackendEnum.get_path", "method", note="is_ours()"),
+    Internal(_REGISTRY, "AttentionBackendEnum.is_overridden", "method"),
+    Internal("vllm.config.attention", "AttentionConfig.backend", "attribute",
+             note="a user's choice is kept"),
+    Internal("vllm.config.attention", "AttentionConfig.backend_per_kind", "attribute",
+             note="set {'full_attention': CUSTOM} (selection.py)"),
+    Internal(_KVI, "KVCacheSpecKind.FULL_ATTENTION", "attribute",
+             note="its value 'full_attention' is the backend_per_kind key"),
+    Internal("vllm.config.model", "ModelConfig.is_mm_prefix_lm", "attribute",
+             note="models with multimodal-prefix attention keep vLLM's backend"),
+    Internal("vllm.config.model", "ModelConfig.rswa_window", "attribute"),
+    Internal(_TRITON, "TritonAttentionBackend", "class", note="subclassed: the CUSTOM backend"),
+    Internal(_TRITON, "TritonAttentionImpl", "class", note="subclassed: decode rows fused"),
+    Internal(_TRITON, "TritonAttentionImpl.forward", "method",
+             params=("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+                     "output_scale", "output_block_scale"), exact=True,
+             note="overridden; called for the prefill part with the sliced metadata"),
+    *_attributes(_TRITON, "TritonAttentionImpl", "head_size num_heads num_kv_heads scale"),
+    Internal(_TRITON, "TritonAttentionMetadataBuilder", "class", note="subclassed"),
+    Internal(_TRITON, "TritonAttentionMetadataBuilder.__init__", "method",
+             params=("kv_cache_spec", "layer_names", "vllm_config", "device"), exact=True),
+    Internal(_TRITON, "TritonAttentionMetadataBuilder.build", "method",
+             params=("common_prefix_len", "common_attn_metadata", "fast_build"), exact=True),
+    *_attributes(_TRITON, "TritonAttentionMetadataBuilder", "num_heads_q num_heads_kv headdim",
+                 note="sizes of the split scratch"),
+    Internal(_TRITON, "TritonAttentionMetadata", "class",
+             note="dataclass, extended with the decode/prefill split and the buffers"),
+    *_attributes(_TRITON, "TritonAttentionMetadata",
+                 "num_actual_tokens query_start_loc seq_lens block_table",
+                 note="sliced (dataclasses.replace) for the prefill part"),
+    Internal("vllm.v1.attention.backend", "AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE",
+             "attribute", note="FULL graphs for single-token decode batches only"),
+    Internal("vllm.v1.attention.backend", "AttentionMetadataBuilder._init_reorder_batch_threshold",
+             "method", params=("reorder_batch_threshold",), note="decode rows first"),
+    Internal("vllm.v1.attention.backends.utils", "split_decodes_and_prefills", "function",
+             params=("common_attn_metadata", "decode_threshold")),
+    Internal(_RUNNER, "GPUModelRunner.load_model", "method",
+             note="wrapped: the statistics buffers are allocated after it, before profiling"),
+    *_attributes("vllm.config.compilation", "CompilationConfig", "cudagraph_capture_sizes",
+                 note="the most rows a padded batch has"),
 )
 
 

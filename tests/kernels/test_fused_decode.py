@@ -17,6 +17,14 @@ from vllm_kvevict.kernels.paged import VLLM_KV_LAYOUTS, PagedKV, vllm_layer_cach
 pytestmark = pytest.mark.usefixtures("needs_triton")
 
 GPU = torch.cuda.is_available()
+if not GPU:
+    # the interpreter runs float16 too (the conftest's CPU list is float32 only); bfloat16 only
+    # on a GPU: the interpreter's ``tl.dot`` on bfloat16 operands is wrong (a plain 16x16
+    # product comes out ~1e10 off; loads, stores and casts are right), so a bfloat16 run here
+    # would test the interpreter, not the kernel
+    @pytest.fixture(params=[torch.float32, torch.float16], ids=["float32", "float16"])
+    def dtype(request):
+        return request.param
 LAYOUTS = tuple(VLLM_KV_LAYOUTS) if GPU else ("BLNHC", "LHBNC")
 D = 64 if GPU else 32
 HKV = 2

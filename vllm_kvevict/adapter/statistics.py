@@ -1,11 +1,14 @@
 """The statistics the workers measure inside attention, each declared once.
 
 A statistic is a name policies list in ``needs`` (``policies.base``), the ``RequestStats``
-fields it fills, when it is measured, and how one layer's value is computed from the paged KV
-cache through ``kernels.dispatch`` (the Triton kernel on NVIDIA GPUs, its torch reference in
-``kernels.reference`` elsewhere). The worker runs every statistic of :data:`REGISTRY` at every
-attention layer for the requests that need it; adding a statistic is one entry here, its
-kernel and reference, and its ``RequestStats`` field.
+fields it fills, when it is measured, and how the attention hooks compute one layer's value
+from the paged KV cache (``kernels.dispatch``: the Triton kernel on NVIDIA GPUs, its torch
+reference in ``kernels.reference`` elsewhere). The worker's hooks run every statistic of
+:data:`REGISTRY` at every attention layer for the requests that need it — except an
+``in_backend`` statistic on a decode row of the plugin's attention backend, which its kernel
+measures inside the attention pass (``vllm_kvevict.backend``; the hook's function here is that
+kernel's torch twin). Adding a statistic is one entry here, its kernel and reference, and its
+``RequestStats`` field.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ Readings we had to choose (no public code; [S]/[U] in algorithms.md):
   (benchmarks/results/natural.md, 12 prompts of 1.5k tokens, 10 % budget) the answer's block
   was kept 2/12 times with ``mean``, 8/12 with ``max`` (a plain max, ``budget="uniform"``:
   10/12); answers 0/12 -> 3/12 on the engine, where later decode-time decisions (dynamic heads
-  re-ranking by Quest bounds) drop the block again. Templated tasks: unchanged (5/12).
+  re-ranking, then by Quest bounds) drop the block again. Templated tasks: unchanged (5/12).
 * static heads, text prior (LOOK-M): need = window attention on every text token plus the top
   ``static_visual_keep`` fraction of visual tokens (by that head's attention); other visual
   tokens get 0. Fixed at prefill; blocks generated later count as text of average need.

@@ -581,3 +581,52 @@ def test_backend_selection(monkeypatch, smollm2, caplog):
     odd.cache_config.block_size = 48
     assert not select_attention_backend(odd, h2o, cuda=True).fused
     assert not odd.attention_config.backend_per_kind
+
+
+def test_only_leading_decode_rows_are_measured_by_the_kernel():
+    """The backend's kernel serves the batch's leading one-token rows (vLLM puts decode rows
+    first for it; the builder splits there). A decode request in such a row gets a slot and no
+    hook work; one behind a prefill row (a batch not reordered) would be served by vLLM's
+    kernel: the hooks measure it instead of the policy reading an untouched, zeroed slot."""
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+    from vllm_kvevict.adapter.protocol import ScoreTask, StepPlan
+    from vllm_kvevict.backend import buffers
+
+    current_platform.register_triton_kernel_overrides()
+    table = MultiGroupBlockTable(max_num_reqs=4, max_num_batched_tokens=64, pin_memory=False,
+                                 device=torch.device("cpu"), block_sizes=[BS], max_num_blocks=[8])
+    rows = {"a": [5, 7], "b": [1, 3], "c": [2, 4, 6]}
+    for i, ids in enumerate(rows.values()):
+        table[0].add_row(ids, i)
+    table.commit_block_table(3)
+    scheduled = np.array([1, 3, 1])  # a decodes, b prefills a chunk, c decodes behind it
+    seq_lens = torch.tensor([2 * BS - 3, 2 * BS - 1, 3 * BS - 5, 0], dtype=torch.int32)
+    positions = torch.tensor([2 * BS - 4, 2 * BS - 4, 2 * BS - 3, 2 * BS - 2, 3 * BS - 6])
+    qsl = torch.tensor([0, 1, 4, 5, 5], dtype=torch.int32)
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(num_reqs=3, req_ids=list(rows), block_table=table),
+        seq_lens=seq_lens, optimistic_seq_lens_cpu=seq_lens.clone().long(), positions=positions,
+        query_start_loc=SimpleNamespace(gpu=qsl, np=qsl.numpy()), device=torch.device("cpu"))
+
+    def task(n_blocks, phase="decode"):
+        return ScoreTask(policy="h2o", options={}, phase=phase, generation=0,
+                         kept_positions=list(range(n_blocks)), parked=[])
+
+    stats = buffers.DecodeStatBuffers(max_rows=4, max_slots=4, num_heads=HQ, num_kv_heads=HKV,
+                                      max_blocks=8, max_parked=4, device="cpu")
+    buffers.activate(stats)
+    try:
+        ev = W.WorkerEviction(runner)
+        ev.fused = True
+        ev.plan = StepPlan(score={"a": task(2), "b": task(2, "prefill"), "c": task(3)})
+        ev.fix_inputs(scheduled)
+        got = {sr.req_id: sr for sr in ev.scored}
+        assert got["a"].slot == 0 and got["a"].hooked == frozenset()
+        assert got["b"].slot is None and "window_attn" in got["b"].hooked
+        assert got["c"].slot is None and "decode_attn" in got["c"].hooked
+        assert stats.slot[:3].tolist() == [0, -1, -1]
+        assert ev.needs_eager_attention  # b and c need the hooks: no FULL graph this step
+    finally:
+        buffers.activate(None)

@@ -179,6 +179,11 @@ class WorkerEviction:
         block_size = groups[self.gid].kv_cache_spec.block_size
         self.readers = check_attention_layers(layers, layout, block_size)
         self.fused = _fused_backend(layers)
+        if self.fused and getattr(runner.parallel_config, "enable_dbo", False):
+            raise UnsupportedConfigError(
+                "kv_eviction cannot run the plugin's attention backend with dual-batch overlap "
+                "(--enable-dbo): its statistics slots are batch rows, not micro-batch rows. "
+                "Remove --enable-dbo, or pick another --attention-backend.")
         if not self.hooked:
             self._hook_attention(list(layers))
         if self.hybrid:
@@ -287,7 +292,7 @@ class WorkerEviction:
                 num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], shifted
             )
         if self.plan.score:
-            self._resolve_scored(req_ids)
+            self._resolve_scored(req_ids, _leading_decodes(num_scheduled_tokens))
         if self.fused:
             self._prepare_backend(num_reqs)
 
@@ -302,7 +307,10 @@ class WorkerEviction:
             stat_buffers.active().prepare(rows, num_reqs)
         self._backend_rows = bool(rows)
 
-    def _resolve_scored(self, req_ids) -> None:
+    def _resolve_scored(self, req_ids, leading_decodes: int = 0) -> None:
+        """Build this step's ``ScoredRequest``s; ``leading_decodes``: the batch's first rows of
+        one query token, the rows the plugin's backend serves with its kernel (the split its
+        metadata builder makes): only those can be measured by the kernel."""
         runner = self.runner
         qsl = runner.query_start_loc.np
         bs = self.block_table.block_size
@@ -345,7 +353,7 @@ class WorkerEviction:
             if not torch.equal(tail, sr.query_positions.long()):
                 self._skip(req_id, "resident blocks do not end with this step's tokens")
                 continue
-            if self.fused and task.phase == "decode" and q_end - q_start == 1:
+            if self.fused and task.phase == "decode" and row < leading_decodes:
                 sr.slot = row  # a decode row of the plugin's backend: its kernel measures
             sr.hooked = frozenset(s.name for s in statistics_measured(
                 sr.policy.needs, task.phase, in_backend=sr.slot is not None))
@@ -676,6 +684,14 @@ def _head_size(layer, kv_cache: torch.Tensor) -> int:
 def _expected_stats(sr: ScoredRequest) -> set[str]:
     """The ``RequestStats`` fields the attention hooks record for this request in this step."""
     return {f for name in sr.hooked for f in STATISTICS_BY_NAME[name].fields}
+
+
+def _leading_decodes(num_scheduled_tokens: np.ndarray) -> int:
+    """Rows before the first with more than one query token: the decode rows the plugin's
+    backend serves with its kernel (``split_decodes_and_prefills`` with threshold 1 on the
+    batch vLLM reordered for it, decode rows first)."""
+    longer = np.flatnonzero(np.asarray(num_scheduled_tokens) > 1)
+    return int(longer[0]) if longer.size else len(num_scheduled_tokens)
 
 
 def _fused_backend(layers: dict) -> bool:

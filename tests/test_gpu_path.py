@@ -96,7 +96,8 @@ def _engine_config(**cache):
     model = SimpleNamespace(uses_mrope=False, use_mla=cache.pop("use_mla", False))
     return SimpleNamespace(
         speculative_config=None, model_config=model,
-        parallel_config=SimpleNamespace(pipeline_parallel_size=1, decode_context_parallel_size=1),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, decode_context_parallel_size=1,
+                                        enable_dbo=cache.get("dbo", False)),
         cache_config=SimpleNamespace(cache_dtype=cache.get("cache_dtype", "auto")),
         use_v2_model_runner=cache.get("v2", False),
     )
@@ -106,6 +107,7 @@ def _engine_config(**cache):
     (dict(cache_dtype="fp8_e4m3"), "quantised KV cache --kv-cache-dtype fp8_e4m3"),
     (dict(use_mla=True), "MLA attention"),
     (dict(v2=True), "Model Runner V2"),
+    (dict(dbo=True), "dual-batch overlap (--enable-dbo"),
 ])
 def test_engine_config_refusals(field, named, monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")

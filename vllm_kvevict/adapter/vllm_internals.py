@@ -496,6 +496,12 @@ def check_engine_config(vllm_config) -> None:
         problems.append("pipeline parallelism")
     if getattr(pc, "decode_context_parallel_size", 1) > 1:
         problems.append("decode context parallelism")
+    if getattr(pc, "enable_dbo", False):
+        # every index the adapter computes per step is a whole-batch row or token index: the
+        # scored requests' query rows, the backend's statistics slots, a hybrid full group's
+        # compacted lengths; a micro-batch's attention sees only its own rows
+        problems.append("dual-batch overlap (--enable-dbo: the eviction statistics and a hybrid "
+                        "model's compacted lengths index whole-batch rows, not micro-batch rows)")
     mc = vllm_config.model_config
     # M-RoPE models (model_config.uses_mrope) run as any other: see TOUCHED_INTERNALS
     if mc is not None and getattr(mc, "use_mla", False):

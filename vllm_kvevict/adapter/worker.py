@@ -158,7 +158,6 @@ class WorkerEviction:
         """After vLLM's initialize_kv_cache: refuse (by name) attention layers whose cache the
         statistics cannot read, then hook every layer's forward once."""
         from vllm_kvevict.adapter.vllm_internals import (
-            UnsupportedConfigError,
             check_attention_layers,
             check_kv_cache_config,
         )
@@ -167,23 +166,12 @@ class WorkerEviction:
         groups = runner.kv_cache_config.kv_cache_groups
         self.gid = check_kv_cache_config(runner.kv_cache_config)
         self.hybrid = len(groups) > 1
-        if self.hybrid and getattr(runner.parallel_config, "enable_dbo", False):
-            raise UnsupportedConfigError(
-                "kv_eviction cannot run a hybrid (sliding-window + full attention) model with "
-                "dual-batch overlap (--enable-dbo): the full group's compacted lengths are "
-                "per batch, not per micro-batch. Remove --enable-dbo or kv_eviction."
-            )
         layers = _attention_layers(runner.vllm_config.compilation_config.static_forward_context,
                                    names=groups[self.gid].layer_names)
         layout = runner.cache_config.get_resolved_kv_cache_layout().name
         block_size = groups[self.gid].kv_cache_spec.block_size
         self.readers = check_attention_layers(layers, layout, block_size)
         self.fused = _fused_backend(layers)
-        if self.fused and getattr(runner.parallel_config, "enable_dbo", False):
-            raise UnsupportedConfigError(
-                "kv_eviction cannot run the plugin's attention backend with dual-batch overlap "
-                "(--enable-dbo): its statistics slots are batch rows, not micro-batch rows. "
-                "Remove --enable-dbo, or pick another --attention-backend.")
         if not self.hooked:
             self._hook_attention(list(layers))
         if self.hybrid:

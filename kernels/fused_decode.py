@@ -121,6 +121,9 @@ def _phase1(
         if slot >= 0:  # the parked blocks: full, scored from K, not attended
             first = tl.load(pc_ptr + slot)
             n_park = tl.load(pc_ptr + slot + 1) - first
+            # resident blocks never outnumber a request's blocks at max_model_len (nb_stats);
+            # the clamp only keeps a broken plan from writing into the next slot
+            n_park = tl.minimum(n_park, nb_stats - n_blocks)
             for i in range(0, n_park):
                 blk = tl.load(pt_ptr + first + i).to(tl.int64)
                 k = tl.load(k_tile + blk * s_kb, mask=d_ok[None, :], other=0.0)
@@ -178,7 +181,7 @@ def _phase2(
         slot = tl.load(slot_ptr + r)
         if slot >= 0:
             n_park = tl.load(pc_ptr + slot + 1) - tl.load(pc_ptr + slot)
-            n_total = tl.cdiv(tl.load(sl_ptr + r), BLOCK_SIZE) + n_park
+            n_total = tl.minimum(tl.cdiv(tl.load(sl_ptr + r), BLOCK_SIZE) + n_park, nb_stats)
             m_ref = tl.where(has, m, 0.0)
             offs_b = tl.arange(0, BLOCK_B)
             for b0 in range(0, n_total, BLOCK_B):

@@ -243,3 +243,85 @@ def test_builder_buffers_are_persistent_and_capture_is_all_decode(vllm_triton, e
         assert first.prefill.seq_lens.tolist() == [40, 3]
     finally:
         buffers.activate(None)
+
+
+def test_worst_case_buffers_and_no_allocation_on_the_decode_hot_path(vllm_triton, engine_config,
+                                                                     device):
+    """Everything the statistics need is made once, at its worst case (every one of
+    ``max_num_seqs`` rows scored, ``max_model_len`` tokens each, the bin full), with its size
+    known up front; a scored decode step — the flags upload, the metadata build, the
+    attention of every layer, the worker's read — allocates no tensor."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vllm_kvevict.backend import buffers
+    from vllm_kvevict.config import parse_config
+
+    class Allocations(TorchDispatchMode):
+        FACTORIES = {"empty", "empty_strided", "zeros", "ones", "full", "empty_like",
+                     "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros",
+                     "new_full", "new_ones", "arange", "scalar_tensor", "clone"}
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # the Triton interpreter copies every kernel argument to numpy and back (CPU only;
+            # a compiled launch allocates nothing): those are not the plugin's allocations
+            interpreted = any("triton/runtime/interpreter" in frame.filename
+                              for frame in traceback.extract_stack(limit=12))
+            if func.overloadpacket.__name__ in self.FACTORIES and not interpreted:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    config = parse_config({"policy": "h2o", "budget": 0.25, "recycle_bin_total_blocks": 8})
+    mc, sc = engine_config.model_config, engine_config.scheduler_config
+    stats = buffers.allocate(engine_config, config, device)  # what the load_model hook makes
+    try:
+        assert stats is None  # not selected for this config: nothing reserved
+        engine_config.attention_config.backend_per_kind = {"full_attention": _custom()}
+        stats = buffers.allocate(engine_config, config, device)
+        rows, slots = buffers.max_batch_rows(engine_config), sc.max_num_seqs
+        nb = -(-mc.max_model_len // BS)
+        hq, hkv, d = 9, 3, 64
+        assert stats.mass.shape == stats.peak.shape == (slots, hkv, nb)
+        assert all(p.shape == (slots, nb, hq) for p in stats.partials)
+        assert stats.park_ids.numel() == 8 and stats.slot.numel() == rows
+        assert stats.bytes_per_request() == (2 * hkv * nb + 2 * nb * hq) * 4
+        assert stats.nbytes >= slots * stats.bytes_per_request() + sum(
+            t.numel() * 4 for t in stats.scratch)
+        _, builder = _builders(engine_config, device)
+        assert [t.data_ptr() for t in builder.split_scratch] == \
+            [t.data_ptr() for t in stats.scratch]  # the reserved scratch, not a new one
+        _, ours, layer, kw = _impls(engine_config)
+        full = [(1, mc.max_model_len)] * slots  # every row decoding at max_model_len
+        cm, cache, gen, table = _batch(full, hkv, d, "LBHNC", device)
+        query = torch.randn(cm.num_actual_tokens, hq, d, generator=gen).to(device)
+        out = torch.empty_like(query)
+        columns = torch.arange(nb, device=device)
+        scored = [(r, []) for r in range(slots)]
+        with Allocations() as mode:
+            stats.prepare(scored, num_rows=slots)
+            md = builder.build(0, cm)
+            for _ in range(2):  # two layers
+                ours.forward(layer, query, None, None, cache, md, out)
+            for r in range(slots):
+                stats.read(r, columns)
+        assert mode.seen == [], mode.seen
+        # each row: 2 layers x 9 query heads of attention over its nb blocks
+        assert stats.mass[:slots].sum((1, 2)).tolist() == pytest.approx([2.0 * hq] * slots,
+                                                                        rel=1e-4)
+    finally:
+        buffers.activate(None)
+        engine_config.attention_config.backend_per_kind = {}
+
+
+def _custom():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_kvevict.backend import register
+
+    register()
+    return AttentionBackendEnum.CUSTOM

@@ -72,8 +72,12 @@ class EvictionAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         self.max_rows = stat_buffers.max_batch_rows(vllm_config)
-        self.split_scratch = split_scratch(self.max_rows, self.num_heads_q, self.num_heads_kv,
-                                           self.headdim, device)
+        reserved = stat_buffers.active()
+        if reserved is not None and reserved.scratch:  # made at startup, before profiling
+            self.split_scratch = reserved.scratch
+        else:
+            self.split_scratch = split_scratch(self.max_rows, self.num_heads_q,
+                                               self.num_heads_kv, self.headdim, device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)

@@ -33,11 +33,14 @@ class DecodeStatBuffers:
         mass, peak ``[S, Hkv, NB]`` float32: Σ and max over layers and the query heads of a
             KV group of each block's attention mass; a slot's attended blocks in row order,
             then its parked blocks;
-        partials: two ``[S, NB, Hq]`` float32, the kernel's per-block scratch.
+        partials: two ``[S, NB, Hq]`` float32, the kernel's per-block scratch;
+        scratch: the kernel's split scratch for any batch of up to ``R`` rows
+            (``kernels.fused_decode.split_scratch``).
     """
 
     def __init__(self, *, max_rows: int, max_slots: int, num_heads: int, num_kv_heads: int,
-                 max_blocks: int, max_parked: int, device: torch.device | str):
+                 max_blocks: int, max_parked: int, device: torch.device | str,
+                 head_size: int | None = None):
         self.max_rows, self.max_slots, self.max_blocks = max_rows, max_slots, max_blocks
         i32, f32 = torch.int32, torch.float32
         n_plan = max_rows + max_slots + 1 + max(max_parked, 1)
@@ -53,12 +56,17 @@ class DecodeStatBuffers:
         self.peak = torch.zeros_like(self.mass)
         self.partials = tuple(torch.zeros(max_slots, max_blocks, num_heads, dtype=f32,
                                           device=device) for _ in range(2))
+        self.scratch: tuple[torch.Tensor, ...] = ()
+        if head_size is not None:
+            from vllm_kvevict.kernels.fused_decode import split_scratch
+
+            self.scratch = split_scratch(max_rows, num_heads, num_kv_heads, head_size, device)
 
     @property
     def nbytes(self) -> int:
         """Device bytes held (all of them reserved before the KV pool is sized)."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.plan, self.mass, self.peak, *self.partials))
+                   for t in (self.plan, self.mass, self.peak, *self.partials, *self.scratch))
 
     def bytes_per_request(self) -> int:
         """Device bytes one statistics slot holds (mass, peak and the kernel's partials)."""
@@ -131,6 +139,7 @@ def allocate(vllm_config, eviction_config, device) -> DecodeStatBuffers | None:
         num_heads=mc.get_num_attention_heads(pc), num_kv_heads=mc.get_num_kv_heads(pc),
         max_blocks=-(-mc.max_model_len // block_size),
         max_parked=eviction_config.recycle_bin_total_blocks, device=device,
+        head_size=mc.get_head_size(),
     )
     activate(buffers)
     return buffers

@@ -1,19 +1,28 @@
-"""Worker cost of scoring: statistic launches, bytes sent to the host and host-side time per
-step, by the number of requests scored in the step, through vLLM on the embedded SmolLM2.
+"""Worker cost of scoring: host syncs, statistic launches, bytes sent to the host and host-side
+time per step, by the number of requests scored in the step, through vLLM on the embedded
+SmolLM2 (vLLM's CPU backend: the hooks measure the statistics; on NVIDIA the plugin's attention
+backend measures the decode ones inside its pass and the hooks then run only at prefill).
 
-A counting shim wraps every ``kernels.dispatch`` entry point the worker calls (one call is one
-kernel launch on NVIDIA; here its torch reference) and the worker's one device-to-host copy
-(``_all_reduce_mean``: the ``[sum of blocks + requests]`` float32 it moves to the host). For R
-concurrent requests decoding with a policy that scores every decode step (H2O, HybridKV) or
-every 16th (SnapKV), each step's counts are kept with the number of requests it scored; the
-worker's own host-side time per step (``begin_step`` + ``fix_inputs`` + the hooks'
-bookkeeping + ``finish_step``, minus the time inside the statistics) is timed too.
+Per step it counts:
+* ``host_syncs``: what would stall the host on a GPU — the worker's blocking transfers (every
+  host<->device move goes through ``adapter/transfers.py``: ``downloads``, the one copy of the
+  step's scores, and ``uploads``, one non-blocking copy from pinned memory, counted apart
+  because they do not synchronise) plus every read of tensor data the policies make while
+  scoring (``.item()``/``int()``/``.tolist()``/boolean indexing..., the detector of
+  ``tests/test_policies_device.py`` around ``block_scores``);
+* statistic calls (``kernels.dispatch`` entry points the hooks call, one launch each on NVIDIA,
+  and the decode statistic's torch twin, one call per request and layer on the CPU backend;
+  on NVIDIA the attention backend measures that one inside its pass, no call at all);
+* host bytes (the ``[sum of blocks + requests]`` float32 of the download);
+* the worker's own host time (``begin_step`` + ``fix_inputs`` + the hooks' bookkeeping +
+  ``finish_step``, minus the time inside the statistics).
+For R concurrent requests decoding with a policy that scores every decode step (H2O, HybridKV)
+or every 16th (SnapKV, LaProx), each step's counts are kept with the number it scored.
 
-    python benchmarks/bench_worker.py            # ~3 min: R = 1, 4, 16; h2o, snapkv, hybridkv
+    python benchmarks/bench_worker.py            # ~6 min: R = 1, 16, 64; h2o, snapkv, hybridkv, laprox
 
-Writes ``results/worker.json``. Claims checked: statistic calls per step do not grow with R
-(they are per layer and statistic), and host bytes per scored request are at most 4 bytes x
-blocks x 1 (one float per block, plus one flag per request).
+Writes ``results/worker.json``. Claims checked: host syncs per step are at most 2 (goal) and do
+not grow with R; host bytes per scored request are 4 bytes x blocks (+ one flag).
 """
 
 from __future__ import annotations
@@ -30,9 +39,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import common  # noqa: E402
 
-POLICIES = ("h2o", "snapkv", "hybridkv")
-REQUESTS = (1, 4, 16)
-PROMPT_TOKENS = 1024
+POLICIES = ("h2o", "snapkv", "hybridkv", "laprox")
+REQUESTS = (1, 16, 64)
+PROMPT_TOKENS = 256
 DECODE = 40
 ENTRY_POINTS = ("window_attention", "key_bounds", "block_key_bounds",
                 "quest_scores", "value_proj_norm", "wo_gram")
@@ -48,7 +57,8 @@ class Counter:
     @staticmethod
     def _empty():
         return {"calls": 0, "stat_s": 0.0, "host_bytes": 0, "scored": 0, "blocks": 0,
-                "worker_s": 0.0}
+                "worker_s": 0.0, "uploads": 0, "downloads": 0, "policy_reads": 0,
+                "decode_scored": 0}
 
     def close_step(self):
         if self.current["scored"]:
@@ -57,12 +67,15 @@ class Counter:
 
 
 def install(counter: Counter) -> None:
-    from vllm_kvevict.kernels import dispatch
+    from vllm_kvevict.kernels import dispatch, reference
 
     from vllm_kvevict.adapter import worker as W
 
-    for name in ENTRY_POINTS:
-        original = getattr(dispatch, name, None)
+    # the hooks' decode statistic on the CPU backend: one twin call per request and layer (on
+    # NVIDIA the attention backend's kernel measures it inside its pass: no call at all)
+    targets = [(dispatch, name) for name in ENTRY_POINTS] + [(reference, "dense_block_attention")]
+    for module, name in targets:
+        original = getattr(module, name, None)
         if original is None:
             continue
 
@@ -74,34 +87,58 @@ def install(counter: Counter) -> None:
                 counter.current["calls"] += 1
                 counter.current["stat_s"] += time.perf_counter() - t0
 
-        setattr(dispatch, name, counted)
+        setattr(module, name, counted)
 
     reduce = W._all_reduce_mean
 
-    def all_reduce_mean(scores, sizes, device):
+    def all_reduce_mean(scores, sizes, device, **kwargs):
         counter.current["host_bytes"] += 4 * (sum(sizes) + len(sizes))
         counter.current["scored"] += len(sizes)
         counter.current["blocks"] += sum(sizes)
-        return reduce(scores, sizes, device)
+        return reduce(scores, sizes, device, **kwargs)
 
     W._all_reduce_mean = all_reduce_mean
+
+    from test_policies_device import HostReads
+
+    from vllm_kvevict.policies.base import EvictionPolicy
+
+    for cls in {c for c in _subclasses(EvictionPolicy) if "block_scores" in vars(c)}:
+        def block_scores(self, stats, state, _orig=cls.block_scores):
+            with HostReads() as mode:
+                out = _orig(self, stats, state)
+            counter.current["policy_reads"] += len(mode.reads)
+            return out
+
+        cls.block_scores = block_scores
 
     def timed(method):
         original = getattr(W.WorkerEviction, method)
 
         def wrapper(self, *a, **k):
+            if method == "finish_step":  # only decode scorings count as decode steps
+                counter.current["decode_scored"] = sum(
+                    sr.task.phase == "decode" for sr in self.scored)
             t0 = time.perf_counter()
             try:
                 return original(self, *a, **k)
             finally:
                 counter.current["worker_s"] += time.perf_counter() - t0
                 if method == "finish_step":
+                    counter.current["uploads"] = self.transfers.counts["uploads"]
+                    counter.current["downloads"] = self.transfers.counts["downloads"]
                     counter.close_step()
 
         setattr(W.WorkerEviction, method, wrapper)
 
     for method in ("begin_step", "fix_inputs", "_measure_layer", "finish_step"):
         timed(method)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
 
 
 def main() -> None:
@@ -117,8 +154,8 @@ def main() -> None:
     counter = Counter()
     install(counter)
     started = time.perf_counter()
-    llm = make_llm({"kv_eviction": {"policy": "h2o", "budget": 0.25}}, max_num_seqs=32,
-                   max_model_len=4096, enable_prefix_caching=False)
+    llm = make_llm({"kv_eviction": {"policy": "h2o", "budget": 0.25}},
+                   max_num_seqs=max(REQUESTS), max_model_len=1024, enable_prefix_caching=False)
     engine_s = time.perf_counter() - started
     layers = len(llm.llm_engine.model_config.hf_config.to_dict().get("layer_types") or []) or \
         llm.llm_engine.model_config.hf_config.num_hidden_layers
@@ -131,11 +168,16 @@ def main() -> None:
                                     extra_args={"kv_eviction": {"policy": policy, "budget": 0.25}})
             counter.steps.clear()
             llm.generate(prompts, params, use_tqdm=False)
-            decode = [s for s in counter.steps if s["scored"] == r]  # steps scoring all R
+            # decode steps scoring all R (a prefill scoring reads back once per request)
+            decode = [s for s in counter.steps if s["decode_scored"] == s["scored"] == r]
             if not decode:
                 continue
+            syncs = [s["downloads"] + s["policy_reads"] for s in decode]
             row = {
                 "policy": policy, "requests": r, "steps": len(decode),
+                "host_syncs_per_step": statistics.median(syncs),
+                "host_syncs_per_step_max": max(syncs),
+                "uploads_per_step": statistics.median(s["uploads"] for s in decode),
                 "calls_per_step": statistics.median(s["calls"] for s in decode),
                 "calls_per_step_per_layer": statistics.median(s["calls"] for s in decode) / layers,
                 "host_bytes_per_request": statistics.median(s["host_bytes"] / r for s in decode),
@@ -146,7 +188,10 @@ def main() -> None:
             }
             row["host_bytes_per_block"] = row["host_bytes_per_request"] / row["blocks_per_request"]
             rows.append(row)
-            print(f"  {policy:9s} R={r:3d}: {row['calls_per_step']:.0f} statistic calls/step "
+            print(f"  {policy:9s} R={r:3d}: {row['host_syncs_per_step']:.0f} host syncs/step "
+                  f"(max {row['host_syncs_per_step_max']}), "
+                  f"{row['uploads_per_step']:.0f} pinned uploads/step, "
+                  f"{row['calls_per_step']:.0f} statistic calls/step "
                   f"({row['calls_per_step_per_layer']:.1f}/layer), "
                   f"{row['host_bytes_per_request']:.0f} B to host per request "
                   f"({row['host_bytes_per_block']:.2f} B/block), worker host time "
@@ -158,9 +203,12 @@ def main() -> None:
         "rows": rows,
     })
     print(common.markdown_table(
-        ["policy", "requests scored", "statistic calls / step", "calls / layer",
+        ["policy", "requests scored", "host syncs / step (max)", "pinned uploads / step",
+         "statistic calls / step", "calls / layer",
          "host bytes / request", "bytes / block", "worker host ms / request"],
-        [[r["policy"], r["requests"], f"{r['calls_per_step']:.0f}",
+        [[r["policy"], r["requests"],
+          f"{r['host_syncs_per_step']:.0f} ({r['host_syncs_per_step_max']})",
+          f"{r['uploads_per_step']:.0f}", f"{r['calls_per_step']:.0f}",
           f"{r['calls_per_step_per_layer']:.1f}", f"{r['host_bytes_per_request']:.0f}",
           f"{r['host_bytes_per_block']:.2f}", f"{r['worker_host_ms_per_request']:.3f}"]
          for r in rows]))

@@ -328,7 +328,9 @@ def _worker_after_a_step(layers_measured: bool):
                                               policy="h2o"),
                          positions=torch.arange(3), parked=torch.zeros(3, dtype=torch.bool),
                          num_tokens=3 * BS - 5, device="cpu", layers={}, slot=None,
-                         hooked=frozenset({"decode_attn"}))
+                         hooked=frozenset({"decode_attn"}),
+                         on_device=[torch.arange(3), torch.zeros(3, dtype=torch.int64),
+                                    torch.arange(3)])
     if layers_measured:
         mass = torch.softmax(torch.randn(HKV, 3), -1) * (HQ // HKV)
         sr.layers["decode_mass"] = [mass, mass]
@@ -472,7 +474,7 @@ def test_compaction_edits_the_runner_buffers_in_place():
     stock_slots = table[0].slot_mapping.gpu[:3].clone()
 
     ev = W.WorkerEviction.__new__(W.WorkerEviction)
-    ev.runner, ev.plan = runner, StepPlan(offsets={"a": BS})
+    ev.runner, ev.plan, ev.scored = runner, StepPlan(offsets={"a": BS}), []
     ev.fix_inputs(scheduled)
     assert {k: v.data_ptr() for k, v in buffers.items()} == addresses
     assert runner.seq_lens.tolist() == [4 * BS - 2 - BS, 2 * BS - 4, 0, 0]
@@ -523,6 +525,8 @@ def test_fused_rows_are_scored_from_the_backend_buffers(monkeypatch):
         real = policy.block_scores
         monkeypatch.setattr(policy, "block_scores", lambda st, state: seen.append(st) or real(st, state))
         ev.finish_step()
+        assert ev.transfers.counts == {"downloads": 1}  # the scores, one copy for the step
+        assert seen[0].position_limit == 4  # sized on the host: no read-back in the policy
         got = seen[0]
         assert got.decode_mass.tolist() == [[1.0, 3.0, 2.0], [4.0, 6.0, 5.0]]
         assert torch.allclose(got.decode_peak, got.decode_mass / 10)
@@ -608,7 +612,9 @@ def test_only_leading_decode_rows_are_measured_by_the_kernel():
     positions = torch.tensor([2 * BS - 4, 2 * BS - 4, 2 * BS - 3, 2 * BS - 2, 3 * BS - 6])
     qsl = torch.tensor([0, 1, 4, 5, 5], dtype=torch.int32)
     runner = SimpleNamespace(
-        input_batch=SimpleNamespace(num_reqs=3, req_ids=list(rows), block_table=table),
+        input_batch=SimpleNamespace(num_reqs=3, req_ids=list(rows), block_table=table,
+                                    num_computed_tokens_cpu=np.array([2 * BS - 4, 2 * BS - 4,
+                                                                      3 * BS - 6])),
         seq_lens=seq_lens, optimistic_seq_lens_cpu=seq_lens.clone().long(), positions=positions,
         query_start_loc=SimpleNamespace(gpu=qsl, np=qsl.numpy()), device=torch.device("cpu"))
 
@@ -624,7 +630,14 @@ def test_only_leading_decode_rows_are_measured_by_the_kernel():
         ev.fused = True
         ev.plan = StepPlan(score={"a": task(2), "b": task(2, "prefill"), "c": task(3)})
         ev.fix_inputs(scheduled)
+        # everything the step sends before the forward: one (pinned, non-blocking) copy
+        assert ev.transfers.counts == {"uploads": 1}
         got = {sr.req_id: sr for sr in ev.scored}
+        for sr in ev.scored:  # device views of what the policies read
+            assert [v.tolist() for v in sr.on_device] == [a.tolist() for a in sr.device_parts()]
+            # positions from the host's computed-token counts: what vLLM put on the device
+            q = slice(sr.q_start, sr.q_end)
+            assert sr.query_positions.tolist() == positions[q].tolist()
         assert got["a"].slot == 0 and got["a"].hooked == frozenset()
         assert got["b"].slot is None and "window_attn" in got["b"].hooked
         assert got["c"].slot is None and "decode_attn" in got["c"].hooked

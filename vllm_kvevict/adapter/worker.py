@@ -34,6 +34,7 @@ from vllm_kvevict.adapter.statistics import BY_NAME as STATISTICS_BY_NAME
 from vllm_kvevict.adapter.statistics import REGISTRY as STATISTIC_REGISTRY
 from vllm_kvevict.adapter.statistics import LayerInputs, combine_layers
 from vllm_kvevict.adapter.statistics import measured as statistics_measured
+from vllm_kvevict.adapter.transfers import StepTransfers
 from vllm_kvevict.config import config_from_additional
 from vllm_kvevict.kernels import dispatch
 from vllm_kvevict.kernels.paged import PagedKV, cpu_kv_view, detect_cpu_key_layout
@@ -72,6 +73,8 @@ class ScoredRequest:
     slot: int | None = None
     #: names of the statistics the attention hooks measure for it this step
     hooked: frozenset = frozenset()
+    #: ``device_parts()`` on the KV cache's device (set before the forward), else None
+    on_device: list | None = None
     num_tokens: int = field(init=False)
     block_table: torch.Tensor = field(init=False)  # [1, nb] int32 on ``device``
     seq_lens: torch.Tensor = field(init=False)  # [1] int32 on ``device``
@@ -87,6 +90,11 @@ class ScoredRequest:
         n_kept = int(kept.sum())
         self.stat_columns = torch.where(kept, kept.long().cumsum(0) - 1,
                                         n_kept + self.parked.long().cumsum(0) - 1)
+
+    def device_parts(self) -> list[np.ndarray]:
+        """What the policies read on the device: positions, parked flags, statistics
+        columns (``[nb]`` each), uploaded with the step's other data before the forward."""
+        return [self.positions.numpy(), self.parked.numpy(), self.stat_columns.numpy()]
 
     @property
     def parked_block_ids(self) -> list[int]:
@@ -204,6 +212,14 @@ class WorkerEviction:
         attn_group._kvevict_wrapped = True
 
     @property
+    def transfers(self) -> StepTransfers:
+        """The step's host<->device traffic (made on first use, on the KV cache's device)."""
+        made = self.__dict__.get("_transfers")
+        if made is None:
+            made = self.__dict__["_transfers"] = StepTransfers(getattr(self.runner, "device", "cpu"))
+        return made
+
+    @property
     def num_kv_heads(self) -> int:
         """KV heads of this tensor-parallel rank."""
         return self.runner.model_config.get_num_kv_heads(self.runner.parallel_config)
@@ -226,6 +242,7 @@ class WorkerEviction:
         self.group_lens = None
         self._step_batches = None
         self.skipped = {}
+        self.transfers.counts.clear()
         finished = getattr(scheduler_output, "finished_req_ids", ()) or ()
         for key in [k for k in self.policy_state if k[0] in finished]:
             del self.policy_state[key]
@@ -263,24 +280,35 @@ class WorkerEviction:
         num_reqs = batch.num_reqs
         req_ids = batch.req_ids[:num_reqs]
         offsets = np.array([self.plan.offsets.get(r, 0) for r in req_ids], dtype=np.int64)
-        if offsets.any():
-            e = torch.from_numpy(offsets)
+        compact = bool(offsets.any())
+        seq_lens = upper = None
+        if compact:  # the host side first: the CPU upper bound the scored requests read
             total = int(num_scheduled_tokens.sum())
             if self.hybrid:
                 seq_lens, upper = runner.seq_lens.clone(), runner.optimistic_seq_lens_cpu.clone()
             else:
                 seq_lens, upper = runner.seq_lens, runner.optimistic_seq_lens_cpu
-            seq_lens[:num_reqs] -= e.to(seq_lens.device, seq_lens.dtype)
-            upper[:num_reqs] -= e.to(upper.dtype)
+            upper[:num_reqs] -= torch.from_numpy(offsets).to(upper.dtype)
             if self.hybrid:
                 self.group_lens = (seq_lens, upper)
-            per_token = torch.from_numpy(np.repeat(offsets, num_scheduled_tokens))
-            shifted = runner.positions[:total] - per_token.to(runner.positions.device)
-            self.block_table.compute_slot_mapping(
-                num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], shifted
-            )
         if self.plan.score:
             self._resolve_scored(req_ids, _leading_decodes(num_scheduled_tokens))
+        # everything the device needs this step, in one non-blocking copy
+        parts = [sr.device_parts() for sr in self.scored]
+        arrays = [a for p in parts for a in p]
+        if compact:
+            arrays = [offsets, np.repeat(offsets, num_scheduled_tokens), *arrays]
+        if arrays:
+            views = self.transfers.upload(arrays)
+            if compact:
+                e, per_token, views = views[0], views[1], views[2:]
+                seq_lens[:num_reqs] -= e.to(seq_lens.dtype)
+                shifted = runner.positions[:total] - per_token
+                self.block_table.compute_slot_mapping(
+                    num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], shifted
+                )
+            for sr, part in zip(self.scored, parts):
+                sr.on_device, views = views[: len(part)], views[len(part):]
         if self.fused:
             self._prepare_backend(num_reqs)
 
@@ -303,8 +331,11 @@ class WorkerEviction:
         qsl = runner.query_start_loc.np
         bs = self.block_table.block_size
         table = self.block_table.block_table.np
-        seq_lens = runner.seq_lens if self.group_lens is None else self.group_lens[0]
-        seq_lens = seq_lens.cpu() if seq_lens.is_cuda else seq_lens
+        # host values only (no device read): the compacted lengths' CPU copy (exact: no async
+        # scheduling, no drafts) and positions = computed tokens + offset in the step
+        seq_lens = (runner.optimistic_seq_lens_cpu if self.group_lens is None
+                    else self.group_lens[1])
+        computed = runner.input_batch.num_computed_tokens_cpu
         for row, req_id in enumerate(req_ids):
             task = self.plan.score.get(req_id)
             if task is None:
@@ -330,7 +361,8 @@ class WorkerEviction:
                 positions=torch.tensor([r[0] for r in resident], dtype=torch.int64),
                 parked=torch.tensor([r[2] for r in resident], dtype=torch.bool),
                 tokens_per_block=[r[3] for r in resident],
-                query_positions=runner.positions[q_start:q_end].cpu(),
+                query_positions=torch.from_numpy(
+                    int(computed[row]) + np.arange(q_end - q_start, dtype=np.int64)),
                 layers={},
                 device=runner.device,
             )
@@ -521,23 +553,24 @@ class WorkerEviction:
                 results.append((sr, None))
                 continue
             fields = {k: combine_layers(k, v) for k, v in sr.layers.items()}
+            positions, parked, columns = sr.on_device or [
+                t.to(self.runner.device) for t in map(torch.from_numpy, sr.device_parts())]
             if sr.slot is not None:  # measured by the attention backend's kernel
                 from vllm_kvevict.backend import buffers as stat_buffers
 
-                columns = sr.stat_columns.to(self.runner.device)
                 fields["decode_mass"], fields["decode_peak"] = stat_buffers.active().read(
                     sr.slot, columns)
-            device = next(iter(fields.values())).device if fields else torch.device(sr.device)
             stats = RequestStats(
                 block_size=self.block_table.block_size,
-                block_index=sr.positions.to(device),
+                block_index=positions,
                 num_tokens=sr.num_tokens,
                 num_kv_heads=self.num_kv_heads,
-                parked=sr.parked.to(device),
+                parked=parked.bool(),
                 phase=sr.task.phase,
-                visual=_to(self._visual_mask(sr), device),
+                visual=self._visual_mask(sr, positions),
                 num_layers=len(self.layer_names),
                 num_heads=self.num_heads,
+                position_limit=int(sr.positions.max()) + 1,  # host tensor: no read-back
                 **fields,
             )
             state = self.policy_state.setdefault((sr.req_id, sr.task.generation), {})
@@ -548,7 +581,7 @@ class WorkerEviction:
             return
         flat, measured = _all_reduce_mean(
             [scores for _, scores in results], [sr.positions.numel() for sr, _ in results],
-            device=self.runner.device,
+            device=self.runner.device, download=self.transfers.download,
         )
         for (sr, _), scores, ok in zip(results, flat, measured):
             if not ok:
@@ -559,10 +592,15 @@ class WorkerEviction:
                 generation=sr.task.generation, positions=sr.positions.cpu().numpy(), scores=scores,
             )
 
-    def _visual_mask(self, sr: ScoredRequest) -> torch.Tensor | None:
+    def _visual_mask(self, sr: ScoredRequest, positions: torch.Tensor) -> torch.Tensor | None:
+        """[T] bool on the device of ``positions`` (the resident blocks' positional indices):
+        the multimodal placeholder tokens. Token positions are computed there (every resident
+        block is full but the last), the spans are host ints: nothing is uploaded."""
         if not sr.task.visual_spans:
             return None
-        pos = self._token_positions(sr)
+        bs = self.block_table.block_size
+        offsets = torch.arange(bs, device=positions.device)
+        pos = (positions[:, None] * bs + offsets).flatten()[: sr.num_tokens]
         mask = torch.zeros_like(pos, dtype=torch.bool)
         for offset, length in sr.task.visual_spans:
             mask |= (pos >= offset) & (pos < offset + length)
@@ -606,8 +644,8 @@ def _linear_weight(linear) -> torch.Tensor:
     return linear.quant_method.apply(linear, eye).t()
 
 
-def _all_reduce_mean(scores: list[torch.Tensor | None], sizes: list[int], device
-                     ) -> tuple[list[np.ndarray], list[bool]]:
+def _all_reduce_mean(scores: list[torch.Tensor | None], sizes: list[int], device,
+                     download=lambda t: t.cpu()) -> tuple[list[np.ndarray], list[bool]]:
     """Average every scored request's block scores over the TP group in one all-reduce.
 
     Each TP rank measured only its own heads and only rank 0's output reaches the scheduler,
@@ -625,14 +663,16 @@ def _all_reduce_mean(scores: list[torch.Tensor | None], sizes: list[int], device
     """
     parts = [s.to(device, torch.float32) if s is not None else
              torch.zeros(n, dtype=torch.float32, device=device) for s, n in zip(scores, sizes)]
-    flags = torch.tensor([s is not None for s in scores], dtype=torch.float32, device=device)
-    flat = torch.cat([*parts, flags])
+    # made on the device (a tensor from a Python list would be an upload)
+    flags = [torch.ones(1, device=device) if s is not None else torch.zeros(1, device=device)
+             for s in scores]
+    flat = torch.cat([*parts, *flags])
     world = _tp_world_size()
     if world > 1:
         from vllm.distributed import tensor_model_parallel_all_reduce
 
         flat = tensor_model_parallel_all_reduce(flat)
-    host = flat.cpu()  # the step's one device -> host copy
+    host = download(flat)  # the step's one device -> host copy
     values, measured = host[: sum(sizes)] / world, host[sum(sizes):]
     out, start = [], 0
     for n in sizes:
@@ -706,10 +746,6 @@ def _missing_stats(sr: ScoredRequest, num_layers: int) -> list[str]:
     """Expected statistics not recorded for every attention layer (sorted names)."""
     return sorted(n for n in _expected_stats(sr)
                   if len(sr.layers.get(n, ())) != num_layers or num_layers == 0)
-
-
-def _to(x: torch.Tensor | None, device) -> torch.Tensor | None:
-    return None if x is None else x.to(device)
 
 
 # -- class-level patches, inert unless the runner's engine has a kv_eviction config ------------

@@ -54,6 +54,9 @@ class RequestStats:
     phase: str = "decode"  # "prefill" (right after the last prompt chunk) or "decode"
     num_layers: int = 1  # L
     num_heads: int = 0  # Hq (0: as many as KV heads)
+    #: largest resident position + 1, known on the host (sizes the per-request block stores
+    #: without reading ``block_index`` back); None: read it from ``block_index``
+    position_limit: int | None = None
     window_attn: torch.Tensor | None = None  # [L, Hq, W, T] float32, rows sum to 1
     #: [Hkv, nb] float32: Σ over layers and the group's query heads of the newest query's
     #: attention on each block (attended blocks of one KV head sum to L·Hq/Hkv)

@@ -61,14 +61,19 @@ def recency(block_index: torch.Tensor) -> torch.Tensor:
     return (order + 1).to(torch.float32)
 
 
-def save_blocks(state: dict[str, Any], key: str, block_index: torch.Tensor, values: torch.Tensor) -> None:
+def save_blocks(state: dict[str, Any], key: str, block_index: torch.Tensor, values: torch.Tensor,
+                limit: int | None = None) -> None:
     """Store ``values[..., nb]`` under positional block indices in ``state[key]`` (grows).
 
     The store lives on the device of ``values``. Its length (largest position + 1) must be a
-    host int, so this reads ``block_index.max()`` back: the one host sync of the block stores.
+    host int: ``limit`` (``RequestStats.position_limit``, which the worker knows on the host),
+    else ``block_index.max()`` is read back (a host sync on a GPU).
     """
     store = state.get(key)
-    need = int(block_index.max()) + 1 if block_index.numel() else 0
+    if limit is not None:
+        need = limit
+    else:
+        need = int(block_index.max()) + 1 if block_index.numel() else 0
     lead = values.shape[:-1]
     if store is None or store.shape[:-1] != lead:
         store = torch.full((*lead, need), float("nan"), device=values.device)
@@ -103,7 +108,7 @@ def window_received(stats: RequestStats) -> torch.Tensor | None:
 
 def accumulate_blocks(
     state: dict[str, Any], key: str, block_index: torch.Tensor, step: torch.Tensor | None,
-    decay: float = 1.0,
+    decay: float = 1.0, limit: int | None = None,
 ) -> torch.Tensor | None:
     """Running per-block score ``decay · past + step`` (``[..., nb]``) kept in ``state[key]``.
 
@@ -114,7 +119,7 @@ def accumulate_blocks(
     if step is None:
         return acc
     acc = step if acc is None or acc.shape != step.shape else decay * acc.nan_to_num(0.0) + step
-    save_blocks(state, key, block_index, acc)
+    save_blocks(state, key, block_index, acc, limit)
     return acc
 
 
@@ -142,6 +147,7 @@ def carry_scores(
     decode: torch.Tensor | None,
     refresh: float,
     unscored: str,
+    limit: int | None = None,
 ) -> torch.Tensor:
     """Block scores of a prefill-time method (SnapKV, LaProx) at any step.
 
@@ -154,7 +160,7 @@ def carry_scores(
     """
     if prefill is not None:
         scores = normalize_mass(prefill)
-        save_blocks(state, key, block_index, scores)
+        save_blocks(state, key, block_index, scores, limit)
         return scores
     old = load_blocks(state, key, block_index)
     alone = normalize_mass(decode if decode is not None else recency(block_index))
@@ -170,7 +176,7 @@ def carry_scores(
     base = normalize_mass(torch.where(known, old, 0.0))
     scores = normalize_mass(torch.where(known, (1 - refresh) * base + refresh * fresh, fresh))
     # nothing scored: store back what was there (NaN), i.e. store nothing
-    save_blocks(state, key, block_index, torch.where(any_known, scores, old))
+    save_blocks(state, key, block_index, torch.where(any_known, scores, old), limit)
     return torch.where(any_known, scores, alone)
 
 
@@ -230,4 +236,5 @@ class WindowRankedPolicy(EvictionPolicy):
         return carry_scores(
             state, self.name, stats.block_index, prefill=prefill, decode=decode,
             refresh=self.config.decode_refresh, unscored=self.config.unscored,
+            limit=stats.position_limit,
         )

@@ -62,7 +62,8 @@ class H2OPolicy(EvictionPolicy):
         if received is not None:
             per_kv = group_heads(received, stats.num_kv_heads, "mean", dim=1)
             step = tokens_to_blocks(per_kv, stats.block_size, stats.num_blocks).mean(0)
-        acc = accumulate_blocks(state, "h2o", stats.block_index, step)
+        acc = accumulate_blocks(state, "h2o", stats.block_index, step,
+                                limit=stats.position_limit)
         if acc is None:
             return normalize_mass(recency(stats.block_index))
         return normalize_mass(head_mix(acc.nan_to_num(0.0), self.config.head_reduce))

@@ -125,7 +125,8 @@ class HAEPolicy(EvictionPolicy):
             step = tokens_to_blocks(received, bs, nb).amax(dim=(0, 1))
         elif stats.decode_mass is not None:  # the same two, from the block statistics
             step = stats.decode_share.mean(0) if mean else stats.decode_peak.amax(0)
-        acc = accumulate_blocks(state, "hae", stats.block_index, step, self.config.decay)
+        acc = accumulate_blocks(state, "hae", stats.block_index, step, self.config.decay,
+                                stats.position_limit)
         base = recency(stats.block_index) if acc is None else acc.nan_to_num(0.0)
         none = torch.empty(0, dtype=torch.long, device=device)
         # positions are unique: assume_unique spares isin's unique() (a read-back on a GPU)

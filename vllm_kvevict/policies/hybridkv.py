@@ -209,7 +209,7 @@ class HybridKVPolicy(EvictionPolicy):
             need_tok = torch.where(static[..., None], self.static_token_need(a, stats.visual), a)
             need = _rownorm(tokens_to_blocks(need_tok, bs, nb))
             state.update(static=static, weights=weights)
-            save_blocks(state, "need", stats.block_index, need)
+            save_blocks(state, "need", stats.block_index, need, stats.position_limit)
         else:
             need = load_blocks(state, "need", stats.block_index)
             if need is not None:  # blocks born after prefill: average need of the needed ones

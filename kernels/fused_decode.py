@@ -42,9 +42,13 @@ TARGET_PROGRAMS = 512
 MAX_SPLITS = 16
 #: cap of ``m_b - m`` in the rescale: a parked block may out-score every attended one
 MAX_EXPONENT = 60.0
+#: integer arguments that change from step to step: Triton would otherwise compile a variant
+#: for the value 1 and for multiples of 16 (a 1-3 s stall mid-serving each); every other
+#: argument is fixed for the life of an engine (strides, buffer widths, flags)
+DO_NOT_SPECIALIZE = {"_phase1": ("num_splits", "s_btr"), "_phase2": ("num_splits",)}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_phase1"])
 def _phase1(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, slot_ptr, pt_ptr, pc_ptr,
     acc_ptr, ms_ptr, ls_ptr, mb_ptr, lb_ptr,
@@ -137,7 +141,7 @@ def _phase1(
                 tl.store(lb_ptr + off, tl.sum(tl.exp(s - m_b[:, None]), 1), mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_phase2"])
 def _phase2(
     acc_ptr, ms_ptr, ls_ptr, mb_ptr, lb_ptr, sl_ptr, slot_ptr, pc_ptr,
     out_ptr, mass_ptr, peak_ptr,

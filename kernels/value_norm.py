@@ -13,8 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+#: integer arguments that change with the rows' widths (see ``fused_decode.DO_NOT_SPECIALIZE``)
+DO_NOT_SPECIALIZE = {"_value_norm_kernel": ("max_blocks", "s_btr")}
 
-@triton.jit
+
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_value_norm_kernel"])
 def _value_norm_kernel(
     v_ptr, g_ptr, bt_ptr, sl_ptr, out_ptr,
     max_blocks,

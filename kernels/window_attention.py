@@ -35,14 +35,20 @@ def _window_logits(q, k_tile, bt_row, b, seq_len, pos, w_ok, d_ok, s_kb, BLOCK_S
     return tl.where(visible, s, float("-inf")), tok
 
 
-@triton.jit
+#: integer arguments that change with the window length and the rows' widths (see
+#: ``fused_decode.DO_NOT_SPECIALIZE``); the window itself is a runtime ``W``, its tile
+#: ``BLOCK_W`` one constexpr value (32) for every window up to 32 (``window_tile``)
+DO_NOT_SPECIALIZE = {"_window_kernel": ("max_blocks", "s_qr", "s_qh", "s_qw", "s_btr", "W")}
+
+
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_window_kernel"])
 def _window_kernel(
     q_ptr, k_ptr, bt_ptr, sl_ptr, probs_ptr, bsum_ptr,
     scale, max_blocks,
     s_qr, s_qh, s_qw, s_qd,
     s_kb, s_kt, s_kh, s_kd,
-    s_btr,
-    W: tl.constexpr, G: tl.constexpr, HQ: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    s_btr, W,
+    G: tl.constexpr, HQ: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, PROBS: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -85,6 +91,12 @@ def _window_kernel(
         tl.store(bsum_ptr + (r * max_blocks + b) * HQ + h, tl.sum(tl.sum(p, 1), 0))
 
 
+def window_tile(w: int) -> int:
+    """The query tile of a window of ``w``: 32 for every window up to 32 (the policies'
+    default), so short last chunks do not compile a variant of their own."""
+    return max(32, triton.next_power_of_2(w))
+
+
 def paged_window_attention(
     q_window: torch.Tensor,
     key_cache: torch.Tensor,
@@ -110,9 +122,9 @@ def paged_window_attention(
     _window_kernel[(r_n, hq)](
         q_window, key_cache, block_table, seq_lens, prob_buf, bsum,
         scale, max_blocks,
-        *q_window.stride(), *key_cache.stride(), block_table.stride(0),
-        W=w, G=hq // hkv, HQ=hq, BLOCK_SIZE=bs, HEAD_DIM=d,
-        BLOCK_W=max(16, triton.next_power_of_2(w)), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        *q_window.stride(), *key_cache.stride(), block_table.stride(0), w,
+        G=hq // hkv, HQ=hq, BLOCK_SIZE=bs, HEAD_DIM=d,
+        BLOCK_W=window_tile(w), BLOCK_D=max(16, triton.next_power_of_2(d)),
         PROBS=probs,
     )
     return WindowStats(prob_buf if probs else None, bsum)

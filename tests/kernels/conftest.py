@@ -44,7 +44,7 @@ ensure_kernels_importable()
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-KERNEL_MODULES = ("fused_decode", "window_attention", "key_bounds", "value_norm")
+KERNEL_MODULES = ("fused_decode", "window_attention", "key_bounds", "value_norm", "warmup")
 TRITON_ERROR = None  # a reason to skip the Triton tests (the torch references still run)
 
 _DTYPE_NAMES = ("float32", "float16", "bfloat16")

@@ -180,11 +180,32 @@ class WorkerEviction:
         block_size = groups[self.gid].kv_cache_spec.block_size
         self.readers = check_attention_layers(layers, layout, block_size)
         self.fused = _fused_backend(layers)
+        self._warm_up(layers)
         if not self.hooked:
             self._hook_attention(list(layers))
         if self.hybrid:
             for attn_group in runner.attn_groups[self.gid]:
                 self._wrap_metadata(attn_group)
+
+    def _warm_up(self, layers: dict) -> None:
+        """On an NVIDIA GPU, compile the serving kernels now (``kernels/warmup.py``): the
+        attention backend's decode kernel and the prefill statistics' kernels, on the real
+        cache and widths, so no request waits for a Triton compilation."""
+        name, layer = next(iter(layers.items()))
+        kv = layer.kv_cache[0] if isinstance(layer.kv_cache, list | tuple) else layer.kv_cache
+        if self.readers.get(name) != "gpu" or not kv.is_cuda or torch.version.hip is not None:
+            return
+        from vllm_kvevict.backend import buffers
+        from vllm_kvevict.kernels.warmup import warm_up
+
+        stats = buffers.active()
+        options = self.config.options if self.config is not None else {}
+        window = max(32, int(options.get("window") or 32))  # the server's policy options
+        launched = warm_up(kv, layer.impl.num_heads, _head_size(layer, kv),
+                           self.block_table.block_table.np.shape[1], decode=self.fused,
+                           stats=stats.kernel_kwargs() if stats is not None else None,
+                           window=window)
+        logger.info("kv_eviction: %d Triton kernels compiled at startup", launched)
 
     def _wrap_metadata(self, attn_group) -> None:
         """The full group's attention metadata is built from its own compacted lengths.

@@ -111,11 +111,7 @@ class EvictionAttentionImpl(TritonAttentionImpl):
         nd = md.num_decodes
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         out = output.view(-1, self.num_heads, self.head_size)
-        stats = md.stats
-        extra = {}
-        if stats is not None:
-            extra = dict(slot=stats.slot, park_ids=stats.park_ids, park_start=stats.park_start,
-                         mass=stats.mass, peak=stats.peak, block_partials=stats.partials)
+        extra = md.stats.kernel_kwargs() if md.stats is not None else {}
         fused_decode_attention(
             query.view(-1, self.num_heads, self.head_size)[:nd], key_cache, value_cache,
             md.block_table, md.seq_lens, out[:nd], self.scale, scratch=md.split_scratch,

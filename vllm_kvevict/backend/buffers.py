@@ -110,6 +110,11 @@ class DecodeStatBuffers:
         self.mass[:rows].zero_()
         self.peak[:rows].zero_()
 
+    def kernel_kwargs(self) -> dict:
+        """The statistics arguments of ``kernels.fused_decode.fused_decode_attention``."""
+        return dict(slot=self.slot, park_ids=self.park_ids, park_start=self.park_start,
+                    mass=self.mass, peak=self.peak, block_partials=self.partials)
+
     def read(self, slot: int, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mass, peak)`` ``[Hkv, n]`` of one slot at the given columns (device gather)."""
         return self.mass[slot][:, columns], self.peak[slot][:, columns]

@@ -95,15 +95,17 @@ def check_inputs(backend: str, kv: PagedKV, query: torch.Tensor | None = None,
 
 
 def window_attention(q_window, kv: PagedKV, block_table, seq_lens, scale=None, *, probs=True,
-                     backend=AUTO) -> WindowStats:
+                     window_lens=None, backend=AUTO) -> WindowStats:
     """Observation-window probabilities ``[R, Hq, W, max_T]`` and per-block sums."""
     backend = pick_backend(backend, q_window, kv.key)
     check_inputs(backend, kv, q_window, block_table, seq_lens)
     if backend == TRITON:
         from .window_attention import paged_window_attention
 
-        return paged_window_attention(q_window, kv.key, block_table, seq_lens, scale, probs=probs)
-    result = reference.window_attention(q_window, kv.key, block_table, seq_lens, scale)
+        return paged_window_attention(q_window, kv.key, block_table, seq_lens, scale, probs=probs,
+                                      window_lens=window_lens)
+    result = reference.window_attention(q_window, kv.key, block_table, seq_lens, scale,
+                                        window_lens)
     return result if probs else result._replace(probs=None)
 
 

@@ -192,9 +192,11 @@ def fused_decode_attention(query, key_cache, value_cache, block_table, seq_lens,
     return out.to(query.dtype), mass, peak
 
 
-def window_attention(q_window, key_cache, block_table, seq_lens, scale=None) -> WindowStats:
+def window_attention(q_window, key_cache, block_table, seq_lens, scale=None,
+                     window_lens=None) -> WindowStats:
     """softmax(q·Kᵀ) of the last W queries ``[R, Hq, W, D]``; window query i sits at position
-    ``seq_len - W + i`` and sees tokens ``t <=`` it. Rows before the prompt start
+    ``seq_len - W + i`` and sees tokens ``t <=`` it. Row r's window is its last
+    ``window_lens[r]`` queries (default W); rows outside it or before the prompt start
     (``seq_len < W``) are all zero."""
     r_n, hq, w, d = q_window.shape
     bs = key_cache.shape[1]
@@ -203,9 +205,11 @@ def window_attention(q_window, key_cache, block_table, seq_lens, scale=None) -> 
                         device=q_window.device)
     for r in range(r_n):
         n = int(seq_lens[r])
-        if n:
+        w_r = w if window_lens is None else int(window_lens[r])
+        if n and w_r:
             k = _gather(key_cache, block_table[r], n)
-            probs[r, :, :, :n] = dense_window_attention(q_window[r].transpose(0, 1), k, scale, n - w)
+            probs[r, :, w - w_r:, :n] = dense_window_attention(
+                q_window[r, :, w - w_r:].transpose(0, 1), k, scale, n - w_r)
     return WindowStats(probs, _per_block(probs.sum(2), bs))
 
 

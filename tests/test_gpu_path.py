@@ -645,3 +645,90 @@ def test_only_leading_decode_rows_are_measured_by_the_kernel():
         assert ev.needs_eager_attention  # b and c need the hooks: no FULL graph this step
     finally:
         buffers.activate(None)
+
+
+def test_a_scored_decode_step_moves_data_only_through_its_two_transfers(monkeypatch):
+    """The worker's step on a device whose data cannot be read: ``meta`` stands in for the
+    GPU (reading a meta tensor raises, so any host sync of device data fails the test). A
+    compacting step scoring two decode requests of the plugin's backend (H2O) makes exactly:
+    one upload of the worker's data and one of the backend's flags (pinned, non-blocking),
+    one download of the scores; nothing else crosses, no device value is read."""
+    from torch.overrides import TorchFunctionMode
+
+    from vllm_kvevict.adapter.protocol import ScoreTask, StepPlan
+    from vllm_kvevict.backend import buffers
+    from vllm_kvevict.config import parse_config
+
+    meta = torch.device("meta")
+    crossings = []
+
+    class Crossings(TorchFunctionMode):
+        """Calls from the plugin (outside its two transfer points) that put data on meta."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            frames = [f.filename for f in __import__("traceback").extract_stack()[:-1]
+                      if "vllm_kvevict" in f.filename]
+            target = kwargs.get("device", next((a for a in args[1:] if isinstance(
+                a, (torch.device, str))), None))
+            moving = func in (torch.Tensor.to, torch.tensor, torch.as_tensor) and \
+                str(target) == "meta" and not (args and isinstance(args[0], torch.Tensor)
+                                               and args[0].is_meta)
+            if func is torch.Tensor.copy_ and args[0].is_meta and not args[1].is_meta:
+                moving = True
+            if moving and frames and not any(f.endswith(("transfers.py", "buffers.py"))
+                                             for f in frames[-1:]):
+                crossings.append(f"{func.__name__} {frames[-1]}")
+            return func(*args, **kwargs)
+
+    rows = {"a": [5, 7, 2], "b": [1, 3]}
+    table_np = np.zeros((4, 8), dtype=np.int32)
+    for i, ids in enumerate(rows.values()):
+        table_np[i, : len(ids)] = ids
+    slot_calls = []
+    block_table = SimpleNamespace(
+        block_size=BS, block_table=SimpleNamespace(np=table_np),
+        num_blocks_per_row=np.array([3, 2, 0, 0]),
+        compute_slot_mapping=lambda *a: slot_calls.append(a))
+    computed = np.array([4 * BS - 3, 2 * BS - 6])  # "a": its block at position 1 evicted
+    runner = SimpleNamespace(
+        device=meta,
+        input_batch=SimpleNamespace(num_reqs=2, req_ids=list(rows), block_table=[block_table],
+                                    num_computed_tokens_cpu=computed),
+        seq_lens=torch.zeros(4, dtype=torch.int32, device=meta),
+        optimistic_seq_lens_cpu=torch.tensor([4 * BS - 2, 2 * BS - 5, 0, 0]),
+        positions=torch.zeros(8, dtype=torch.int64, device=meta),
+        query_start_loc=SimpleNamespace(gpu=torch.zeros(5, dtype=torch.int32, device=meta),
+                                        np=np.array([0, 1, 2, 2, 2])),
+        model_config=SimpleNamespace(get_num_kv_heads=lambda _: HKV,
+                                     get_num_attention_heads=lambda _: HQ),
+        parallel_config=None)
+    stats = buffers.DecodeStatBuffers(max_rows=4, max_slots=4, num_heads=HQ, num_kv_heads=HKV,
+                                      max_blocks=8, max_parked=4, device=meta)
+    buffers.activate(stats)
+    try:
+        ev = W.WorkerEviction(runner, parse_config({"policy": "h2o", "budget": 0.25}))
+        ev.fused, ev.layer_names = True, ["model.layers.0.attn", "model.layers.1.attn"]
+        task = lambda positions: ScoreTask(  # noqa: E731
+            policy="h2o", options={}, phase="decode", generation=0,
+            kept_positions=positions, parked=[])
+        ev.plan = StepPlan(offsets={"a": BS}, score={"a": task([0, 2, 3]), "b": task([0, 1])})
+        downloads = []
+        monkeypatch.setattr(ev.transfers, "download", lambda t: (
+            downloads.append(t.shape), ev.transfers.counts.update(["downloads"]),
+            torch.ones(t.shape))[2])  # as if read: every request measured
+        prepared = []
+        real_prepare = stats.prepare
+        monkeypatch.setattr(stats, "prepare", lambda *a, **k: (prepared.append(a),
+                                                               real_prepare(*a, **k))[1])
+        with Crossings():
+            ev.fix_inputs(np.array([1, 1]))
+            assert [sr.slot for sr in ev.scored] == [0, 1] and not ev.needs_eager_attention
+            ev.finish_step()
+        assert crossings == [], crossings
+        assert ev.transfers.counts == {"uploads": 1, "downloads": 1}
+        assert len(prepared) == 1 and len(slot_calls) == 1  # the flags; compaction's slots
+        assert downloads == [(3 + 2 + 2,)]  # 5 block scores + 2 flags, one copy
+        assert set(ev.pending_scores) == {"a", "b"}
+    finally:
+        buffers.activate(None)

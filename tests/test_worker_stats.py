@@ -146,7 +146,7 @@ def _scored_layer(bs, group, phase, layout, packed=False, seed=0, others=(), oth
         query_positions=torch.tensor([0]), layers={}) for i, (q, nb, last) in enumerate(others)]
     worker.scored = [sr, *extra]
     for one in worker.scored:  # as _resolve_scored sets it (no backend of ours: hooks measure)
-        one.hooked = frozenset(s.name for s in measured(one.policy.needs, one.task.phase))
+        one.set_hooked(s.name for s in measured(one.policy.needs, one.task.phase))
     layer = SimpleNamespace(impl=SimpleNamespace(num_heads=hq, scale=D**-0.5, head_size=D))
     worker._measure_layer(1, LAYER, layer, query.view(len(query), -1), key.view(len(key), -1), raw)
     dense = SimpleNamespace(keys=torch.stack(keys), values=torch.stack(values),
@@ -250,19 +250,21 @@ def test_an_unnamed_output_projection_is_not_measured_rather_than_failing_the_st
 
 @pytest.mark.parametrize("layout", ["cpu", "LBNHC"])
 def test_requests_of_one_step_are_measured_together_as_alone(layout, monkeypatch):
-    """One launch of a batched statistic (the value norms, at prefill) for all scored requests
-    (rows of different lengths, padded block table) gives each request what it gets in a
-    smaller batch or alone; so do the per-request ones."""
+    """One launch of each prefill statistic (window attention with padded windows of
+    different lengths, value norms) for all scored requests (rows of different lengths,
+    padded block table) gives each request what it gets in a smaller batch or alone; so does
+    the per-request decode twin."""
     from vllm_kvevict.kernels import dispatch
 
     calls = []
-    real = dispatch.value_proj_norm
-    monkeypatch.setattr(dispatch, "value_proj_norm", lambda *a, **k: (
-        calls.append("value_proj_norm"), real(*a, **k))[1])
+    for name in ("value_proj_norm", "window_attention"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _real=real, _n=name, **k: (
+            calls.append(_n), _real(*a, **k))[1])
     others = [(0, 2, 5), (1, 3, 16), (0, 1, 1)]  # (newest query index, blocks, tokens in last)
     (first, *rest), _ = _scored_layer(16, 3, "prefill", layout, others=others,
                                       others_phase="prefill")
-    assert calls == ["value_proj_norm"]  # 4 requests, one launch
+    assert sorted(calls) == ["value_proj_norm", "window_attention"]  # 4 requests, one each
     for i, sr in enumerate(rest):
         (_, alone), _ = _scored_layer(16, 3, "prefill", layout, others=[others[i]],
                                       others_phase="prefill")

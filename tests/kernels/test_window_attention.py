@@ -40,3 +40,27 @@ def test_window_without_probs(paged_case, dtype, tol):
     torch.testing.assert_close(sums.block_sum, full.block_sum, atol=0, rtol=0)
     want = reference.window_attention(q, case.key_cache, case.block_table, case.seq_lens, 0.2)
     tol.close(full.probs, want.probs)
+
+
+def test_padded_windows_of_several_requests_in_one_launch(paged_case, dtype, tol):
+    """One launch for every request of a step, each with its own window (the tile's last
+    ``window_lens[r]`` queries, right-aligned), the GQA group in one tile: each row equals the
+    same request alone with its own window; the padding rows are zero."""
+    from vllm_kvevict.kernels.window_attention import paged_window_attention
+
+    case = paged_case(16, 2, 4, 32, [40, 9, 33], dtype=dtype)
+    width = 8
+    q = torch.randn(3, case.num_heads, width, 32, generator=case.gen).to(case.key_cache.device, dtype)
+    lens = torch.tensor([8, 3, 5], dtype=torch.int32, device=q.device)
+    got = paged_window_attention(q, case.key_cache, case.block_table, case.seq_lens,
+                                 window_lens=lens)
+    for r, w in enumerate(lens.tolist()):
+        alone = paged_window_attention(q[r:r + 1, :, width - w:], case.key_cache,
+                                       case.block_table[r:r + 1], case.seq_lens[r:r + 1])
+        tol.close(got.probs[r, :, width - w:], alone.probs[0])
+        tol.close(got.block_sum[r], alone.block_sum[0])
+        assert bool((got.probs[r, :, : width - w] == 0).all())
+    want = reference.window_attention(q, case.key_cache, case.block_table, case.seq_lens,
+                                      window_lens=lens)
+    tol.close(got.probs, want.probs)
+    tol.close(got.block_sum, want.block_sum)

@@ -91,15 +91,16 @@ def _value_proj_norm(inputs: LayerInputs, b) -> None:
         sr.record(VALUE_PROJ_NORM, norms[i, :, :sr.num_tokens])  # [Hq, T]
 
 
-def _window_attention(inputs: LayerInputs, sr) -> None:
-    """The last ``window`` prompt queries' attention; their number differs per request, so one
-    call per request (the window queries are the row's last tokens: checked when the request
-    was resolved)."""
-    w = min(sr.policy.window or 32, sr.q_end - sr.q_start)
-    q_window = inputs.queries[sr.q_end - w: sr.q_end].transpose(0, 1)[None]  # [1, Hq, W, D]
-    probs = dispatch.window_attention(q_window, inputs.kv, sr.block_table, sr.seq_lens,
-                                      inputs.scale).probs
-    sr.record(WINDOW_ATTN, probs[0, :, :, :sr.num_tokens])  # [Hq, W, T]
+def _window_attention(inputs: LayerInputs, b) -> None:
+    """The last ``window`` prompt queries' attention of every request that needs it, in one
+    call (windows padded to the longest, each request's own length in ``b.window_lens``; the
+    window queries are the row's last tokens: checked when the request was resolved)."""
+    q_window = inputs.queries[b.window_index].transpose(1, 2)  # [R, Hq, W, D]
+    probs = dispatch.window_attention(q_window, inputs.kv, b.block_table, b.seq_lens,
+                                      inputs.scale, window_lens=b.window_lens).probs
+    w = q_window.shape[2]
+    for i, sr in enumerate(b.members):
+        sr.record(WINDOW_ATTN, probs[i, :, w - sr.window:, :sr.num_tokens])  # [Hq, W_i, T]
 
 
 #: every statistic, in the order the worker measures them
@@ -107,7 +108,7 @@ REGISTRY: tuple[Statistic, ...] = (
     Statistic(DECODE_ATTN, ("decode_mass", "decode_peak"), _decode_attention, batched=False,
               in_backend=True, reduce={"decode_mass": "sum", "decode_peak": "max"}),
     Statistic(VALUE_PROJ_NORM, (VALUE_PROJ_NORM,), _value_proj_norm, prefill_only=True),
-    Statistic(WINDOW_ATTN, (WINDOW_ATTN,), _window_attention, batched=False, prefill_only=True),
+    Statistic(WINDOW_ATTN, (WINDOW_ATTN,), _window_attention, prefill_only=True),
 )
 BY_NAME = {s.name: s for s in REGISTRY}
 FIELD_REDUCE = {f: how for s in REGISTRY for f, how in s.reduce.items()}

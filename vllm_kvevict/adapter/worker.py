@@ -39,7 +39,7 @@ from vllm_kvevict.config import config_from_additional
 from vllm_kvevict.kernels import dispatch
 from vllm_kvevict.kernels.paged import PagedKV, cpu_kv_view, detect_cpu_key_layout
 from vllm_kvevict.policies import get_policy
-from vllm_kvevict.policies.base import RequestStats
+from vllm_kvevict.policies.base import WINDOW_ATTN, RequestStats
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -75,26 +75,59 @@ class ScoredRequest:
     hooked: frozenset = frozenset()
     #: ``device_parts()`` on the KV cache's device (set before the forward), else None
     on_device: list | None = None
+    #: observation-window queries the hooks read this step (0: none)
+    window: int = 0
     num_tokens: int = field(init=False)
-    block_table: torch.Tensor = field(init=False)  # [1, nb] int32 on ``device``
-    seq_lens: torch.Tensor = field(init=False)  # [1] int32 on ``device``
     #: [nb] int64: column of each resident block in the decode statistics, which list the
     #: attended (kept) blocks first, in row order, then the parked ones (positional order)
     stat_columns: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.num_tokens = sum(self.tokens_per_block)
-        self.block_table = self.block_ids.to(self.device, torch.int32)[None]
-        self.seq_lens = torch.tensor([self.num_tokens], dtype=torch.int32, device=self.device)
         kept = ~self.parked
         n_kept = int(kept.sum())
         self.stat_columns = torch.where(kept, kept.long().cumsum(0) - 1,
                                         n_kept + self.parked.long().cumsum(0) - 1)
 
     def device_parts(self) -> list[np.ndarray]:
-        """What the policies read on the device: positions, parked flags, statistics
-        columns (``[nb]`` each), uploaded with the step's other data before the forward."""
-        return [self.positions.numpy(), self.parked.numpy(), self.stat_columns.numpy()]
+        """What the device reads for this request, uploaded with the step's other data
+        before the forward: positions, parked flags, statistics columns (``[nb]`` each) for
+        the policies; for the hooks (when they measure something): the resident block ids,
+        ``[num_tokens, window]`` and the window's query token indices."""
+        parts = [self.positions.numpy(), self.parked.numpy(), self.stat_columns.numpy()]
+        if self.hooked:
+            parts += [self.block_ids.numpy(), np.array([self.num_tokens, self.window]),
+                      np.arange(self.q_end - self.window, self.q_end)]
+        return parts
+
+    def set_hooked(self, names) -> None:
+        """The statistics the attention hooks measure for it this step, and so its window
+        (the policy's, at most this step's query tokens)."""
+        self.hooked = frozenset(names)
+        self.window = (min(getattr(self.policy, "window", None) or 32, self.q_end - self.q_start)
+                       if WINDOW_ATTN in self.hooked else 0)
+
+    def device_views(self) -> list[torch.Tensor]:
+        """``device_parts()`` on the device: the step's upload, or (a request not resolved by
+        the worker: unit tests) uploaded here."""
+        if self.on_device is None:
+            self.on_device = [torch.from_numpy(a).to(self.device) for a in self.device_parts()]
+        return self.on_device
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """``[1, nb]`` int32 on the device: the resident blocks as one paged row."""
+        return self.device_views()[3].to(torch.int32)[None]
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """``[1]`` int32 on the device: the resident tokens."""
+        return self.device_views()[4][:1].to(torch.int32)
+
+    @property
+    def window_index(self) -> torch.Tensor:
+        """``[window]`` int64 on the device: the window queries' indices in the step's tokens."""
+        return self.device_views()[5]
 
     @property
     def parked_block_ids(self) -> list[int]:
@@ -107,12 +140,16 @@ class ScoredRequest:
 
 @dataclass
 class _Batch:
-    """Scored requests as one paged batch: what one kernel launch reads for all of them."""
+    """Scored requests as one paged batch: what one kernel launch reads for all of them.
+    Built on the device from the requests' uploaded views (nothing more is uploaded)."""
 
     members: tuple[ScoredRequest, ...]
     block_table: torch.Tensor  # [R, max_blocks] int32 (rows padded with block 0, never read)
     seq_lens: torch.Tensor  # [R] int32, compacted lengths
-    newest: torch.Tensor  # [R] index of each request's newest query in the step's tokens
+    #: [R, W] int64: each request's window query indices in the step's tokens, right-aligned
+    #: (W = the longest window; a shorter one repeats its last index in front, masked)
+    window_index: torch.Tensor | None
+    window_lens: torch.Tensor | None  # [R] int32
 
     @classmethod
     def of(cls, members) -> _Batch:
@@ -121,8 +158,16 @@ class _Batch:
         table = torch.zeros(len(members), width, dtype=torch.int32, device=device)
         for i, sr in enumerate(members):
             table[i, : sr.block_ids.numel()] = sr.block_table[0]
-        return cls(members, table, torch.cat([sr.seq_lens for sr in members]),
-                   torch.tensor([sr.q_end - 1 for sr in members], device=device))
+        w = max(sr.window for sr in members)
+        index = lens = None
+        if w:
+            index = torch.empty(len(members), w, dtype=torch.int64, device=device)
+            for i, sr in enumerate(members):
+                view = sr.window_index
+                index[i, w - sr.window:] = view
+                index[i, : w - sr.window] = view[-1:]
+            lens = torch.cat([sr.device_views()[4][1:] for sr in members]).to(torch.int32)
+        return cls(members, table, torch.cat([sr.seq_lens for sr in members]), index, lens)
 
 
 class KeyLayoutError(RuntimeError):
@@ -396,7 +441,7 @@ class WorkerEviction:
                 continue
             if self.fused and task.phase == "decode" and row < leading_decodes:
                 sr.slot = row  # a decode row of the plugin's backend: its kernel measures
-            sr.hooked = frozenset(s.name for s in statistics_measured(
+            sr.set_hooked(s.name for s in statistics_measured(
                 sr.policy.needs, task.phase, in_backend=sr.slot is not None))
             self.scored.append(sr)
 
@@ -574,8 +619,7 @@ class WorkerEviction:
                 results.append((sr, None))
                 continue
             fields = {k: combine_layers(k, v) for k, v in sr.layers.items()}
-            positions, parked, columns = sr.on_device or [
-                t.to(self.runner.device) for t in map(torch.from_numpy, sr.device_parts())]
+            positions, parked, columns = sr.device_views()[:3]
             if sr.slot is not None:  # measured by the attention backend's kernel
                 from vllm_kvevict.backend import buffers as stat_buffers
 

@@ -329,8 +329,8 @@ def _worker_after_a_step(layers_measured: bool):
                          positions=torch.arange(3), parked=torch.zeros(3, dtype=torch.bool),
                          num_tokens=3 * BS - 5, device="cpu", layers={}, slot=None,
                          hooked=frozenset({"decode_attn"}),
-                         on_device=[torch.arange(3), torch.zeros(3, dtype=torch.int64),
-                                    torch.arange(3)])
+                         device_views=lambda: [torch.arange(3), torch.zeros(3, dtype=torch.int64),
+                                               torch.arange(3)])
     if layers_measured:
         mass = torch.softmax(torch.randn(HKV, 3), -1) * (HQ // HKV)
         sr.layers["decode_mass"] = [mass, mass]

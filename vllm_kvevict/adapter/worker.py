@@ -95,10 +95,18 @@ class ScoredRequest:
         the policies; for the hooks (when they measure something): the resident block ids,
         ``[num_tokens, window]`` and the window's query token indices."""
         parts = [self.positions.numpy(), self.parked.numpy(), self.stat_columns.numpy()]
-        if self.hooked:
-            parts += [self.block_ids.numpy(), np.array([self.num_tokens, self.window]),
-                      np.arange(self.q_end - self.window, self.q_end)]
-        return parts
+        return parts + self._hook_parts() if self.hooked else parts
+
+    def _hook_parts(self) -> list[np.ndarray]:
+        return [self.block_ids.numpy(), np.array([self.num_tokens, self.window]),
+                np.arange(self.q_end - self.window, self.q_end)]
+
+    def _hook_view(self, i: int) -> torch.Tensor:
+        views = self.device_views()
+        if len(views) > 3:
+            return views[3 + i]
+        # not measured by the hooks this step (a caller reading its row directly): from here
+        return torch.from_numpy(self._hook_parts()[i]).to(self.device)
 
     def set_hooked(self, names) -> None:
         """The statistics the attention hooks measure for it this step, and so its window
@@ -117,17 +125,17 @@ class ScoredRequest:
     @property
     def block_table(self) -> torch.Tensor:
         """``[1, nb]`` int32 on the device: the resident blocks as one paged row."""
-        return self.device_views()[3].to(torch.int32)[None]
+        return self._hook_view(0).to(torch.int32)[None]
 
     @property
     def seq_lens(self) -> torch.Tensor:
         """``[1]`` int32 on the device: the resident tokens."""
-        return self.device_views()[4][:1].to(torch.int32)
+        return self._hook_view(1)[:1].to(torch.int32)
 
     @property
     def window_index(self) -> torch.Tensor:
         """``[window]`` int64 on the device: the window queries' indices in the step's tokens."""
-        return self.device_views()[5]
+        return self._hook_view(2)
 
     @property
     def parked_block_ids(self) -> list[int]:
@@ -166,7 +174,7 @@ class _Batch:
                 view = sr.window_index
                 index[i, w - sr.window:] = view
                 index[i, : w - sr.window] = view[-1:]
-            lens = torch.cat([sr.device_views()[4][1:] for sr in members]).to(torch.int32)
+            lens = torch.cat([sr._hook_view(1)[1:] for sr in members]).to(torch.int32)
         return cls(members, table, torch.cat([sr.seq_lens for sr in members]), index, lens)
 
 

@@ -123,3 +123,21 @@ def test_without_do_not_specialize_the_keys_differ(launches, device):
     _steps(device)
     keys = _keys(launches, honour=False)
     assert len(keys["_phase1"]) > 1 and len(keys["_window_kernel"]) > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compile caches exist on a GPU only")
+def test_the_gpu_compiles_each_kernel_at_most_once_across_serving_steps(device):
+    """On a GPU, Triton's own cache: the warm-up and the changing steps add at most one
+    compiled variant per kernel (none if an earlier test compiled the same one)."""
+    from vllm_kvevict.kernels import fused_decode, value_norm, window_attention
+
+    kernels = [getattr(m, name) for m in (fused_decode, value_norm, window_attention)
+               for name in m.DO_NOT_SPECIALIZE]
+
+    def compiled(kernel):
+        return sum(len(entry[0]) for entry in kernel.device_caches.values())
+
+    before = [compiled(k) for k in kernels]
+    _steps(device)
+    added = [compiled(k) - b for k, b in zip(kernels, before)]
+    assert all(n <= 1 for n in added), dict(zip((k.fn.__name__ for k in kernels), added))

@@ -732,3 +732,19 @@ def test_a_scored_decode_step_moves_data_only_through_its_two_transfers(monkeypa
         assert set(ev.pending_scores) == {"a", "b"}
     finally:
         buffers.activate(None)
+
+
+def test_buffers_narrower_than_the_group_needs_are_refused():
+    """Sized at load time from the cache config's block size: a group whose blocks are
+    smaller (more per request) would leave a request's last blocks without statistics."""
+    from vllm_kvevict.backend import buffers
+
+    buffers.activate(buffers.DecodeStatBuffers(max_rows=2, max_slots=2, num_heads=HQ,
+                                               num_kv_heads=HKV, max_blocks=16, max_parked=1,
+                                               device="cpu"))
+    try:
+        W._check_buffer_width(512, 32)  # 16 blocks: fits
+        with pytest.raises(UnsupportedConfigError, match="hold 16 blocks per request.*needs 32"):
+            W._check_buffer_width(512, 16)
+    finally:
+        buffers.activate(None)

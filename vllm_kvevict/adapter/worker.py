@@ -233,6 +233,8 @@ class WorkerEviction:
         block_size = groups[self.gid].kv_cache_spec.block_size
         self.readers = check_attention_layers(layers, layout, block_size)
         self.fused = _fused_backend(layers)
+        if self.fused:
+            _check_buffer_width(runner.model_config.max_model_len, block_size)
         self._warm_up(layers)
         if not self.hooked:
             self._hook_attention(list(layers))
@@ -793,6 +795,22 @@ def _leading_decodes(num_scheduled_tokens: np.ndarray) -> int:
     batch vLLM reordered for it, decode rows first)."""
     longer = np.flatnonzero(np.asarray(num_scheduled_tokens) > 1)
     return int(longer[0]) if longer.size else len(num_scheduled_tokens)
+
+
+def _check_buffer_width(max_model_len: int, block_size: int) -> None:
+    """The statistics buffers were sized at load time from the cache config's block size; the
+    evicted group's real block size must not need more blocks per request (else a request's
+    last blocks would have no statistics)."""
+    from vllm_kvevict.adapter.vllm_internals import UnsupportedConfigError
+    from vllm_kvevict.backend import buffers
+
+    need = -(-max_model_len // block_size)
+    if buffers.active().max_blocks < need:
+        raise UnsupportedConfigError(
+            f"kv_eviction: the attention backend's statistics buffers hold "
+            f"{buffers.active().max_blocks} blocks per request, the evicted KV-cache group needs "
+            f"{need} ({max_model_len} tokens in blocks of {block_size}); set --block-size "
+            f"explicitly")
 
 
 def _fused_backend(layers: dict) -> bool:

@@ -436,23 +436,26 @@ def scheduler_section(sched: dict, all_batched: list[dict]) -> list[str]:
 
 
 def worker_section(worker: dict | None) -> list[str]:
-    """bench_worker.py: statistic calls, host bytes and host time per scored step."""
+    """bench_worker.py: host syncs, uploads, statistic calls, host bytes and host time per
+    scored decode step."""
     if not worker or not worker.get("rows"):
         return []
     return ["## Worker cost of scoring", "",
             f"`bench_worker.py` on SmolLM2 ({worker['layers']} layers), {worker['prompt_tokens']}"
-            "-token prompts at a 25 % budget: per step that scores R requests, the statistic "
-            "calls (one kernel launch each on NVIDIA), the bytes the worker moves to the host "
-            "per scored request (one float32 per block + one flag) and its host-side time per "
-            "request outside the statistics. H2O and HybridKV are scored at decode steps; "
-            "SnapKV's scored steps are its prefills, whose observation window is one call per "
-            "request and layer (windows differ in length).", "",
+            "-token prompts at a 25 % budget: per decode step that scores R requests, the host "
+            "syncs it would make on a GPU (the worker's downloads + the policies' reads of "
+            "tensor data; goal <= 2), its pinned non-blocking uploads, the statistic calls "
+            "(on this CPU backend the hooks' decode twin, one per request and layer; on NVIDIA "
+            "the attention backend measures decode statistics inside its pass), the bytes the "
+            "worker moves to the host per scored request (one float32 per block + one flag) "
+            "and its host-side time per request outside the statistics.", "",
             common.markdown_table(
-                ["policy", "requests scored", "statistic calls / step", "calls / layer",
-                 "host bytes / request", "bytes / block", "worker host ms / request"],
-                [[r["policy"], r["requests"], f"{r['calls_per_step']:.0f}",
-                  f"{r['calls_per_step_per_layer']:.1f}", f"{r['host_bytes_per_request']:.0f}",
-                  f"{r['host_bytes_per_block']:.2f}", f"{r['worker_host_ms_per_request']:.3f}"]
+                ["policy", "requests scored", "host syncs / step (max)", "pinned uploads / step",
+                 "statistic calls / step", "host bytes / request", "worker host ms / request"],
+                [[r["policy"], r["requests"],
+                  f"{r['host_syncs_per_step']:.0f} ({r['host_syncs_per_step_max']})",
+                  f"{r['uploads_per_step']:.0f}", f"{r['calls_per_step']:.0f}",
+                  f"{r['host_bytes_per_request']:.0f}", f"{r['worker_host_ms_per_request']:.3f}"]
                  for r in worker["rows"]]), ""]
 
 

@@ -16,7 +16,9 @@ Per step it counts:
   on NVIDIA the attention backend measures that one inside its pass, no call at all);
 * host bytes (the ``[sum of blocks + requests]`` float32 of the download);
 * the worker's own host time (``begin_step`` + ``fix_inputs`` + the hooks' bookkeeping +
-  ``finish_step``, minus the time inside the statistics).
+  ``finish_step``, minus the time inside the statistics);
+* the policies' device state per request (their per-block stores) at the first and the last
+  of those steps: flat, it follows the request's blocks, not the steps.
 For R concurrent requests decoding with a policy that scores every decode step (H2O, HybridKV)
 or every 16th (SnapKV, LaProx), each step's counts are kept with the number it scored.
 
@@ -59,7 +61,7 @@ class Counter:
     def _empty():
         return {"calls": 0, "stat_s": 0.0, "host_bytes": 0, "scored": 0, "blocks": 0,
                 "worker_s": 0.0, "uploads": 0, "downloads": 0, "policy_reads": 0,
-                "decode_scored": 0}
+                "decode_scored": 0, "state_bytes": 0}
 
     def close_step(self):
         if self.current["scored"]:
@@ -128,12 +130,21 @@ def install(counter: Counter) -> None:
                 if method == "finish_step":
                     counter.current["uploads"] = self.transfers.counts["uploads"]
                     counter.current["downloads"] = self.transfers.counts["downloads"]
+                    counter.current["state_bytes"] = _state_bytes(self.policy_state)
                     counter.close_step()
 
         setattr(W.WorkerEviction, method, wrapper)
 
     for method in ("begin_step", "fix_inputs", "_measure_layer", "finish_step"):
         timed(method)
+
+
+def _state_bytes(policy_state: dict) -> int:
+    """Device bytes the policies keep per request across steps (their block stores), the
+    largest over the running requests."""
+    sizes = [sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel"))
+             for state in policy_state.values()]
+    return max(sizes, default=0)
 
 
 def _subclasses(cls):
@@ -179,6 +190,10 @@ def main() -> None:
                 "host_syncs_per_step": statistics.median(syncs),
                 "host_syncs_per_step_max": max(syncs),
                 "uploads_per_step": statistics.median(s["uploads"] for s in decode),
+                # per request, at the first and the last decode step scoring all R: flat when
+                # the stores only follow the request's own blocks (it grows by about one)
+                "state_bytes_first": decode[0]["state_bytes"],
+                "state_bytes_last": decode[-1]["state_bytes"],
                 "calls_per_step": statistics.median(s["calls"] for s in decode),
                 "calls_per_step_per_layer": statistics.median(s["calls"] for s in decode) / layers,
                 "host_bytes_per_request": statistics.median(s["host_bytes"] / r for s in decode),
@@ -191,7 +206,8 @@ def main() -> None:
             rows.append(row)
             print(f"  {policy:9s} R={r:3d}: {row['host_syncs_per_step']:.0f} host syncs/step "
                   f"(max {row['host_syncs_per_step_max']}), "
-                  f"{row['uploads_per_step']:.0f} pinned uploads/step, "
+                  f"{row['uploads_per_step']:.0f} pinned uploads/step, policy state "
+                  f"{row['state_bytes_first']} -> {row['state_bytes_last']} B/request, "
                   f"{row['calls_per_step']:.0f} statistic calls/step "
                   f"({row['calls_per_step_per_layer']:.1f}/layer), "
                   f"{row['host_bytes_per_request']:.0f} B to host per request "

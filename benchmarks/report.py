@@ -451,11 +451,14 @@ def worker_section(worker: dict | None) -> list[str]:
             "and its host-side time per request outside the statistics.", "",
             common.markdown_table(
                 ["policy", "requests scored", "host syncs / step (max)", "pinned uploads / step",
-                 "statistic calls / step", "host bytes / request", "worker host ms / request"],
+                 "statistic calls / step", "host bytes / request", "policy state B / request "
+                 "(first → last step)", "worker host ms / request"],
                 [[r["policy"], r["requests"],
                   f"{r['host_syncs_per_step']:.0f} ({r['host_syncs_per_step_max']})",
                   f"{r['uploads_per_step']:.0f}", f"{r['calls_per_step']:.0f}",
-                  f"{r['host_bytes_per_request']:.0f}", f"{r['worker_host_ms_per_request']:.3f}"]
+                  f"{r['host_bytes_per_request']:.0f}",
+                  f"{r.get('state_bytes_first', '-')} → {r.get('state_bytes_last', '-')}",
+                  f"{r['worker_host_ms_per_request']:.3f}"]
                  for r in worker["rows"]]), ""]
 
 

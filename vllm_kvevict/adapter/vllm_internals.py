@@ -321,6 +321,9 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
     Internal(_BATCH, "CachedRequestState.block_ids", "attribute",
              note="GPUModelRunner.requests[req_id].block_ids[gid]: row replace"),
     *_attributes(_BATCH, "InputBatch", "req_id_to_index num_reqs req_ids block_table"),
+    Internal(_BATCH, "InputBatch.num_computed_tokens_cpu", "attribute",
+             note="host positions of a step's query tokens: computed tokens + offset in the "
+             "step (no read of the device positions; exact without async scheduling/drafts)"),
     Internal(_TABLE, "MultiGroupBlockTable.__getitem__", "method",
              note="input_batch.block_table[gid]: the full-attention group's table"),
     Internal(_TABLE, "BlockTable.add_row", "method", params=("block_ids", "row_idx"),

@@ -222,8 +222,9 @@ def split_scratch(max_rows: int, num_heads: int, num_kv_heads: int, head_dim: in
                   device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Persistent phase-1 scratch for any batch of up to ``max_rows`` rows: flat float32
     buffers holding ``[rows, Hq, num_splits_for(rows), D]`` and two ``[rows, Hq, splits]``."""
-    cells = max(r * num_splits_for(r, num_kv_heads)
-                for r in {1, max_rows, *range(1, min(max_rows, TARGET_PROGRAMS) + 1)})
+    # r * splits(r) peaks below TARGET_PROGRAMS rows; past it splits is 1 and r grows
+    cells = max(max_rows, *(r * num_splits_for(r, num_kv_heads)
+                            for r in range(1, min(max_rows, TARGET_PROGRAMS) + 1)))
     f32 = torch.float32
     return (torch.empty(cells * num_heads * head_dim, dtype=f32, device=device),
             torch.empty(cells * num_heads, dtype=f32, device=device),

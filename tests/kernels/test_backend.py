@@ -225,6 +225,13 @@ def test_builder_buffers_are_persistent_and_capture_is_all_decode(vllm_triton, e
 
     assert EvictionAttentionMetadataBuilder._cudagraph_support == \
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    from vllm_kvevict.backend.attention import EvictionAttentionBackend as Backend
+
+    # what the kernel lacks is declared, so vLLM refuses the backend for such layers
+    assert not any(getattr(Backend, f"supports_{what}")() for what in (
+        "sliding_window", "rswa", "sink", "mm_prefix", "alibi_sqrt", "non_causal"))
+    assert Backend.supports_attn_type("decoder") and not Backend.supports_attn_type("encoder")
+    assert Backend.supports_head_size(64) and not Backend.supports_head_size(512)
     _, builder = _builders(engine_config, device)
     assert builder.reorder_batch_threshold == 1
     stats = buffers.DecodeStatBuffers(max_rows=8, max_slots=8, num_heads=9, num_kv_heads=3,

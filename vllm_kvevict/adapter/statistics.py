@@ -76,7 +76,7 @@ def _decode_attention(inputs: LayerInputs, sr) -> None:
     parked_keys = kv.gather(parked, parked.numel() * bs)[0] if parked.numel() else None
     query = inputs.queries[sr.q_end - 1]
     blocks = reference.dense_block_attention(query, keys, bs, inputs.scale, parked_keys)
-    blocks = blocks[:, sr.stat_columns.to(blocks.device)]  # resident order
+    blocks = blocks[:, sr.device_views()[2]]  # resident order (the step's uploaded columns)
     grouped = blocks.view(kv.num_kv_heads, -1, blocks.shape[-1])
     sr.record("decode_mass", grouped.sum(1))
     sr.record("decode_peak", grouped.amax(1))

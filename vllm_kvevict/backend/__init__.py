@@ -11,6 +11,7 @@ BACKEND_PATH = "vllm_kvevict.backend.attention.EvictionAttentionBackend"
 NAME = "CUSTOM"  # the AttentionBackendEnum member it is registered as (and its get_name())
 #: block sizes the kernel takes (``tl.arange`` over a block: powers of two)
 BLOCK_SIZES = (16, 32, 64, 128)
+HEAD_SIZES = (32, 256)  # smallest and largest head size it takes
 
 
 def register() -> None:

@@ -38,7 +38,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_kvevict.backend import BLOCK_SIZES, NAME
+from vllm_kvevict.backend import BLOCK_SIZES, HEAD_SIZES, NAME
 from vllm_kvevict.backend import buffers as stat_buffers
 from vllm_kvevict.kernels.fused_decode import fused_decode_attention, num_splits_for, split_scratch
 
@@ -149,35 +149,12 @@ class EvictionAttentionBackend(TritonAttentionBackend):
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
-        return 32 <= head_size <= 256
+        return HEAD_SIZES[0] <= head_size <= HEAD_SIZES[1]
 
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_rswa(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_sink(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_mm_prefix(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_alibi_sqrt(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_non_causal(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_batch_invariance(cls) -> bool:
-        return False
+    # what the kernel does not implement: vLLM then refuses the backend for such layers
+    _unsupported = classmethod(lambda cls: False)
+    supports_sliding_window = supports_rswa = supports_sink = supports_mm_prefix = _unsupported
+    supports_alibi_sqrt = supports_non_causal = supports_batch_invariance = _unsupported
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

@@ -78,14 +78,15 @@ def _unsupported(vllm_config) -> str | None:
         return "bidirectional attention over multimodal prefixes"
     if getattr(mc, "rswa_window", None) is not None:
         return "R-SWA attention"
-    from vllm_kvevict.backend import BLOCK_SIZES
+    from vllm_kvevict.backend import BLOCK_SIZES, HEAD_SIZES
 
     block_size = getattr(vllm_config.cache_config, "block_size", None)
     if block_size is not None and block_size not in BLOCK_SIZES:
         return f"--block-size {block_size} (it takes {', '.join(map(str, BLOCK_SIZES))})"
     head_size = mc.get_head_size() if mc is not None else None
-    if head_size is not None and not 32 <= head_size <= 256:
-        return f"head size {head_size} (32 to 256)"
+    low, high = HEAD_SIZES
+    if head_size is not None and not low <= head_size <= high:
+        return f"head size {head_size} ({low} to {high})"
     return None
 
 

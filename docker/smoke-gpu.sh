@@ -4,7 +4,8 @@
 #   1. the plugin's `vllm.general_plugins` entry point loads through vLLM's own plugin loader
 #      and installs the --kv-eviction* flags;
 #   2. `vllm serve --help=kv-eviction` through the image's entrypoint lists the --kv-eviction*
-#      flags (stock `vllm serve` is shown too, for information);
+#      flags (stock `vllm serve` is shown too, for information; VLLM_TARGET_DEVICE=cpu, as vLLM
+#      cannot build its parser's defaults without a device);
 #   3. the version check passes (vllm-kvevict's supported vLLM versions) and every vLLM internal
 #      the plugin touches matches the image's vLLM sources;
 #   4. benchmarks/gpu_check.sh (the checkout, mounted read-only) says there is no GPU, exit 0;
@@ -50,13 +51,16 @@ rc=$?
 echo "$out" | tail -1
 report "plugin entry point" "$rc" "$out" 1
 
-out=$(kvevict-entrypoint serve --help=kv-eviction 2>&1)
+# Without a GPU vLLM's CUDA build infers no device, and its serve parser needs one for its
+# defaults ("Failed to infer device type"): VLLM_TARGET_DEVICE=cpu, vLLM's own switch, picks the
+# CPU platform for the help text only. A GPU node needs no such setting.
+out=$(VLLM_TARGET_DEVICE=cpu kvevict-entrypoint serve --help=kv-eviction 2>&1)
 rc=$?
 flags=$(echo "$out" | grep -o -- '--kv-eviction[a-z-]*' | sort -u | tr '\n' ' ')
-echo "entrypoint serve --help=kv-eviction: $flags"
+echo "VLLM_TARGET_DEVICE=cpu kvevict-entrypoint serve --help=kv-eviction: $flags"
 case "$flags" in *--kv-eviction-budget*) met=1 ;; *) met=0 ;; esac
 report "serve --help lists --kv-eviction*" "$rc" "$out" "$met"
-stock=$(vllm serve --help=kv-eviction 2>&1 | grep -o -- '--kv-eviction[a-z-]*' | sort -u | wc -l)
+stock=$(VLLM_TARGET_DEVICE=cpu vllm serve --help=kv-eviction 2>&1 | grep -o -- '--kv-eviction[a-z-]*' | sort -u | wc -l)
 echo "(stock \`vllm serve --help=kv-eviction\`: $stock --kv-eviction* flags)"
 
 out=$(python3 -c "from vllm_kvevict.adapter.vllm_internals import check_vllm_version, vllm_version; check_vllm_version(); print('vLLM', vllm_version(), 'is supported')" 2>&1)

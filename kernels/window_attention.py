@@ -25,20 +25,21 @@ from .paged import WindowStats
 @triton.jit
 def _window_logits(q, k_tile, bt_row, b, seq_len, pos, row_ok, d_ok, s_kb, BLOCK_SIZE: tl.constexpr):
     """Logits ``[ROWS, BLOCK_SIZE]`` of the window queries on the row's block ``b``, -inf where
-    causally hidden (a key after the query; that includes a partial block's unused tail)."""
+    hidden: a key after the query, or past the row's length (a partial block's unused tail)."""
     blk = tl.load(bt_row + b).to(tl.int64)
     tok = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     k = tl.load(k_tile + blk * s_kb, mask=(tok < seq_len)[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    visible = row_ok[:, None] & (tok[None, :] <= pos[:, None])
+    visible = row_ok[:, None] & (tok[None, :] <= pos[:, None]) & (tok < seq_len)[None, :]
     return tl.where(visible, s, float("-inf")), tok
 
 
 #: integer arguments that change with the window length and the rows' widths (see
 #: ``fused_decode.DO_NOT_SPECIALIZE``); the window itself is a runtime ``W``, its tile
 #: ``BLOCK_W`` one constexpr value (32) for every window up to 32 (``window_tile``)
-DO_NOT_SPECIALIZE = {"_window_kernel": ("max_blocks", "s_qr", "s_qh", "s_qw", "s_btr", "W")}
+DO_NOT_SPECIALIZE = {"_window_kernel": ("max_blocks", "s_qr", "s_qh", "s_qw", "s_btr", "W",
+                                         "q_shift")}
 
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_window_kernel"])
@@ -47,7 +48,7 @@ def _window_kernel(
     scale, max_blocks,
     s_qr, s_qh, s_qw, s_qd,
     s_kb, s_kt, s_kh, s_kd,
-    s_btr, W,
+    s_btr, W, q_shift,
     G: tl.constexpr, HQ: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, PROBS: tl.constexpr,
 ):
@@ -63,7 +64,7 @@ def _window_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     h = kvh * G + g
-    pos = seq_len - W + i  # absolute position of each window query
+    pos = seq_len - W + i + q_shift  # absolute position of each window query
     row_ok = (g < G) & (i < W) & (i >= W - w_r) & (pos >= 0)
     q = tl.load(q_ptr + r * s_qr + h[:, None] * s_qh + i[:, None] * s_qw + offs_d[None, :] * s_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
@@ -112,12 +113,14 @@ def paged_window_attention(
     *,
     probs: bool = True,
     window_lens: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> WindowStats:
     """Window attention for ``q_window [R, Hq, W, D]`` over paged ``[num_blocks, bs, Hkv, D]`` keys.
 
     ``window_lens`` ``[R]`` int32: each row's window (its last queries of the tile; default W
     for all). ``probs=False`` skips the ``[R, Hq, W, max_T]`` probability tensor and returns
-    only the per-block sums.
+    only the per-block sums. ``causal=False``: every query sees the row's every key (queries
+    from outside the row, e.g. the question probe's).
     """
     r_n, hq, w, d = q_window.shape
     _, bs, hkv, _ = key_cache.shape
@@ -132,7 +135,7 @@ def paged_window_attention(
     _window_kernel[(r_n, hkv)](
         q_window, key_cache, block_table, seq_lens, window_lens, prob_buf, bsum,
         scale, max_blocks,
-        *q_window.stride(), *key_cache.stride(), block_table.stride(0), w,
+        *q_window.stride(), *key_cache.stride(), block_table.stride(0), w, 0 if causal else w,
         G=hq // hkv, HQ=hq, BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_G=triton.next_power_of_2(hq // hkv),
         BLOCK_W=window_tile(w), BLOCK_D=max(16, triton.next_power_of_2(d)), PROBS=probs,
     )

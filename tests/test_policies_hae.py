@@ -125,6 +125,22 @@ def test_decode_select_parks_and_releases_visual_before_text():
     assert d.keep.tolist() == [0, 1, 2, 5] and d.park.tolist() == [4]
 
 
+def test_mixed_blocks_leave_after_all_image_blocks_and_before_text():
+    """A block holding a note and image tokens (shares between 0 and 1) ranks between the
+    all-image blocks and the text-only ones: it outlives every all-image block, whatever their
+    scores, and a text block outlives it."""
+    policy = get_policy("hae", OPTS)
+    scores = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.02, 0.1])
+    share = torch.tensor([0.0, 1.0, 0.4, 1.0, 0.0, 0.0])  # blocks 1, 3 all-image, 2 mixed
+    protected = torch.tensor([True, False, False, False, False, True])
+    kw = dict(block_index=torch.arange(6), protected=protected, visual_blocks=share)
+    d = policy.select(scores, keep_blocks=4, bin_blocks=1, **kw)
+    assert d.keep.tolist() == [0, 2, 4, 5]  # the mixed block over both image blocks
+    assert d.park.tolist() == [1] and d.release.tolist() == [3]
+    d = policy.select(scores, keep_blocks=3, bin_blocks=1, **kw)
+    assert d.keep.tolist() == [0, 4, 5] and d.park.tolist() == [2]  # text over mixed
+
+
 @pytest.mark.parametrize("head_reduce", ["mean", "max"])
 @pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
 def test_decode_score_is_decayed_attention_and_pruned_stay_zero(decay, head_reduce):

@@ -111,12 +111,15 @@ def test_a_prompt_three_times_the_pool_is_answered(llm, budget):
     assert pool.get_num_free_blocks() == start_free  # everything back
 
 
-def test_each_chunk_attends_exactly_without_what_was_evicted_before_it(llm, reference):
+@pytest.mark.parametrize("query", ["chunk", "probe", "keywords"])
+def test_each_chunk_attends_exactly_without_what_was_evicted_before_it(llm, reference, query):
     """vLLM's logprobs equal a transformers reference whose queries of each chunk are masked
-    from exactly the blocks excluded when that chunk ran (the scheduler's log)."""
+    from exactly the blocks excluded when that chunk ran (the scheduler's log), whatever
+    scored the middle chunks (``prefill_query``)."""
     llm.reset_prefix_cache()
     prompt = passkey_prompt("24680", repeats=48)  # ~2.3k tokens: more than the pool
-    out = llm.generate([prompt], sampling(max_tokens=12, logprobs=0), use_tqdm=False)[0]
+    out = llm.generate([prompt], sampling({"prefill_query": query}, max_tokens=12, logprobs=0),
+                       use_tqdm=False)[0]
     log = finished_log(llm, out.request_id)
     prompt_len = len(out.prompt_token_ids)
     assert prompt_len > (POOL_BLOCKS - 1) * BLOCK_SIZE
@@ -233,3 +236,81 @@ def test_a_request_that_would_need_more_than_the_pool_is_refused_at_the_front_en
                      use_tqdm=False)
     out = llm.generate(["The sky is"], sampling(max_tokens=2), use_tqdm=False)[0]
     assert out.outputs[0].token_ids  # still serving
+
+
+
+def test_the_question_probe_scores_the_middle_chunks_and_leaves_nothing_behind(llm, monkeypatch):
+    """With ``prefill_query="probe"`` a hidden probe request (the first block and the prompt's
+    tail) runs once; its layer-0 queries, turned to the tail's positions, equal the real
+    question's layer-0 queries computed in the last chunk (layer 0 sees only the token and its
+    position: a wrong shift fails here); the middle chunks are scored with them; the client
+    sees only its own request; every block and the workers' probe queries are gone after."""
+    import torch
+
+    from vllm_kvevict.adapter import worker as worker_mod
+    from vllm_kvevict.adapter.statistics import PROBE_WINDOW
+
+    llm.reset_prefix_cache()
+    pool, sched = _pool(llm), scheduler(llm)
+    start_free = pool.get_num_free_blocks()
+    probes, finals, hooked = {}, {}, []
+    keep, measure = (worker_mod.WorkerEviction._keep_probe_queries,
+                     worker_mod.WorkerEviction._measure_layer)
+
+    def keep_spy(self, index, layer, query):
+        keep(self, index, layer, query)
+        probes["worker"] = self
+        for task, _ in self.step_probes:
+            probes[index] = self.probe_queries[task.parent][index].clone()  # [Hq, W, D]
+
+    def measure_spy(self, index, name, layer, query, key, kv_cache):
+        for sr in self.scored:
+            hooked.append(sr.hooked)
+            if sr.task.phase == "prefill" and not sr.task.probe:  # the last chunk: the question
+                q = query.view(query.shape[0], layer.impl.num_heads, -1)
+                finals[index] = q[max(sr.q_start, sr.q_end - 32):sr.q_end].transpose(0, 1).clone()
+        return measure(self, index, name, layer, query, key, kv_cache)
+
+    monkeypatch.setattr(worker_mod.WorkerEviction, "_keep_probe_queries", keep_spy)
+    monkeypatch.setattr(worker_mod.WorkerEviction, "_measure_layer", measure_spy)
+    outs = llm.generate([passkey_prompt("36912", repeats=48)],
+                        sampling({"prefill_query": "probe"}, max_tokens=6), use_tqdm=False)
+    assert len(outs) == 1 and "36912" in outs[0].outputs[0].text
+    worker = probes.pop("worker")
+    assert sorted(probes) == sorted(finals) and len(probes) > 1  # every layer, once
+    n = finals[0].shape[1]  # the last chunk's queries (it may be shorter than the tail)
+    assert n >= 1
+    torch.testing.assert_close(probes[0][:, -n:].float(), finals[0].float(), atol=1e-3, rtol=1e-3)
+    # deeper layers differ (the probe's tail did not read the document) but stay close
+    cos = torch.nn.functional.cosine_similarity(probes[1][:, -n:].flatten(), finals[1].flatten(),
+                                                dim=0)
+    assert 0.9 < float(cos) < 1.0
+    assert any(PROBE_WINDOW in h for h in hooked)  # the middle chunks were scored with it
+    for _ in range(3):  # the probe finished in its own step: nothing is left to run
+        if not sched.requests:
+            break
+        llm.llm_engine.step()
+    assert not sched.requests
+    assert not sched.kv_probes.by_probe and not sched.kv_probes.of_parent
+    assert pool.get_num_free_blocks() == start_free
+    assert not worker.probe_queries  # dropped when the prompt was computed
+
+
+def test_a_parent_aborted_before_its_probe_ran_takes_the_probe_with_it(llm):
+    from vllm.inputs import TokensPrompt
+
+    llm.reset_prefix_cache()
+    pool, sched, engine = _pool(llm), scheduler(llm), llm.llm_engine
+    start_free = pool.get_num_free_blocks()
+    ids = llm.get_tokenizer()(passkey_prompt("55555", repeats=48)).input_ids
+    engine.add_request("abort-early", TokensPrompt(prompt_token_ids=ids),
+                       sampling({"prefill_query": "probe"}, max_tokens=4))
+    assert len(sched.requests) == 2 and sched.kv_probes.by_probe  # the request and its probe
+    engine.abort_request([r for r in sched.requests if not sched.kv_probes.is_probe(r)],
+                         internal=True)
+    for _ in range(3):
+        engine.step()
+        if not sched.requests:
+            break
+    assert not sched.requests and not sched.kv_probes.by_probe
+    assert pool.get_num_free_blocks() == start_free

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from vllm_kvevict.adapter.statistics import BY_NAME, REGISTRY, expected_fields
+from vllm_kvevict.adapter.statistics import BY_NAME, REGISTRY, VARIANTS, expected_fields
 from vllm_kvevict.policies import get_policy
 from vllm_kvevict.policies.base import STATISTICS, RequestStats
 
 
 def test_every_statistic_a_policy_may_need_is_declared_once_with_its_fields():
-    assert [s.name for s in REGISTRY] == list(BY_NAME) and set(BY_NAME) == STATISTICS
+    assert {s.name for s in REGISTRY} == STATISTICS and len(REGISTRY) == len(STATISTICS)
     fields = {f.name for f in dataclasses.fields(RequestStats)}
     declared = [f for s in REGISTRY for f in s.fields]
     assert len(declared) == len(set(declared)) and set(declared) <= fields
+    # a variant measures the same fields as the statistic it stands in for, and is found by name
+    for name, (base, variant) in VARIANTS.items():
+        assert base in STATISTICS and variant.fields == BY_NAME[base].fields
+        assert BY_NAME[name] is variant and name not in STATISTICS
 
 
 def test_what_the_hooks_record_per_phase():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -94,6 +94,13 @@ class EvictionConfig(BaseModel):
     prefill_eviction: bool = Field(
         False, description="evict between the chunks of a chunked prefill, so a request holds "
         "about its budget plus one chunk (prompts longer than the KV pool)"
+    )
+    prefill_query: Literal["chunk", "probe", "keywords"] = Field(
+        "keywords", description="with prefill_eviction, what scores the prompt's earlier chunks "
+        "for a windowed policy: 'chunk', each chunk's own last queries; 'probe', the prompt's "
+        "tail (the question), run once beside the first chunk (adapter/probe.py); 'keywords', "
+        "the chunk's own queries plus the tail's rare tokens each block holds "
+        "(adapter/keywords.py)"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="policy-specific options")
     client_options: dict[str, ClientBound] | None = Field(
@@ -233,7 +240,7 @@ class EvictionConfig(BaseModel):
 
 PER_REQUEST_FIELDS = (
     "policy", "budget", "budget_tokens", "floor_tokens", "sink_tokens", "recent_tokens",
-    "recycle_bin_blocks", "prefill_eviction", "options",
+    "recycle_bin_blocks", "prefill_eviction", "prefill_query", "options",
 )
 def parse_client_options(value: Any) -> Any:
     """``client_options`` in any of its forms, as ``{field: bound dict}`` (or None).

@@ -64,3 +64,25 @@ def test_padded_windows_of_several_requests_in_one_launch(paged_case, dtype, tol
                                       window_lens=lens)
     tol.close(got.probs, want.probs)
     tol.close(got.block_sum, want.block_sum)
+
+
+def test_probe_queries_see_every_key(paged_case, dtype, tol):
+    """``causal=False`` (the question probe's queries, from outside the row): each query's
+    softmax runs over the row's every key and only those (a partial last block's unused tail
+    stays hidden), as the reference computes it."""
+    from vllm_kvevict.kernels.window_attention import paged_window_attention
+
+    case = paged_case(16, 2, 4, 32, [40, 9, 33], dtype=dtype)
+    q = torch.randn(3, case.num_heads, 6, 32, generator=case.gen).to(case.key_cache.device, dtype)
+    got = paged_window_attention(q, case.key_cache, case.block_table, case.seq_lens, causal=False)
+    want = reference.window_attention(q, case.key_cache, case.block_table, case.seq_lens,
+                                      causal=False)
+    tol.close(got.probs, want.probs)
+    tol.close(got.block_sum, want.block_sum)
+    for r, n in enumerate(case.seq_lens.tolist()):
+        torch.testing.assert_close(got.probs[r, ..., :n].sum(-1),
+                                   torch.ones(case.num_heads, 6, device=q.device),
+                                   atol=tol.atol, rtol=0)
+        assert bool((got.probs[r, ..., n:] == 0).all())
+        # every key, the row's last ones included (a causal window hides them from early queries)
+        assert bool((got.probs[r, :, 0, n - 1] > 0).all())

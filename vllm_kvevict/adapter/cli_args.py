@@ -24,6 +24,7 @@ _FLAGS = {
     "kv_eviction_recycle_bin": "recycle_bin_blocks",
     "kv_eviction_pool_pressure": "pool_pressure",
     "kv_eviction_prefill": "prefill_eviction",
+    "kv_eviction_prefill_query": "prefill_query",
     "kv_eviction_client_options": "client_options",
 }
 
@@ -56,6 +57,11 @@ def add_flags(parser) -> None:
                        help="evict between the chunks of a chunked prefill: a request holds "
                        "about its budget plus one chunk, so prompts longer than the KV pool "
                        "are served")
+    group.add_argument("--kv-eviction-prefill-query", default=None, choices=("chunk", "probe", "keywords"),
+                       help="with --kv-eviction-prefill: score the prompt's earlier chunks by "
+                       "their own last queries (chunk), by the prompt's tail, the question, "
+                       "run once beside the first chunk (probe), or by their own queries plus "
+                       "the tail's rare tokens they hold (keywords)")
     group.add_argument("--kv-eviction-client-options", default=None, metavar="SPEC",
                        help="per-request kv_eviction fields clients may set: 'all' (default), "
                        "'none', a comma list (budget,policy) or a JSON object with bounds "

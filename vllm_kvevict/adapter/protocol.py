@@ -29,6 +29,19 @@ class ScoreTask:
     kept_positions: list[int]  # positional index of each block of the compacted row
     parked: list[tuple[int, int]]  # (position, block id) of parked blocks
     visual_spans: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
+    #: a middle prompt chunk scored by the question probe's queries (``adapter/probe.py``)
+    #: instead of its own last queries, where the worker holds them
+    probe: bool = False
+
+
+@dataclass
+class ProbeTask:
+    """A question probe's step: keep the queries of its last ``window`` tokens (the parent
+    prompt's tail), turned by ``shift`` positions to where the tail sits in the parent."""
+
+    parent: str
+    shift: int
+    window: int
 
 
 @dataclass
@@ -36,6 +49,7 @@ class StepPlan:
     rows: dict[str, list[int]] = field(default_factory=dict)  # compacted rows that changed
     offsets: dict[str, int] = field(default_factory=dict)  # E tokens per request (absent = 0)
     score: dict[str, ScoreTask] = field(default_factory=dict)
+    probes: dict[str, ProbeTask] = field(default_factory=dict)  # by the probe request's id
 
 
 @dataclass

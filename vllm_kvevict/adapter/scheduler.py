@@ -22,7 +22,9 @@ import torch
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
+from vllm_kvevict.adapter.keywords import block_keywords, with_keywords
 from vllm_kvevict.adapter.ledger import BlockLedger, EvictionLog
+from vllm_kvevict.adapter.probe import QuestionProbes
 from vllm_kvevict.adapter.protocol import (
     PLAN_ATTR,
     SCORES_ATTR,
@@ -61,6 +63,8 @@ class RequestEviction:
     score_version: int = 0  # bumped by every set_scores (pool pressure's candidate cache key)
     #: pool pressure's evictable blocks of this request: (key, (positions, scores, kept) | None)
     pressure_cache: tuple | None = None
+    #: ``prefill_query="keywords"``: [nb] keyword score per prompt block (adapter/keywords.py)
+    keywords: np.ndarray | None = None
 
     def set_scores(self, positions, values) -> None:
         """Take the workers' ``positions`` / ``values`` (any order; the workers send them
@@ -95,7 +99,7 @@ class _Pending:
     bin_blocks: int  # of the shared recycle bin, granted in running order
     release_zero: bool
     tier: np.ndarray | None  # [nb] int, release_zero policies only
-    visual: torch.Tensor | None  # [nb] bool all-image blocks, multimodal requests only
+    visual: torch.Tensor | None  # [nb] share of image tokens per block, multimodal requests only
 
 
 class _Candidates(NamedTuple):
@@ -178,8 +182,7 @@ def visual_spans(request) -> list[tuple[int, int]]:
 
 def visual_token_count(spans: list[tuple[int, int]], positions, block_size: int) -> int:
     """Visual tokens held by the blocks at ``positions``: a block mixing text and image tokens
-    counts each token by its own modality (decisions, in contrast, treat a mixed block as text:
-    see ``EvictingScheduler._visual_blocks``)."""
+    counts each token by its own modality (as ``EvictingScheduler._visual_blocks`` does)."""
     total = 0
     for p in positions:
         lo, hi = p * block_size, (p + 1) * block_size
@@ -261,6 +264,9 @@ class EvictingScheduler(Scheduler):
         self.kv_log_finished: dict[str, EvictionLog] = {}
         #: requests whose scores arrived since their last decision (decide at the next step)
         self.kv_fresh: set[str] = set()
+        #: hidden question-probe requests (``prefill_query="probe"``), and probes to abort
+        self.kv_probes = QuestionProbes(self.kv_block_size)
+        self.kv_probe_aborts: list[str] = []
         self._install_guards()
 
     @property
@@ -370,10 +376,28 @@ class EvictingScheduler(Scheduler):
             logger.warning("request %s: %s; using the server default", request.request_id, exc)
             config = self.kv_default
         if config.enabled:
-            self.kv_requests[request.request_id] = RequestEviction(
+            state = self.kv_requests[request.request_id] = RequestEviction(
                 config=config, policy=get_policy(config.policy, config.options)
             )
+            if (config.prefill_eviction and config.prefill_query == "keywords"
+                    and getattr(state.policy, "window", 0) and request.prompt_token_ids):
+                state.keywords = block_keywords(request.prompt_token_ids, self.kv_block_size,
+                                                state.policy.window)
+            probe = self._question_probe(request, state)
+            if probe is not None:
+                super().add_request(probe)  # ahead of its parent: computed with its first chunk
         super().add_request(request)
+
+    def _question_probe(self, request, state: RequestEviction):
+        """The hidden probe request of a prompt whose middle chunks will be evicted with the
+        question's queries (``prefill_query="probe"``, ``adapter/probe.py``), or None."""
+        config, window = state.config, getattr(state.policy, "window", 0)
+        prompt = request.num_prompt_tokens
+        if not (config.prefill_eviction and config.prefill_query == "probe" and window
+                and not self.kv_hybrid and prompt > self.max_num_scheduled_tokens
+                and not config.below_floor(prompt)):
+            return None
+        return self.kv_probes.make(request, window)
 
     def _free_request(self, request, *args, **kwargs):
         """Finish: report what was evicted for this request on its final output (vLLM carries
@@ -415,6 +439,9 @@ class EvictingScheduler(Scheduler):
         log = self.kv_log.pop(request.request_id, None)
         if request.is_finished():
             del self.kv_requests[request.request_id]
+            probe = self.kv_probes.parent_gone(request.request_id)
+            if probe is not None:
+                self.kv_probe_aborts.append(probe)  # never computed: aborted at the next step
             if log:
                 self.kv_log_finished[request.request_id] = log
                 while len(self.kv_log_finished) > 64:
@@ -428,6 +455,8 @@ class EvictingScheduler(Scheduler):
 
     # -- the step ------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
+        if self.kv_probe_aborts:
+            self._abort_probes()
         if self.kv_requests:
             self._apply_decisions()
         output = super().schedule(*args, **kwargs)
@@ -437,7 +466,16 @@ class EvictingScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         self._take_worker_output(model_runner_output)
-        return super().update_from_output(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        return self.kv_probes.hide(outputs)
+
+    def _abort_probes(self) -> None:
+        """Probes whose parent ended before they ran (their blocks go back to the pool)."""
+        aborts, self.kv_probe_aborts = self.kv_probe_aborts, []
+        for probe_id in aborts:
+            if probe_id in self.requests:
+                self.finish_requests(probe_id, RequestStatus.FINISHED_ABORTED)
+            self.kv_probes.forget(probe_id)
 
     def _take_worker_output(self, model_runner_output) -> None:
         """Fresh block scores, and the scoring tasks the workers could not measure."""
@@ -499,7 +537,10 @@ class EvictingScheduler(Scheduler):
         room = self.ledger.bin_capacity - self.ledger.num_parked_total()
         for p in pending:
             available = room + len(p.parked)
-            p.bin_blocks = max(0, min(p.state.config.recycle_bin_blocks, available))
+            wanted = p.state.config.recycle_bin_blocks
+            if not p.state.config.prefill_eviction:  # its pool holds budget + a chunk only
+                wanted = max(wanted, p.state.policy.store_blocks(p.keep_blocks))
+            p.bin_blocks = max(0, min(wanted, available))
             room = available - p.bin_blocks
         for p in [p for p in pending if _custom_select(p.state.policy)]:
             self._select_one(p)
@@ -531,6 +572,8 @@ class EvictingScheduler(Scheduler):
         if not len(pos):
             return None
         scored, scores = _scores_at(state, pos)
+        if state.chunk_decision and state.keywords is not None:
+            scores = with_keywords(scores, pos, state.keywords)
         visual = self._visual_blocks(request, pos.tolist()) if getattr(request, "mm_features", None) else None
         tier = state.policy.tier(visual) if state.policy.release_zero else None
         return _Pending(
@@ -645,15 +688,16 @@ class EvictingScheduler(Scheduler):
         log.record(committed, self.ledger.excluded_mask(req_id))
 
     def _visual_blocks(self, request, positions: list[int]) -> torch.Tensor | None:
-        """[nb] bool: blocks made only of multimodal embedding tokens (text protects a block)."""
+        """[nb] float32: the share of each block's tokens that are multimodal embedding tokens
+        (1: an all-image block, 0: text only, between: a mixed block)."""
         spans = visual_spans(request)
         if not spans:
             return None
         bs = self.kv_block_size
         return torch.tensor([
-            any(off <= p * bs and (p + 1) * bs <= off + length for off, length in spans)
-            for p in positions
-        ], dtype=torch.bool)
+            sum(max(0, min((p + 1) * bs, off + length) - max(p * bs, off)) for off, length in spans)
+            / bs for p in positions
+        ], dtype=torch.float32)
 
     def _free_under_pressure(self, need: int) -> bool:
         """Pool-pressure mode: release parked blocks first, then the globally least important
@@ -755,6 +799,10 @@ class EvictingScheduler(Scheduler):
         for req_id, num_tokens in scheduled.items():
             state = states.get(req_id)
             if state is None:
+                if self.kv_probes.is_probe(req_id):
+                    probe = self.kv_probes.task(requests[req_id], num_tokens)
+                    if probe is not None and probe.parent in states:
+                        plan.probes[req_id] = probe
                 continue
             request = requests[req_id]
             if request.num_computed_tokens - num_tokens >= request.num_prompt_tokens:
@@ -825,4 +873,5 @@ class EvictingScheduler(Scheduler):
             kept_positions=kept_positions,
             parked=self.ledger.parked_blocks(req_id),
             visual_spans=visual_spans(request),
+            probe=middle and state.config.prefill_query == "probe",
         )

@@ -33,12 +33,15 @@ class LayerInputs:
         scale: the layer's softmax scale.
         gram: ``() -> [Hq, D, D] | None``, the per-head Gram matrices ``W_O^h W_O^hᵀ`` of the
             layer's output projection (computed once per layer; None when not found).
+        probe: ``(req_id) -> [Hq, W, D]``, the layer's question-probe queries of a request
+            (``adapter/probe.py``).
     """
 
     kv: Any  # kernels.paged.PagedKV
     queries: torch.Tensor
     scale: float
     gram: Callable[[], torch.Tensor | None]
+    probe: Callable[[str], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,15 @@ def _window_attention(inputs: LayerInputs, b) -> None:
         sr.record(WINDOW_ATTN, probs[i, :, w - sr.window:, :sr.num_tokens])  # [Hq, W_i, T]
 
 
+def _probe_window_attention(inputs: LayerInputs, sr) -> None:
+    """The observation window of a middle prompt chunk scored by the question probe: the
+    probe's queries (the prompt's tail, at its true positions) over every resident token."""
+    q = inputs.probe(sr.req_id)[None]  # [1, Hq, W, D]
+    probs = dispatch.window_attention(q, inputs.kv, sr.block_table, sr.seq_lens, inputs.scale,
+                                      causal=False).probs
+    sr.record(WINDOW_ATTN, probs[0, :, :, :sr.num_tokens])  # [Hq, W, T]
+
+
 #: every statistic, in the order the worker measures them
 REGISTRY: tuple[Statistic, ...] = (
     Statistic(DECODE_ATTN, ("decode_mass", "decode_peak"), _decode_attention, batched=False,
@@ -110,7 +122,17 @@ REGISTRY: tuple[Statistic, ...] = (
     Statistic(VALUE_PROJ_NORM, (VALUE_PROJ_NORM,), _value_proj_norm, prefill_only=True),
     Statistic(WINDOW_ATTN, (WINDOW_ATTN,), _window_attention, prefill_only=True),
 )
-BY_NAME = {s.name: s for s in REGISTRY}
+#: the window statistic of a middle chunk scored by the question probe
+PROBE_WINDOW = "probe_window"
+#: other ways to measure a statistic of the registry (the same fields), which the worker puts
+#: in its place for some requests: name -> (the statistic it stands in for, how)
+VARIANTS: dict[str, tuple[str, Statistic]] = {
+    PROBE_WINDOW: (WINDOW_ATTN, Statistic(PROBE_WINDOW, (WINDOW_ATTN,), _probe_window_attention,
+                                          batched=False, prefill_only=True)),
+}
+BY_NAME = {s.name: s for s in REGISTRY} | {name: s for name, (_, s) in VARIANTS.items()}
+#: what the attention hooks run, in order (a request is hooked for one of a variant's pair)
+MEASURED = (*REGISTRY, *(s for _, s in VARIANTS.values()))
 FIELD_REDUCE = {f: how for s in REGISTRY for f, how in s.reduce.items()}
 
 

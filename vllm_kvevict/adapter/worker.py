@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_kvevict.adapter import probe as question_probe
 from vllm_kvevict.adapter.protocol import (
     PLAN_ATTR,
     SCORES_ATTR,
@@ -31,8 +32,8 @@ from vllm_kvevict.adapter.protocol import (
     StepPlan,
 )
 from vllm_kvevict.adapter.statistics import BY_NAME as STATISTICS_BY_NAME
-from vllm_kvevict.adapter.statistics import REGISTRY as STATISTIC_REGISTRY
-from vllm_kvevict.adapter.statistics import LayerInputs, combine_layers
+from vllm_kvevict.adapter.statistics import MEASURED as STATISTIC_REGISTRY
+from vllm_kvevict.adapter.statistics import PROBE_WINDOW, LayerInputs, combine_layers
 from vllm_kvevict.adapter.statistics import measured as statistics_measured
 from vllm_kvevict.adapter.transfers import StepTransfers
 from vllm_kvevict.config import config_from_additional
@@ -171,6 +172,9 @@ class _Batch:
         if w:
             index = torch.empty(len(members), w, dtype=torch.int64, device=device)
             for i, sr in enumerate(members):
+                if not sr.window:  # in the batch for another statistic (or its probe's window)
+                    index[i] = 0
+                    continue
                 view = sr.window_index
                 index[i, w - sr.window:] = view
                 index[i, : w - sr.window] = view[-1:]
@@ -195,6 +199,8 @@ class WorkerEviction:
     #: from its kernel, in ``backend.buffers.active()``)
     fused: bool = False
     _backend_rows: bool = False  # the backend's buffers flag scored rows (last upload)
+    #: this step's question probes (set by begin_step; see __init__)
+    step_probes: list | tuple = ()
 
     def __init__(self, runner, config=None):
         self.runner = runner
@@ -213,6 +219,13 @@ class WorkerEviction:
         #: req_id -> why a scoring task of this step measured nothing (sent to the scheduler)
         self.skipped: dict[str, str] = {}
         self._warned: set[str] = set()
+        #: question probes (``adapter/probe.py``): parent req_id -> {layer index: [Hq, W, D]}
+        #: queries, kept until the parent's prompt is computed; this step's probe tasks as
+        #: (task, [W] query rows on the device); layer index -> its rotary embedding, or None
+        #: where turning queries by position is not exact (checked at startup)
+        self.probe_queries: dict[str, dict[int, torch.Tensor]] = {}
+        self.step_probes: list[tuple[Any, torch.Tensor]] = []
+        self.rotaries: dict[int, Any] = {}
 
     # -- startup -------------------------------------------------------------------------------
     def check_layers(self) -> None:
@@ -236,6 +249,7 @@ class WorkerEviction:
         if self.fused:
             _check_buffer_width(runner.model_config.max_model_len, block_size)
         self._warm_up(layers)
+        self._check_rotaries(layers)
         if not self.hooked:
             self._hook_attention(list(layers))
         if self.hybrid:
@@ -319,9 +333,12 @@ class WorkerEviction:
         self._step_batches = None
         self.skipped = {}
         self.transfers.counts.clear()
+        self.step_probes = []
         finished = getattr(scheduler_output, "finished_req_ids", ()) or ()
         for key in [k for k in self.policy_state if k[0] in finished]:
             del self.policy_state[key]
+        for req_id in [r for r in self.probe_queries if r in finished]:
+            del self.probe_queries[req_id]
         if not self.plan:
             return
         batch = self.runner.input_batch
@@ -367,6 +384,8 @@ class WorkerEviction:
             upper[:num_reqs] -= torch.from_numpy(offsets).to(upper.dtype)
             if self.hybrid:
                 self.group_lens = (seq_lens, upper)
+        if self.plan.probes:
+            self._resolve_probes()
         if self.plan.score:
             self._resolve_scored(req_ids, _leading_decodes(num_scheduled_tokens))
         # everything the device needs this step, in one non-blocking copy
@@ -398,6 +417,31 @@ class WorkerEviction:
         if rows or self._backend_rows:
             stat_buffers.active().prepare(rows, num_reqs)
         self._backend_rows = bool(rows)
+
+    def _resolve_probes(self) -> None:
+        """This step's question probes: the rows of their tail queries (made on the device
+        from host ints, nothing uploaded)."""
+        if not self.probes_usable:
+            return
+        qsl = self.runner.query_start_loc.np
+        batch = self.runner.input_batch
+        for probe_id, task in self.plan.probes.items():
+            row = batch.req_id_to_index.get(probe_id)
+            if row is None:
+                continue
+            end = int(qsl[row + 1])
+            rows = torch.arange(end - task.window, end, device=self.runner.device)
+            self.step_probes.append((task, rows))
+            self.probe_queries[task.parent] = {}
+
+    def _uses_probe(self, sr: ScoredRequest) -> bool:
+        """A middle chunk scored by its question probe: the probe's queries exist for every
+        layer, or are captured this step (each layer's before its statistics)."""
+        if not sr.task.probe or sr.req_id not in self.probe_queries:
+            return False
+        held = self.probe_queries[sr.req_id]
+        return (len(held) == len(self.layer_names)
+                or any(t.parent == sr.req_id for t, _ in self.step_probes))
 
     def _resolve_scored(self, req_ids, leading_decodes: int = 0) -> None:
         """Build this step's ``ScoredRequest``s; ``leading_decodes``: the batch's first rows of
@@ -451,8 +495,11 @@ class WorkerEviction:
                 continue
             if self.fused and task.phase == "decode" and row < leading_decodes:
                 sr.slot = row  # a decode row of the plugin's backend: its kernel measures
-            sr.set_hooked(s.name for s in statistics_measured(
-                sr.policy.needs, task.phase, in_backend=sr.slot is not None))
+            names = {s.name for s in statistics_measured(
+                sr.policy.needs, task.phase, in_backend=sr.slot is not None)}
+            if WINDOW_ATTN in names and self._uses_probe(sr):
+                names = (names - {WINDOW_ATTN}) | {PROBE_WINDOW}
+            sr.set_hooked(names)
             self.scored.append(sr)
 
     @property
@@ -460,7 +507,8 @@ class WorkerEviction:
         """This step must not replay a full CUDA graph (no Python runs inside one): some
         request scored this step needs statistics that only the attention hooks measure, or
         a hybrid model's full group attends over lengths its own metadata build supplies."""
-        return self.group_lens is not None or any(sr.hooked for sr in self.scored)
+        return (self.group_lens is not None or bool(self.step_probes)
+                or any(sr.hooked for sr in self.scored))
 
     def _skip(self, req_id: str, reason: str) -> None:
         self.skipped[req_id] = reason
@@ -495,6 +543,8 @@ class WorkerEviction:
             def forward(layer, query, key, value, kv_cache, attn_metadata, *a,
                         _orig=original, _index=index, _name=name, **kw):
                 out = _orig(layer, query, key, value, kv_cache, attn_metadata, *a, **kw)
+                if attn_metadata is not None and self.step_probes:
+                    self._keep_probe_queries(_index, layer, query)
                 if attn_metadata is not None and any(sr.hooked for sr in self.scored):
                     self._measure_layer(_index, _name, layer, query, key, kv_cache)
                 return out
@@ -566,7 +616,8 @@ class WorkerEviction:
         kv = self._paged_kv(kv_cache, key, reader, _head_size(layer, kv_cache))
         hq = layer.impl.num_heads
         inputs = LayerInputs(kv=kv, queries=query.view(-1, hq, kv.head_dim),
-                             scale=layer.impl.scale, gram=lambda: self._gram(index, name, hq))
+                             scale=layer.impl.scale, gram=lambda: self._gram(index, name, hq),
+                             probe=lambda req_id: self.probe_queries[req_id][index])
         batches = self._batches()
         for stat in STATISTIC_REGISTRY:
             if stat.batched:
@@ -576,6 +627,34 @@ class WorkerEviction:
             for sr in self.scored:
                 if stat.name in sr.hooked:
                     stat.measure(inputs, sr)
+
+    def _keep_probe_queries(self, index: int, layer, query: torch.Tensor) -> None:
+        """Keep this layer's queries of the step's question probes, turned to the positions
+        their tail has in the parent prompt (``[Hq, W, D]`` per layer)."""
+        queries = query.view(query.shape[0], layer.impl.num_heads, -1)
+        for task, rows in self.step_probes:
+            turned = question_probe.turn_queries(self.rotaries[index], queries[rows].float(),
+                                                 task.shift)
+            self.probe_queries[task.parent][index] = turned.to(query.dtype).transpose(0, 1).contiguous()
+
+    def _check_rotaries(self, layers: dict) -> None:
+        """Each layer's rotary embedding, where turning a query by position is exact (the
+        question probe's condition, checked once at startup); else the probe is not used."""
+        model = self.runner.get_model()
+        for index, (name, layer) in enumerate(layers.items()):
+            rotary = question_probe.find_rotary(model, name)
+            head_size = getattr(layer.impl, "head_size", None) or layer.head_size
+            ok = question_probe.rotation_composes(rotary, head_size, layer.impl.num_heads,
+                                                  self.runner.device)
+            self.rotaries[index] = rotary if ok else None
+        if not all(self.rotaries.values()):
+            logger.info("kv_eviction: this model's rotary embeddings cannot turn queries to "
+                        "other positions exactly; prefill_query='probe' scores the prompt's "
+                        "chunks by their own queries")
+
+    @property
+    def probes_usable(self) -> bool:
+        return bool(self.rotaries) and all(r is not None for r in self.rotaries.values())
 
     def _batches(self) -> dict[str, _Batch]:
         """Per statistic, the step's requests that need it as one paged batch (built at the
@@ -650,6 +729,8 @@ class WorkerEviction:
             )
             state = self.policy_state.setdefault((sr.req_id, sr.task.generation), {})
             results.append((sr, sr.policy.block_scores(stats, state).to(torch.float32)))
+            if sr.task.phase == "prefill" and not sr.task.probe:
+                self.probe_queries.pop(sr.req_id, None)  # the prompt is computed
         self.scored = []
         self._step_batches = None
         if not results:

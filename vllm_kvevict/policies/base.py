@@ -334,10 +334,15 @@ class EvictionPolicy:
         """One score per resident block ``[nb]``; ``state`` persists per request."""
         raise NotImplementedError
 
+    def store_blocks(self, keep_blocks: int) -> int:
+        """Blocks this method parks (restorable) beyond the request's ``recycle_bin_blocks``
+        when it keeps ``keep_blocks``: 0, unless it retrieves blocks back (HybridKV)."""
+        return 0
+
     def tier(self, visual_blocks: torch.Tensor | None) -> torch.Tensor | None:
         """[nb] int rank classes for ``select`` with ``release_zero`` (a higher tier outranks
-        any score of a lower one); ``visual_blocks`` [nb] is True iff every token of the block
-        is visual. None: one class."""
+        any score of a lower one); ``visual_blocks`` [nb] float: the share of the block's tokens
+        that are visual (1: all-image, 0: text, between: mixed). None: one class."""
         return None
 
     def select(

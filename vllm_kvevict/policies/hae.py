@@ -25,7 +25,11 @@ Readings we had to choose (no public code; [U] in algorithms.md):
   benchmarks/results/natural.md), accumulated with the past down-weighted by ``decay`` at each scoring
   (``decay=1``: H2O's plain sum; ``0``: the latest query only). The prefill window's attention
   seeds it. Text and visual blocks share this score; ``visual_first`` makes ``select`` move
-  every visual block out (bin, then release) before any text block.
+  every all-image block out (bin, then release) before any block holding text, and a mixed
+  block (image tokens and text, e.g. a short note between two images: a paged block is not
+  aligned to the image) before any text-only block. A mixed block was text before: then the
+  visual-first stage ordered only the all-image blocks, which every policy already drops
+  first when image tokens draw little attention (benchmarks/results/multimodal.md).
 * parked blocks (recycle bin) are out of attention, but the decode pass scores them from
   their keys: a parked block's step score is the mass it would get relative to the attended
   tokens, so a block the newest queries turn to again competes its way back.
@@ -79,7 +83,8 @@ class HAEPolicy(EvictionPolicy):
             0.5, description="weight kept by the accumulated decode score at each scoring"
         )
         visual_first: bool = Field(
-            True, description="select: visual blocks leave (bin, then release) before text"
+            True, description="select: all-image blocks leave (bin, then release) before "
+            "mixed ones, mixed ones before text"
         )
         head_reduce: Literal["mean", "max"] = Field(
             "max", description="merge of per-(layer, query head) block attention: max keeps "
@@ -136,8 +141,10 @@ class HAEPolicy(EvictionPolicy):
         return scores.masked_fill(pruned, 0.0)
 
     def tier(self, visual_blocks: torch.Tensor | None) -> torch.Tensor | None:
-        """With ``visual_first``, every text block outranks every visual block: visual blocks
-        fill keep and the bin only after all text blocks (pruned blocks are released)."""
+        """With ``visual_first``: text blocks outrank mixed blocks (text and image tokens),
+        which outrank all-image blocks; each class fills keep and the bin only after the ones
+        above it (pruned blocks are released)."""
         if self.config.visual_first and visual_blocks is not None:
-            return (~visual_blocks.bool()).long()
+            share = visual_blocks.float()
+            return (share < 1).long() + (share <= 0).long()
         return None

@@ -74,13 +74,13 @@ MODELS = {
 }
 
 
-def build_llm(model: str = "smollm2"):
+def build_llm(model: str = "smollm2", server_policy: str = "streamingllm"):
     from engine_helpers import make_llm
 
     from vllm_kvevict.models import model_path
 
     return make_llm(
-        {"kv_eviction": {"policy": "streamingllm", "budget": 0.5}},
+        {"kv_eviction": {"policy": server_policy, "budget": 0.5}},
         model=str(model_path(model)),
         max_model_len=8192,  # SmolLM2's max_position_embeddings; 4k prompts + answers fit
         max_num_seqs=32,
@@ -262,6 +262,9 @@ def main() -> None:
     parser.add_argument("--no-check-prefix-cache", action="store_true")
     parser.add_argument("--policies", default=",".join(common.POLICIES),
                         help="comma-separated subset of the evicting policies (default: all)")
+    parser.add_argument("--server-policy", default="streamingllm",
+                        help="the engine's default policy (every request overrides it; a LaProx "
+                        "default keeps the projected-value norms per KV slot)")
     args = parser.parse_args()
     POLICIES[:] = [p for p in args.policies.split(",") if p]
     unknown = set(POLICIES) - set(common.POLICIES)
@@ -277,7 +280,7 @@ def main() -> None:
     model_name, suffix = MODELS[args.model]
     samples = common.profile_samples(profile)
     started = time.perf_counter()
-    llm = build_llm(args.model)
+    llm = build_llm(args.model, args.server_policy)
     engine_s = time.perf_counter() - started
     print(f"engine ready in {engine_s:.0f} s; {len(samples)} prompts x {len(configs())} configs", flush=True)
     records = run_retrieval(llm, samples)

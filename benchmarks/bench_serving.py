@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--headline", default="prefill_25", choices=[v for v in VARIANTS if v != "stock"])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="serving.json",
+                        help="results file (the blocks plot only for the default)")
     args = parser.parse_args()
     cfg = PROFILES[args.profile]
     if args.variant:
@@ -197,9 +199,10 @@ def main() -> None:
         summary.update(summary["ratios"].get(args.headline, {}))
     out = str(common.RESULTS)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "serving.json"), "w") as f:
+    with open(os.path.join(out, args.out), "w") as f:
         json.dump(summary, f, indent=1)
-    plot(results, os.path.join(out, "serving_blocks.png"))
+    if args.out == "serving.json":
+        plot(results, os.path.join(out, "serving_blocks.png"))
 
 
 if __name__ == "__main__":

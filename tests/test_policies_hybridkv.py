@@ -117,7 +117,7 @@ def test_budget_weights_brute_force(budget, hq, hkv):
 def test_prefill_scores_text_prior_brute_force(head_reduce):
     st = crafted_stats([[static_row(), dynamic_row()], [dynamic_row(), static_row()]])
     _, scores, state = classify({"static_visual_keep": 0.25, "budget": "uniform",
-                                 "head_reduce": head_reduce}, st)
+                                 "head_reduce": head_reduce, "protect_window": False}, st)
     # static heads keep text + the top 2 of 8 visual tokens (14, 15: distinct values)
     keep = ~VISUAL
     keep[[14, 15]] = True
@@ -204,3 +204,33 @@ def test_decode_without_prefill_is_pure_retrieval():
     scores = policy.block_scores(st, state)
     assert not state["static"].any()
     assert (scores > 0).all() and scores.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_budget_union_ranks_blocks_by_when_they_enter_some_heads_own_budget():
+    """For every per-head budget scale ``k`` (head ``h`` keeps its ``floor(w_h·L·H·k)`` best
+    blocks), the blocks scoring at least ``1/k`` are exactly the union of the heads' sets; a
+    head that does not need a block never adds it."""
+    from vllm_kvevict.policies.hybridkv import budget_union
+
+    gen = torch.Generator().manual_seed(3)
+    need = torch.rand(2, 3, 10, generator=gen)
+    need[0, 1, 4] = 0.0
+    weights = torch.rand(2, 3, generator=gen)
+    weights /= weights.sum()
+    scores = budget_union(need, weights)
+    rank = need.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    for k in (0.3, 0.5, 1, 1.5, 2, 3, 5):
+        per_head = (rank + 1 <= weights[..., None] * 6 * k) & (need > 0)
+        union = per_head.any(dim=(0, 1))
+        assert torch.equal(scores >= 1 / k, union), k
+
+
+def test_the_observation_windows_blocks_are_needed_most_by_every_head():
+    """``protect_window`` (default): the question's blocks get every head's highest need at
+    prefill, and keep it at later steps (stored with the needs)."""
+    policy = get_policy("hybridkv", {"window": 5})
+    st, _ = make_stats(layers=2, hq=2, hkv=1, tokens=21, window=5, needs=policy.needs)
+    state = {}
+    scores = policy.block_scores(st, state)
+    win = torch.arange(scores.numel()) >= (21 - 5) // st.block_size
+    assert bool((scores[win] == scores.max()).all())

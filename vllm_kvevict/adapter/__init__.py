@@ -97,6 +97,8 @@ def _install_capacity_check() -> None:
 
         config = config_from_additional(getattr(vllm_config, "additional_config", None))
         specs = kwargs.get("kv_cache_specs", args[0] if args else [])
+        if config is not None and needs_value_norms(config):
+            args, kwargs = _with_norms_memory(vllm_config, specs, args, kwargs)
         if (config is None or not config.prefill_eviction
                 or not all(_full_attention_only(worker) for worker in specs)):
             return original(vllm_config, *args, **kwargs)
@@ -111,6 +113,34 @@ def _install_capacity_check() -> None:
 
     get_kv_cache_configs._kvevict = True
     core.get_kv_cache_configs = get_kv_cache_configs
+
+
+def needs_value_norms(config) -> bool:
+    """The server's default policy reads the projected-value norms (``adapter/value_norms.py``:
+    then they are kept per KV slot, and their memory comes out of the KV budget)."""
+    from vllm_kvevict.policies import get_policy
+    from vllm_kvevict.policies.base import VALUE_PROJ_NORM
+
+    return config.enabled and VALUE_PROJ_NORM in get_policy(config.policy, config.options).needs
+
+
+def _with_norms_memory(vllm_config, specs, args, kwargs):
+    """``get_kv_cache_configs``' arguments with each worker's ``available_memory`` shrunk by
+    the share the projected-value norms take (``L x Hq`` float32 per token beside the KV)."""
+    from vllm_kvevict.adapter.value_norms import kv_share
+
+    memory = kwargs["available_memory"] if "available_memory" in kwargs else args[1]
+    heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+    shrunk = []
+    for worker, available in zip(specs, memory):
+        kv = sum(spec.page_size_bytes / spec.block_size for spec in worker.values())
+        full = sum(1 for spec in worker.values() if _full_attention_only({"": spec}))
+        shrunk.append(int(available * kv_share(kv, full, heads)))
+    logger.info("kv_eviction: the projected-value norms take %.1f MiB of the KV memory",
+                (sum(memory) - sum(shrunk)) / 2**20)
+    if "available_memory" in kwargs:
+        return args, {**kwargs, "available_memory": shrunk}
+    return (args[0], shrunk, *args[2:]), kwargs
 
 
 def _full_attention_only(kv_cache_spec: dict) -> bool:

@@ -35,6 +35,9 @@ class LayerInputs:
             layer's output projection (computed once per layer; None when not found).
         probe: ``(req_id) -> [Hq, W, D]``, the layer's question-probe queries of a request
             (``adapter/probe.py``).
+        value_norms: ``(ScoredRequest) -> [Hq, T]``, the layer's projected-value norms of a
+            request's resident tokens as written with them (``adapter/value_norms.py``), or
+            None where they are not kept (then recomputed from the cache).
     """
 
     kv: Any  # kernels.paged.PagedKV
@@ -42,6 +45,7 @@ class LayerInputs:
     scale: float
     gram: Callable[[], torch.Tensor | None]
     probe: Callable[[str], torch.Tensor] | None = None
+    value_norms: Callable[[Any], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,12 @@ def _decode_attention(inputs: LayerInputs, sr) -> None:
 
 
 def _value_proj_norm(inputs: LayerInputs, b) -> None:
+    """‖v W_O^h‖ of every resident token: as written with the token where the worker keeps
+    them, else computed from the cache for the whole batch in one call."""
+    if inputs.value_norms is not None:
+        for sr in b.members:
+            sr.record(VALUE_PROJ_NORM, inputs.value_norms(sr))  # [Hq, T]
+        return
     gram = inputs.gram()
     if gram is None:  # no output projection found: not recorded, the task is reported skipped
         return

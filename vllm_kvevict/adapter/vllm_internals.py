@@ -190,9 +190,13 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
              "registry"),
     # -- KV-cache sizing at startup (prefill eviction) ------------------------------------------
     Internal("vllm.v1.engine.core", "get_kv_cache_configs", "function",
-             params=("vllm_config", "kv_cache_specs"),
+             params=("vllm_config", "kv_cache_specs", "available_memory"),
              note="the engine core's global name wrapped (imported from KV_PLANNING_MODULES): "
-             "with prefill eviction, vLLM's memory check is replaced for its one call"),
+             "with prefill eviction, vLLM's memory check is replaced for its one call; with a "
+             "default policy that reads the projected-value norms, available_memory (per "
+             "worker, bytes) shrinks by their share (adapter/value_norms.py)"),
+    Internal(_KVI, "KVCacheConfig.num_blocks", "attribute",
+             note="the pool's blocks: the value-norm tables get one row per slot"),
     Internal(KV_PLANNING_MODULES, "get_kv_cache_configs", "function",
              params=("vllm_config", "kv_cache_specs"),
              note="looks _check_enough_kv_cache_memory up in its own module's globals "
@@ -228,6 +232,27 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
                  "num_tokens num_in_flight_tokens sampling_params mm_features",
                  note="committed tokens = num_computed_tokens - num_in_flight_tokens"),
     Internal(_REQ, "Request.is_finished", "method"),
+    Internal(_REQ, "Request.__init__", "method",
+             params=("request_id", "prompt_token_ids", "sampling_params", "pooling_params",
+                     "client_index", "arrival_time", "lora_request", "cache_salt", "priority",
+                     "block_hasher"),
+             note="the question probe (adapter/probe.py): a hidden request made in the "
+             "scheduler, with its parent's block hasher and its own prefix-cache salt"),
+    *_attributes(_REQ, "Request", "prompt_token_ids _block_hasher client_index arrival_time "
+                 "lora_request priority cache_salt", note="read to make the question probe"),
+    Internal(_SCHED, "Scheduler.finish_requests", "method",
+             params=("request_ids", "finished_status"),
+             note="a question probe whose parent ended before it ran is aborted"),
+    *_attributes("vllm.v1.engine", "EngineCoreOutputs", "outputs finished_requests",
+                 note="the question probes' outputs are taken out before the front end"),
+    *_attributes("vllm.v1.engine", "EngineCoreOutput", "request_id finish_reason"),
+    Internal("vllm.model_executor.layers.rotary_embedding.base",
+             "RotaryEmbedding.forward_native", "method", params=("positions", "query", "key"),
+             note="the question probe turns its queries by position (checked per layer at "
+             "startup that the rotation composes)"),
+    Internal("", "the attention metadata's slot_mapping (CPU and Triton backends): the slot "
+             "of each of the step's tokens, -1 for padding", "doc",
+             note="the projected-value norms are written at those slots"),
     Internal("vllm.multimodal.inputs", "MultiModalFeatureSpec.mm_position", "attribute",
              note="request.mm_features[i].mm_position: the visual spans"),
     *_attributes("vllm.multimodal.inputs", "PlaceholderRange", "offset length is_embed",

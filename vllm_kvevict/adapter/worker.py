@@ -226,6 +226,9 @@ class WorkerEviction:
         self.probe_queries: dict[str, dict[int, torch.Tensor]] = {}
         self.step_probes: list[tuple[Any, torch.Tensor]] = []
         self.rotaries: dict[int, Any] = {}
+        #: the projected-value norms per KV slot (``adapter/value_norms.py``), on a server
+        #: whose default policy reads them; else None (recomputed at scoring)
+        self.norms = None
 
     # -- startup -------------------------------------------------------------------------------
     def check_layers(self) -> None:
@@ -250,6 +253,7 @@ class WorkerEviction:
             _check_buffer_width(runner.model_config.max_model_len, block_size)
         self._warm_up(layers)
         self._check_rotaries(layers)
+        self._keep_value_norms(layers, block_size)
         if not self.hooked:
             self._hook_attention(list(layers))
         if self.hybrid:
@@ -543,6 +547,8 @@ class WorkerEviction:
             def forward(layer, query, key, value, kv_cache, attn_metadata, *a,
                         _orig=original, _index=index, _name=name, **kw):
                 out = _orig(layer, query, key, value, kv_cache, attn_metadata, *a, **kw)
+                if attn_metadata is not None and self.norms is not None:
+                    self._write_value_norms(_index, value, kv_cache, attn_metadata)
                 if attn_metadata is not None and self.step_probes:
                     self._keep_probe_queries(_index, layer, query)
                 if attn_metadata is not None and any(sr.hooked for sr in self.scored):
@@ -617,7 +623,10 @@ class WorkerEviction:
         hq = layer.impl.num_heads
         inputs = LayerInputs(kv=kv, queries=query.view(-1, hq, kv.head_dim),
                              scale=layer.impl.scale, gram=lambda: self._gram(index, name, hq),
-                             probe=lambda req_id: self.probe_queries[req_id][index])
+                             probe=lambda req_id: self.probe_queries[req_id][index],
+                             value_norms=None if self.norms is None else (
+                                 lambda sr: self.norms.gather(index, sr.block_table[0],
+                                                              sr.num_tokens, kv.block_size)))
         batches = self._batches()
         for stat in STATISTIC_REGISTRY:
             if stat.batched:
@@ -627,6 +636,31 @@ class WorkerEviction:
             for sr in self.scored:
                 if stat.name in sr.hooked:
                     stat.measure(inputs, sr)
+
+    def _keep_value_norms(self, layers: dict, block_size: int) -> None:
+        """On a server whose default policy reads the projected-value norms: their per-slot
+        tables (the memory was taken from the KV budget) and every layer's Gram matrices now,
+        so the writes in the layer calls compute nothing else."""
+        from vllm_kvevict.adapter import needs_value_norms
+        from vllm_kvevict.adapter.value_norms import ValueNormCache
+
+        if self.config is None or not needs_value_norms(self.config) or self.norms is not None:
+            return
+        grams = [self._gram(i, name, layer.impl.num_heads) for i, (name, layer) in
+                 enumerate(layers.items())]
+        if any(g is None for g in grams):
+            return  # no output projection found: scored without the norms (reported skipped)
+        num_blocks = self.runner.kv_cache_config.num_blocks
+        self.norms = ValueNormCache(len(layers), num_blocks * block_size,
+                                    next(iter(layers.values())).impl.num_heads,
+                                    self.runner.device)
+
+    def _write_value_norms(self, index: int, value: torch.Tensor, kv_cache, attn_metadata) -> None:
+        slots = getattr(attn_metadata, "slot_mapping", None)
+        if slots is None:
+            return
+        dtype = kv_cache.dtype if isinstance(kv_cache, torch.Tensor) else value.dtype
+        self.norms.write(index, value.to(dtype), slots, self.grams[index])
 
     def _keep_probe_queries(self, index: int, layer, query: torch.Tensor) -> None:
         """Keep this layer's queries of the step's question probes, turned to the positions

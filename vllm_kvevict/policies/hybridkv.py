@@ -19,17 +19,24 @@ Readings we had to choose (no public code; [S]/[U] in algorithms.md):
   stable pattern is what a one-off pruning can serve.
 * budget: a paged block serves every head, so per-head budgets become weights of a mixture.
   Each head has a need distribution over blocks; a block's score is ``Σ w[l,h] · need[l,h,b]``
-  and the top-K blocks by it are kept. ``budget="entropy"``: layer share ∝ its heads' mean
-  normalised attention entropy (diffuse layers need more KV), head share within the layer ∝ its
-  entropy, each mixed with a uniform floor ``budget_floor`` (Ada-KV's safeguard) so the
-  hierarchy does not collapse to one flat ranking. ``uniform``: equal weights.
-* merge (``head_reduce``): ``mean`` is the mixture above, ``Σ w · need``; ``max`` (default)
-  scores a block by ``max w · need``, the head that needs it most for its budget share. The
-  mixture lets the many local heads outvote the few that retrieve: on ordinary text
-  (benchmarks/results/natural.md, 12 prompts of 1.5k tokens, 10 % budget) the answer's block
-  was kept 2/12 times with ``mean``, 8/12 with ``max`` (a plain max, ``budget="uniform"``:
-  10/12); answers 0/12 -> 3/12 on the engine, where later decode-time decisions (dynamic heads
-  re-ranking, then by Quest bounds) drop the block again. Templated tasks: unchanged (5/12).
+  and the top-K blocks by it are kept. ``budget="entropy"`` is the paper's model -> layer ->
+  head split: layer share ∝ its heads' mean normalised attention entropy (diffuse layers need
+  more KV), head share within the layer ∝ its entropy, each mixed with a uniform floor
+  ``budget_floor`` (Ada-KV's safeguard) so the hierarchy does not collapse to one flat ranking.
+  ``uniform`` (default): equal weights. Measured on ordinary text (bench_natural.py, 12
+  prompts of 1.5k tokens, 10 %): entropy 7/12 (answer block kept by the first decision 8/12),
+  uniform 9/12 (10/12), SnapKV 9/12. Entropy ranks a diffuse head's spread above a
+  concentrated head's one needed block: the retrieving heads are the concentrated ones.
+* merge (``head_reduce``): ``max`` (default) scores a block by ``max w · need``, the head that
+  needs it most for its budget share; ``mean`` is the mixture ``Σ w · need``; ``union`` reads
+  the weights as each head's share of the budget, every head keeping its own top blocks within
+  its share (:func:`budget_union`: a block ranked by the smallest budget at which it enters
+  some head's set). Measured (12 prompts of 1.5k tokens of ordinary text, 10 %): union 2/12
+  with the entropy split, 3/12 with uniform weights, where max has 7/12 and 9/12; image-heavy
+  prompts at 25 %: union 4/12, max 8/12. A rank ignores how sharp a head's preference is: a
+  diffuse head's first block counts as much as a retrieving head's. The mixture lets the
+  many local heads outvote the few that retrieve (answer's block kept 2/12 with ``mean``, 8/12
+  with ``max``, same prompts, entropy split).
 * static heads, text prior (LOOK-M): need = window attention on every text token plus the top
   ``static_visual_keep`` fraction of visual tokens (by that head's attention); other visual
   tokens get 0. Fixed at prefill; blocks generated later count as text of average need.
@@ -81,7 +88,13 @@ from vllm_kvevict.policies.base import (
     register_policy,
     tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import Fraction, load_blocks, recency, save_blocks
+from vllm_kvevict.policies.common import (
+    Fraction,
+    load_blocks,
+    recency,
+    save_blocks,
+    window_blocks,
+)
 from vllm_kvevict.stats import group_heads
 
 #: need floor of tokens a static head keeps (a text token with underflowed attention stays)
@@ -119,6 +132,23 @@ def budget_weights(a: torch.Tensor, how: str, floor: float) -> torch.Tensor:
     return layer[:, None] * head
 
 
+def budget_union(need: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[L, H, nb] needs, [L, H] budget shares (sum 1) -> [nb] block scores whose top-K is the
+    union of every head's own top blocks within its budget.
+
+    Head ``h`` of ``L·H`` with share ``w_h`` keeps its ``floor(w_h·L·H·k)`` best blocks when
+    each head would keep ``k`` under equal shares; block ``b`` at rank ``r_h(b)`` (0 = its best)
+    is in that set iff ``r_h(b) + 1 <= w_h·L·H·k``. So the score ``max_h w_h·L·H / (r_h(b) + 1)``
+    is ``>= 1/k`` exactly for the union of the heads' sets at ``k``: ranking blocks by it keeps,
+    at any budget, what the heads' own budgets keep, without knowing the scheduler's ``k``. A
+    head that needs a block not at all (0) never adds it.
+    """
+    n_heads = weights.numel()
+    rank = need.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).float()  # [L, H, nb]
+    share = (weights * n_heads)[..., None]
+    return torch.where(need > 0, share / (rank + 1), 0.0).amax(dim=(0, 1))
+
+
 @register_policy
 class HybridKVPolicy(EvictionPolicy):
     name = "hybridkv"
@@ -141,7 +171,8 @@ class HybridKVPolicy(EvictionPolicy):
         )
         sink_tokens: int = Field(4, ge=0, description="first tokens left out of the statistic")
         budget: Literal["entropy", "uniform"] = Field(
-            "entropy", description="hierarchical head weights (see module docstring)"
+            "uniform", description="head weights: uniform, or the paper's hierarchical split "
+            "by attention entropy (see module docstring: measured below uniform)"
         )
         budget_floor: Fraction = Field(
             0.2, description="uniform share mixed into layer and head weights"
@@ -149,12 +180,16 @@ class HybridKVPolicy(EvictionPolicy):
         static_visual_keep: Fraction = Field(
             0.25, description="fraction of visual tokens static heads keep"
         )
-        head_reduce: Literal["mean", "max"] = Field(
-            "max", description="merge of weighted per-(layer, KV head) needs: max = the head "
-            "needing the block most (mean lets local heads outvote retrieving ones)"
+        head_reduce: Literal["union", "mean", "max"] = Field(
+            "max", description="per-head budgets -> per-block scores: union = a block ranks "
+            "by the earliest it enters some head's own top share (weights = budget shares); "
+            "max = the largest weighted need; mean = the weighted mixture"
         )
         retrieval_fraction: Fraction = Field(
             0.25, gt=0.0, description="resident blocks each dynamic head retrieves per step"
+        )
+        protect_window: bool = Field(
+            True, description="the observation window's blocks (the question) score highest"
         )
         store: float = Field(
             1.0, ge=0.0, description="blocks parked for the dynamic heads' retrieval, as a "
@@ -231,6 +266,10 @@ class HybridKVPolicy(EvictionPolicy):
             static, weights, a = self.classify(stats)
             need_tok = torch.where(static[..., None], self.static_token_need(a, stats.visual), a)
             need = _rownorm(tokens_to_blocks(need_tok, bs, nb))
+            if self.config.protect_window:  # every head needs the question's blocks most
+                win = window_blocks(stats.num_tokens, stats.window_attn.shape[2], bs, nb,
+                                    device=need.device)
+                need = torch.where(win, need.amax(-1, keepdim=True), need)
             state.update(static=static, weights=weights)
             save_blocks(state, "need", stats.block_index, need, stats.position_limit)
         else:
@@ -250,8 +289,12 @@ class HybridKVPolicy(EvictionPolicy):
             elif retrieved is not None:
                 need = torch.where(state["static"][..., None], need, retrieved)
         static, weights = state["static"], state["weights"]
-        weighted = weights[..., None] * need
-        merged = weighted.amax(dim=(0, 1)) if self.config.head_reduce == "max" else weighted.sum(dim=(0, 1))
+        how = self.config.head_reduce
+        if how == "union":
+            merged = budget_union(need, weights)
+        else:
+            weighted = weights[..., None] * need
+            merged = weighted.amax(dim=(0, 1)) if how == "max" else weighted.sum(dim=(0, 1))
         scores = normalize_mass(merged)
         # dynamic heads may retrieve any block later: park, don't release (selected on device)
         return torch.where(static.all(), scores, scores.clamp_min(LIVE_FLOOR))

@@ -117,7 +117,7 @@ def test_a_laprox_server_scores_with_the_norms_written_with_the_tokens(monkeypat
     try:
         prompt = passkey_prompt("40404", repeats=12)
         for _ in range(2):
-            out = llm.generate([prompt], sampling(max_tokens=4), use_tqdm=False)[0]
+            out = llm.generate([prompt], sampling(max_tokens=8), use_tqdm=False)[0]
             assert "40404" in out.outputs[0].text
     finally:
         shutdown(llm)

@@ -201,6 +201,8 @@ class WorkerEviction:
     _backend_rows: bool = False  # the backend's buffers flag scored rows (last upload)
     #: this step's question probes (set by begin_step; see __init__)
     step_probes: list | tuple = ()
+    #: the projected-value norms per KV slot, or None (see __init__)
+    norms = None
 
     def __init__(self, runner, config=None):
         self.runner = runner

@@ -274,3 +274,30 @@ def test_requests_of_one_step_are_measured_together_as_alone(layout, monkeypatch
     solo, _ = _scored_layer(16, 3, "prefill", layout)
     for stat in first.layers:
         assert torch.equal(first.layers[stat][0], solo.layers[stat][0]), stat
+
+
+def test_a_batch_mixes_requests_with_and_without_their_own_window():
+    """A middle chunk scored by its question probe measures no window of its own (window 0)
+    but shares the value-norm batch with requests that do: the batch pads its row (length 0)
+    instead of failing."""
+    from vllm_kvevict.adapter.statistics import PROBE_WINDOW
+    from vllm_kvevict.adapter.worker import _Batch
+    from vllm_kvevict.policies.base import VALUE_PROJ_NORM, WINDOW_ATTN
+
+    def request(name, hooked):
+        sr = ScoredRequest(
+            req_id=name, task=SimpleNamespace(phase="prefill"),
+            policy=SimpleNamespace(needs=STATISTICS, window=4), q_start=0, q_end=8,
+            block_ids=torch.tensor([3, 5]), positions=torch.arange(2),
+            parked=torch.zeros(2, dtype=torch.bool), tokens_per_block=[4, 4],
+            query_positions=torch.arange(8), layers={})
+        sr.set_hooked(hooked)
+        return sr
+
+    own = request("own", {WINDOW_ATTN, VALUE_PROJ_NORM})
+    probed = request("probed", {PROBE_WINDOW, VALUE_PROJ_NORM})
+    assert (own.window, probed.window) == (4, 0)
+    batch = _Batch.of((own, probed))
+    assert batch.window_lens.tolist() == [4, 0]
+    assert batch.window_index[0].tolist() == [4, 5, 6, 7]
+    assert batch.seq_lens.tolist() == [8, 8]

@@ -193,3 +193,17 @@ def test_make_stats_shapes():
     assert torch.allclose(st.decode_share.sum(1), torch.ones(2))
     st, _ = make_stats(tokens=10, block_size=4, needs={"value_proj_norm"}, phase="decode")
     assert st.window_attn is None and st.decode_mass is None and st.value_proj_norm is None
+
+
+def test_every_policy_module_is_found_and_registers_its_method():
+    """A policy is its file: every module of ``vllm_kvevict.policies`` but the shared ones
+    registers at least one method, found without a list to keep."""
+    import pkgutil
+
+    import vllm_kvevict.policies as policies
+    from vllm_kvevict.policies.base import REGISTRY
+
+    modules = {m.name for m in pkgutil.iter_modules(policies.__path__)} - {"base", "common"}
+    registered = {cls.__module__.rsplit(".", 1)[-1] for cls in REGISTRY.classes.values()}
+    assert modules <= registered, modules - registered
+    assert set(policies.available_policies()) >= {"none", "snapkv", "laprox", "hae", "hybridkv"}

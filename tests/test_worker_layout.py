@@ -1,4 +1,5 @@
-"""Hazard 4: the CPU backend may store keys transposed per block; the worker must detect it."""
+"""vLLM's CPU backend may store keys transposed per block (AVX2 hosts): the worker detects the
+layout from a key it has just written, and refuses to score when neither layout matches."""
 
 from __future__ import annotations
 

@@ -281,7 +281,8 @@ class EvictingScheduler(Scheduler):
         ledger = self.ledger
 
         def cache_blocks(request, num_computed_tokens):
-            # Hazard 1 (prefix-cache poisoning): never publish blocks computed after an eviction.
+            # prefix-cache poisoning: never publish blocks computed after an eviction (they
+            # hold K/V computed without the evicted tokens)
             num = ledger.cacheable_tokens(request.request_id, num_computed_tokens)
             return original_cache_blocks(request, num)
 

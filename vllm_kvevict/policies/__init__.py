@@ -7,30 +7,21 @@ options raise ``ValueError`` naming the field and the valid choices.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 from pydantic import ValidationError
 
 from vllm_kvevict.policies.base import REGISTRY, EvictionPolicy
 
-# Modules that register policies on import. A module listed here that is not yet written is
-# skipped, so the registry always reflects what actually exists.
-_POLICY_MODULES = (
-    "attention",
-    "streamingllm",
-    "snapkv",
-    "h2o",
-    "laprox",
-    "hae",
-    "hybridkv",
-)
+#: modules of this package that hold shared code, not a method
+_SHARED_MODULES = frozenset({"base", "common"})
 
-for _module in _POLICY_MODULES:
-    try:
-        importlib.import_module(f"vllm_kvevict.policies.{_module}")
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while a method is unwritten
-        if exc.name != f"vllm_kvevict.policies.{_module}":
-            raise
+# Every other module is one method that registers itself on import (``@register_policy``): a
+# new policy is its file, found here without a list to keep.
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in _SHARED_MODULES and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 NONE = "none"
 

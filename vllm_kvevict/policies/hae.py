@@ -6,7 +6,7 @@ layer and applied to every layer ("index broadcasting": important tokens overlap
 layers). During decoding, eviction candidates go to a bounded recycle bin before they are
 released, so a mistaken eviction can be undone, and visual tokens leave before text tokens.
 
-Readings we had to choose (no public code; [U] in algorithms.md):
+Readings we had to choose (the paper has no public code; where it does not say, we chose):
 
 * dual-attention pruning (MustDrop's filter, whose thresholds HAE reuses): ``A`` = softmax
   attention from the *text* queries of the observation window (the last ``window`` prompt

@@ -7,7 +7,7 @@ look at different image regions at every step — they need the whole image avai
 chunks per query. HybridKV classifies heads once, splits the budget top-down (model -> layer ->
 head) and compresses each head type its own way.
 
-Readings we had to choose (no public code; [S]/[U] in algorithms.md):
+Readings we had to choose (the paper has no public code; where it does not say, we chose):
 
 * classification statistic, per (layer, KV head), from the observation window's text queries
   (group-averaged attention, mean over those queries), over the *evictable* context only (not

@@ -7,7 +7,7 @@ token j drops its terms, so the norm of the term bounds the damage; column-row s
 Normalising each layer's scores to sum 1 makes them comparable across layers, so one
 model-wide ranking replaces per-layer/per-head budgets.
 
-Readings we had to choose (the method section was not available; see algorithms.md):
+Readings we had to choose (the paper's method section was not available to us):
 
 * window 32 queries, average pooling kernel 7 [S]. Pooling smooths the attention factor
   ``‖A_W[:, j]‖₂`` along tokens (SnapKV's reason: attended phrases, not single tokens); the

@@ -695,10 +695,8 @@ class EvictingScheduler(Scheduler):
         if not spans:
             return None
         bs = self.kv_block_size
-        return torch.tensor([
-            sum(max(0, min((p + 1) * bs, off + length) - max(p * bs, off)) for off, length in spans)
-            / bs for p in positions
-        ], dtype=torch.float32)
+        return torch.tensor([visual_token_count(spans, (p,), bs) / bs for p in positions],
+                            dtype=torch.float32)
 
     def _free_under_pressure(self, need: int) -> bool:
         """Pool-pressure mode: release parked blocks first, then the globally least important

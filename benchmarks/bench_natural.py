@@ -8,7 +8,7 @@ arms, same engine, per-request config:
 * ``new``: the default protection (scales with the budget, config.EvictionConfig.protection);
 * ``old``: explicit ``sink_tokens: 4, recent_tokens: 64`` (the behaviour before that change).
 
-Every evicting request's first decision is recorded by wrapping the scheduler's ``_decide_batch``:
+Every evicting request's first decision is recorded by wrapping ``Decisions.decide``:
 the block scores it saw, the protected blocks and the blocks it excluded, so the answer block's
 fate and rank are read from the engine itself.
 
@@ -26,6 +26,8 @@ import argparse
 import os
 import sys
 import time
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -60,37 +62,42 @@ def answer_span(sample) -> tuple[int, int]:
 
 
 def install_decision_hook() -> None:
-    from vllm_kvevict.adapter.scheduler import EvictingScheduler
+    from vllm_kvevict.adapter.budget import request_budget
+    from vllm_kvevict.adapter.decisions import Decisions
+    from vllm_kvevict.adapter.request_state import committed_tokens
 
-    original = EvictingScheduler._decide_batch
+    original = Decisions.decide
 
-    def _decide_batch(self, deciding):
+    def decide(self, deciding):
         snaps = {}
         for request, state in deciding:
             req_id = request.request_id
             if req_id in DECISIONS:
                 continue
-            committed = self._committed_tokens(request)
-            positions = self.ledger.resident_positions(req_id)
-            protected = self._protected(state.config, positions, committed, state.scores)
-            snaps[req_id] = {"committed": committed, "positions": list(positions),
+            committed = committed_tokens(request)
+            positions = self.ledger.resident_array(req_id)
+            budget = request_budget(state.config, committed, request.num_prompt_tokens,
+                                    self.block_size)
+            scored, _ = state.scores_at(positions)
+            protected = budget.protected(positions, None if scored is None else ~scored)
+            snaps[req_id] = {"committed": committed, "positions": positions.tolist(),
                              "scores": dict(state.scores),
-                             "protected": [p for p, f in zip(positions, protected.tolist()) if f],
-                             "keep_blocks": state.config.keep_blocks(committed, self.kv_block_size)}
+                             "protected": positions[protected].tolist(),
+                             "keep_blocks": budget.keep_blocks}
         original(self, deciding)
         for req_id, snap in snaps.items():
-            snap["excluded"] = sorted(self.ledger.excluded_positions(req_id))
+            snap["excluded"] = np.flatnonzero(self.ledger.excluded_mask(req_id)).tolist()
             if snap["excluded"]:
                 DECISIONS[req_id] = snap
 
-    EvictingScheduler._decide_batch = _decide_batch
+    Decisions.decide = decide
 
 
 def disable_prefix_cap() -> None:
     """The scheduler before its prefix-hit cap: the hit vLLM finds is used as is."""
-    from vllm_kvevict.adapter.scheduler import EvictingScheduler
+    from vllm_kvevict.adapter import admission
 
-    EvictingScheduler._cap_prefix_hit = lambda self, request, *found: found
+    admission.cap_prefix_hit = lambda request, found, **_: found
 
 
 def find_decision(request_id: str) -> dict | None:

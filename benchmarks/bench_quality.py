@@ -114,7 +114,7 @@ def generate(llm, jobs: list[dict], **sampling) -> list:
         params = [SamplingParams(temperature=0, extra_args={"kv_eviction": kv_args(j["policy"], j["budget"])},
                                  **sampling) for j in wave]
         outs = llm.generate(prompts, params, use_tqdm=False)
-        logs = scheduler(llm).kv_log_finished
+        logs = scheduler(llm).kv_book.finished_logs
         for j, out in zip(wave, outs):
             j["kept_fraction"] = kept_fraction(logs, out.request_id)
         outputs += outs

@@ -100,14 +100,15 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
     serving engine - all requests already at their budget (an untimed first decision), then
     ``1/INTERVAL`` of them grown by ``GROWTH`` blocks and deciding in the timed step on scores
     of their resident blocks taken from the workers' output (``_take_worker_output``), and the
-    step's plan for the workers built for all of them (``_step_plan``: the
+    step's plan for the workers built for all of them (``StepPlanner.plan``: the
     deciding requests' new rows, every request's offset, and score tasks for the
     ``1/INTERVAL`` due). ``batched``: the scheduler's one batched selection for all of
     them; False: one selection per request (a batch of one), as the scheduler decided before
     batching. ``keep``: leave the requests in place (the caller calls :func:`cleanup`).
     """
-    from vllm_kvevict.adapter import scheduler as S
+    from vllm_kvevict.adapter import decisions as S
     from vllm_kvevict.adapter.protocol import BlockScores
+    from vllm_kvevict.adapter.request_state import RequestEviction
     from vllm_kvevict.config import EvictionConfig
     from vllm_kvevict.policies import get_policy
 
@@ -125,13 +126,13 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
             select_s[0] += time.perf_counter() - t0
 
     def fresh(rid, n_blocks):
-        sched._note_scores(rid, sched.kv_requests[rid], range(n_blocks),
-                           [rng.random() for _ in range(n_blocks)])
+        sched.kv_decisions.note_scores(rid, sched.kv_requests[rid], range(n_blocks),
+                                       [rng.random() for _ in range(n_blocks)])
 
     for i in range(requests):
         rid = f"r{i}"
         manager.allocate_new_blocks(rid, tokens, tokens)
-        sched.kv_requests[rid] = S.RequestEviction(config=config, policy=get_policy(policy_name))
+        sched.kv_requests[rid] = RequestEviction(config=config, policy=get_policy(policy_name))
         fresh(rid, blocks)
         # staggered: decoding (the prompt ended a few blocks ago)
         prompt = tokens - 2 * BLOCK_SIZE if staggered else tokens
@@ -142,14 +143,14 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
         sched.requests[rid] = request
     deciding = list(range(requests))
     if staggered:
-        sched._apply_decisions()  # untimed: everyone at its budget
+        sched.kv_decisions.apply(sched.running, sched.kv_requests)  # untimed: everyone at its budget
         for rid in sched.ledger.take_changed(sched.requests):  # sent in that step's plan
             sched.ledger.compacted_row(rid)
         deciding = list(range(0, requests, INTERVAL))
         # the workers' output of the previous step: scores of exactly the resident blocks, for
         # the deciding requests - and for every request with a policy scored at every step
         # (H2O, HybridKV: all of them decide, most within budget)
-        every_step = get_policy(policy_name).score_every_step
+        every_step = get_policy(policy_name).schedule.every_step
         worker_output = SimpleNamespace(kv_eviction_skipped={}, kv_eviction_scores={})
         for i in range(requests) if every_step else deciding:
             rid, request = f"r{i}", sched.running[i]
@@ -177,15 +178,15 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
         if staggered:  # taking the scores that came with the previous step's output
             sched._take_worker_output(worker_output)
         if batched:
-            sched._apply_decisions()
+            sched.kv_decisions.apply(sched.running, sched.kv_requests)
         else:
             for request in sched.running:
-                if request.request_id in sched.kv_fresh:
-                    sched.kv_fresh.discard(request.request_id)
-                    sched._decide_batch([(request, sched.kv_requests[request.request_id])])
+                if request.request_id in sched.kv_decisions.fresh:
+                    sched.kv_decisions.fresh.discard(request.request_id)
+                    sched.kv_decisions.decide([(request, sched.kv_requests[request.request_id])])
         plan_started = time.perf_counter()
         if staggered:  # and the plan for the workers: rows that changed, offsets, score tasks
-            plan = sched._step_plan(output)
+            plan = sched.kv_planner.plan(output, sched.requests, sched.kv_requests)
         elapsed = time.perf_counter() - started
         plan_s = time.perf_counter() - plan_started
     finally:
@@ -196,7 +197,7 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
         cleanup(sched, requests)
     # H2O and HybridKV are scored at every decode step, the others every INTERVAL (and with
     # scores at every step the grown requests due for scoring decide too)
-    every_step = get_policy(policy_name).score_every_step
+    every_step = get_policy(policy_name).schedule.every_step
     due = requests if every_step else requests // INTERVAL
     rows = len(deciding) * (2 if every_step else 1)
     if staggered and requests >= INTERVAL and (len(plan.rows) != rows or len(plan.score) != due):
@@ -212,13 +213,13 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
 
 def time_pressure(sched, policy_name: str, requests: int, blocks: int, rng: random.Random,
                   full_sort: bool = False, need: int = 2, repeat: bool = False) -> float:
-    """Seconds of one pool-pressure call (``_free_under_pressure(need)``: a decode step short
+    """Seconds of one pool-pressure call (``PoolPressure.free(need, ...)``: a decode step short
     of ``need`` blocks) over ``requests`` running requests of ``blocks`` blocks, all at their
     budget already (an untimed first decision) and freshly scored. ``full_sort``: pick with a
     full ``np.lexsort`` of every candidate (as before :func:`least_important`). ``repeat``:
     time the second of two calls in a row (a full pool asks at every step; the candidates of
     the requests the first call left alone are cached)."""
-    from vllm_kvevict.adapter import scheduler as S
+    from vllm_kvevict.adapter import pool_pressure as S
 
     time_step(sched, policy_name, requests, blocks, rng, keep=True)
     for i in range(requests):
@@ -230,10 +231,10 @@ def time_pressure(sched, policy_name: str, requests: int, blocks: int, rng: rand
         S.least_important = lambda keys, need: np.lexsort(tuple(reversed(keys)))[:need]
     try:
         if repeat:
-            sched._free_under_pressure(need)
+            sched.kv_pressure.free(need, sched.running, sched.kv_requests)
         before = sum(sched.ledger.requests[f"r{i}"].num_released for i in range(requests))
         started = time.perf_counter()
-        freed = sched._free_under_pressure(need)
+        freed = sched.kv_pressure.free(need, sched.running, sched.kv_requests)
         elapsed = time.perf_counter() - started
         released = sum(sched.ledger.requests[f"r{i}"].num_released
                        for i in range(requests)) - before
@@ -253,8 +254,8 @@ def cleanup(sched, requests: int) -> None:
     sched.kv_requests.clear()
     sched.running.clear()
     sched.requests.clear()
-    sched.kv_log.clear()
-    sched.kv_fresh.clear()
+    sched.kv_book.logs.clear()
+    sched.kv_decisions.fresh.clear()
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,17 +50,13 @@ def stats_of(c: dict, window: int | None = None) -> RequestStats:
 
 
 def protected_mask(arm: str, budget: float, nb: int, committed: int, bs: int) -> torch.Tensor:
-    """The scheduler's own ``_protected`` for a prompt of ``committed`` tokens in ``nb`` blocks,
-    every block scored; also the number of blocks the budget keeps."""
-    from types import SimpleNamespace
-
-    from vllm_kvevict.adapter.scheduler import EvictingScheduler
+    """The scheduler's own protection (``adapter/budget.py``) for a prompt of ``committed``
+    tokens in ``nb`` blocks, every block scored; also the number of blocks the budget keeps."""
+    from vllm_kvevict.adapter.budget import request_budget
 
     cfg = EvictionConfig(policy="snapkv", budget=budget, floor_tokens=0, **ARMS[arm])  # the policy at its budget
-    positions = list(range(nb))
-    protected = EvictingScheduler._protected(SimpleNamespace(kv_block_size=bs), cfg, positions,
-                                             committed, dict.fromkeys(positions, 1.0))
-    return protected, cfg.keep_blocks(committed, bs)
+    b = request_budget(cfg, committed, committed, bs)
+    return torch.from_numpy(b.protected(np.arange(nb))), b.keep_blocks
 
 
 def mass_profile(c: dict) -> dict:

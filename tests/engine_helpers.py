@@ -110,7 +110,7 @@ def sampling(kv=None, max_tokens: int = 16, logprobs: int = 0, **kwargs):
 def finished_log(llm, request_id: str) -> list:
     """The scheduler's eviction log of a finished request, ``[]`` if it evicted nothing (vLLM
     suffixes the ids it uses internally)."""
-    logs = scheduler(llm).kv_log_finished
+    logs = scheduler(llm).kv_book.finished_logs
     matches = [v for k, v in logs.items() if k == request_id or k.startswith(f"{request_id}-")]
     return matches[-1] if matches else []
 

@@ -93,7 +93,7 @@ def test_zero_eviction_is_identical_to_stock_vllm(llm):
     assert [len(o.prompt_token_ids) for o in outs] == [1285, 325, 5]
     assert steps[0] == [1285, 325 - 2 * BLOCK_SIZE, 5]  # one prefill step, 2 blocks hit
     assert steps[1:] == [[1, 1, 1]] * (MAX_TOKENS - 1)
-    logged = scheduler(llm).kv_log_finished
+    logged = scheduler(llm).kv_book.finished_logs
     assert not any(k.startswith(f"{o.request_id}-") or k == o.request_id for o in outs for k in logged)
     expected = stock_run({"prompts": prompts, "max_tokens": MAX_TOKENS, "logprobs": top})
     assert [o.num_cached_tokens for o in outs] == [0, 2 * BLOCK_SIZE, 0]
@@ -111,7 +111,7 @@ def test_nothing_to_evict_means_nothing_scored(llm):
     whole blocks, as the decision does: a partly filled last block is not over budget)."""
     sched = scheduler(llm)
     asked = []
-    original = sched._score_task
+    original = sched.kv_planner.score_task
 
     def spy(request, state, num_tokens, *rest):
         task = original(request, state, num_tokens, *rest)
@@ -119,11 +119,11 @@ def test_nothing_to_evict_means_nothing_scored(llm):
             asked.append((request.request_id, task.phase))
         return task
 
-    sched._score_task = spy
+    sched.kv_planner.score_task = spy
     try:
         outs = llm.generate([passkey_prompt("71432")], params({"budget": 1.0}, max_tokens=40))
     finally:
-        del sched._score_task
+        del sched.kv_planner.score_task
     assert len(outs[0].prompt_token_ids) % 32 != 0  # a partly filled last block all along
     assert asked == []
 
@@ -309,7 +309,7 @@ class _ParkThenRestore:
     @classmethod
     def make(cls):
         from vllm_kvevict.policies.attention import AttentionMassPolicy
-        from vllm_kvevict.policies.base import Decision
+        from vllm_kvevict.policies.selection import Decision
 
         class ParkThenRestore(AttentionMassPolicy):
             name = cls.name

@@ -53,7 +53,7 @@ def test_the_default_floor_spares_a_chat_and_leaves_long_prompts_to_the_budget()
 def _scheduler_with(policy: str, tokens: int, floor: int, pool_pressure: bool = False):
     """A real ``EvictingScheduler`` (vLLM's KV manager and block pool) holding one running
     request of ``tokens`` computed tokens under ``policy`` at 25 %."""
-    from vllm_kvevict.adapter.scheduler import RequestEviction
+    from vllm_kvevict.adapter.request_state import RequestEviction
     from vllm_kvevict.policies import get_policy
 
     sched = bench_scheduler.build_scheduler(64, 40)
@@ -77,14 +77,14 @@ def test_a_request_under_the_floor_is_never_scored(policy):
     score; under the floor nothing is asked of the workers. The control (floor 0) is."""
     for floor, scored in ((DEFAULT_FLOOR_TOKENS, False), (0, True)):
         sched, state, request = _scheduler_with(policy, 49, floor)
-        task = sched._score_task(request, state, num_tokens=49)
+        task = sched.kv_planner.score_task(request, state, num_tokens=49)
         assert (task is not None) == scored, (policy, floor)
 
 
 def test_pool_pressure_passes_over_a_request_under_the_floor():
     for floor, evictable in ((DEFAULT_FLOOR_TOKENS, False), (0, True)):
         sched, state, request = _scheduler_with("snapkv", 6 * BS, floor, pool_pressure=True)
-        found = sched._pressure_candidates("r", state, 6 * BS)
+        found = sched.kv_pressure.candidates(request, state)
         assert (found is not None) == evictable, floor
 
 

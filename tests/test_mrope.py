@@ -180,7 +180,7 @@ def zero_runs(llm):
     hae = {"policy": "hae", "budget": 1.0,
            "options": {"global_threshold": 0.0, "individual_threshold": 0.0}}
     sched = scheduler(llm)
-    score_task, tasks = sched._score_task, []
+    score_task, tasks = sched.kv_planner.score_task, []
 
     def spy_task(request, state, num_tokens, *rest):
         task = score_task(request, state, num_tokens, *rest)
@@ -189,7 +189,7 @@ def zero_runs(llm):
         return task
 
     runs, skipped = {}, sched.kv_counters.scoring_skipped
-    sched._score_task = spy_task
+    sched.kv_planner.score_task = spy_task
     try:
         for name, kvs in {"tracked": ({"budget": 1.0}, hae),
                           "none": ({"policy": "none"}, {"policy": "none"})}.items():
@@ -198,7 +198,7 @@ def zero_runs(llm):
                                 [params(kv, logprobs=5) for kv in kvs])
             runs[name] = outs
     finally:
-        del sched._score_task
+        del sched.kv_planner.score_task
     return runs, tasks, sched.kv_counters.scoring_skipped - skipped
 
 

@@ -138,7 +138,7 @@ def hae_run(llm):
 
     sched = scheduler(llm)
     tasks, pruning = [], []
-    score_task, prunable = sched._score_task, HAEPolicy.prunable_tokens
+    score_task, prunable = sched.kv_planner.score_task, HAEPolicy.prunable_tokens
 
     def spy_task(request, state, num_tokens, *rest):
         task = score_task(request, state, num_tokens, *rest)
@@ -154,13 +154,13 @@ def hae_run(llm):
         return verdict
 
     llm.reset_prefix_cache()
-    sched._score_task = spy_task
+    sched.kv_planner.score_task = spy_task
     HAEPolicy.prunable_tokens = spy_prunable
     try:
         out = llm.generate([{"prompt": image_prompt(3), "multi_modal_data": {"image": images(3)}}],
                            params())[0]
     finally:
-        del sched._score_task
+        del sched.kv_planner.score_task
         HAEPolicy.prunable_tokens = prunable
     return out, tasks, pruning, finished_log(llm, out.request_id)
 
@@ -173,7 +173,7 @@ def test_visual_spans_keep_only_embedded_runs():
     import torch
     from vllm.multimodal.inputs import PlaceholderRange
 
-    from vllm_kvevict.adapter.scheduler import visual_spans
+    from vllm_kvevict.adapter.visual import visual_spans
 
     def feature(offset, mask=None, length=None):
         is_embed = None if mask is None else torch.tensor([c == "x" for c in mask])
@@ -191,7 +191,7 @@ def test_visual_spans_keep_only_embedded_runs():
 
 
 def test_visual_token_count_splits_mixed_blocks_by_token():
-    from vllm_kvevict.adapter.scheduler import visual_token_count
+    from vllm_kvevict.adapter.visual import visual_token_count
 
     spans = [(10, 64), (100, 3)]  # tokens 10..73 and 100..102
     assert visual_token_count(spans, [0], 32) == 22  # 10..31

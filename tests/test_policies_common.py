@@ -7,7 +7,7 @@ import pytest
 import torch
 from vllm_kvevict.kernels import reference as R
 
-from vllm_kvevict.policies.base import STATISTICS, RequestStats, select_blocks, select_tiered
+from vllm_kvevict.policies.base import STATISTICS, RequestStats
 from vllm_kvevict.policies.common import (
     accumulate_blocks,
     carry_scores,
@@ -17,6 +17,7 @@ from vllm_kvevict.policies.common import (
     save_blocks,
     window_blocks,
 )
+from vllm_kvevict.policies.selection import select_blocks, select_tiered
 
 
 @pytest.fixture(autouse=True)
@@ -203,7 +204,7 @@ def test_every_policy_module_is_found_and_registers_its_method():
     import vllm_kvevict.policies as policies
     from vllm_kvevict.policies.base import REGISTRY
 
-    modules = {m.name for m in pkgutil.iter_modules(policies.__path__)} - {"base", "common"}
+    modules = {m.name for m in pkgutil.iter_modules(policies.__path__)} - policies.SHARED_MODULES
     registered = {cls.__module__.rsplit(".", 1)[-1] for cls in REGISTRY.classes.values()}
     assert modules <= registered, modules - registered
     assert set(policies.available_policies()) >= {"none", "snapkv", "laprox", "hae", "hybridkv"}

@@ -102,7 +102,7 @@ def test_text_only_requests_score_by_attention_without_pruning(visual):
 
 def test_prefill_decision_releases_pruned_blocks_within_budget():
     policy = get_policy("hae", OPTS)
-    assert policy.select_after_prefill
+    assert policy.schedule.select_after_prefill
     scores = policy.block_scores(stats_for(crafted()), {})
     protected = torch.tensor([True, False, False, False, False, True])
     d = policy.select(scores, block_index=torch.arange(6), keep_blocks=6, protected=protected,

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
 
 from vllm_kvevict.policies import available_policies, get_policy, get_policy_class
-from vllm_kvevict.policies.base import STATISTICS, Decision
+from vllm_kvevict.policies.base import STATISTICS
+from vllm_kvevict.policies.selection import Decision
 
 POLICIES = [p for p in available_policies() if p != "none"]
 
@@ -106,9 +107,9 @@ def test_declared_needs_and_window(name):
     assert policy.needs <= STATISTICS
     window = getattr(policy.config, "window", None)
     if window is not None:
-        assert policy.window == window
-        assert get_policy(name, {"window": 7}).window == 7
-        assert get_policy_class(name).window == window  # class default = default option
+        assert policy.schedule.window == window
+        assert get_policy(name, {"window": 7}).schedule.window == 7
+        assert get_policy_class(name).schedule.window == window  # class default = default option
 
 
 BAD_OPTIONS = [

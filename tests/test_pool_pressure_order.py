@@ -25,7 +25,8 @@ def test_the_globally_least_important_blocks_go_first(seed, need, num_requests, 
     """Twice in a row: the second call reads the candidates it cached for the requests the
     first left alone and recomputes those it released from (a stale cache would pick a
     released block again or miss the next-least important one)."""
-    from vllm_kvevict.adapter.scheduler import RequestEviction
+    from vllm_kvevict.adapter.budget import request_budget
+    from vllm_kvevict.adapter.request_state import RequestEviction
     from vllm_kvevict.config import EvictionConfig
     from vllm_kvevict.policies import get_policy
 
@@ -46,12 +47,14 @@ def test_the_globally_least_important_blocks_go_first(seed, need, num_requests, 
         state.set_scores(range(blocks), values)
         sched.kv_requests[rid] = state
         request = SimpleNamespace(request_id=rid, num_computed_tokens=tokens,
-                                  num_in_flight_tokens=0, mm_features=None)
+                                  num_prompt_tokens=tokens, num_in_flight_tokens=0,
+                                  mm_features=None)
         sched.running.append(request)
         parked = rng.sample(range(1, blocks - 2), k=min(3, blocks - 3))
         sched.ledger.park(rid, parked, tokens)
         positions = sched.ledger.resident_positions(rid)
-        protected = sched._protected(config, positions, tokens, state.scores).tolist()
+        protected = request_budget(config, tokens, tokens, BS).protected(
+            np.asarray(positions, dtype=np.int64)).tolist()  # every block has a score
         for p, prot in zip(positions, protected):
             if not prot:
                 expected.append((p not in parked, False, float(np.float32(values[p])), rid, p))
@@ -59,7 +62,7 @@ def test_the_globally_least_important_blocks_go_first(seed, need, num_requests, 
     for called, total in ((need, need), (need_again, need + need_again)):
         if not called:
             continue
-        assert sched._free_under_pressure(called) == bool(expected[total - called:])
+        assert sched.kv_pressure.free(called, sched.running, sched.kv_requests) == bool(expected[total - called:])
         released = sorted((rid, p) for rid in sched.kv_requests
                           for p in sched.ledger.requests[rid].released)
         assert released == sorted((rid, p) for *_, rid, p in expected[:total])
@@ -73,7 +76,7 @@ def test_the_globally_least_important_blocks_go_first(seed, need, num_requests, 
 def test_least_important_is_the_head_of_the_full_sort(rows, need):
     """The partition-based pick equals the first ``need`` of a full ``np.lexsort`` (ties on
     score broken by request and position, NaN scores last within their class)."""
-    from vllm_kvevict.adapter.scheduler import least_important
+    from vllm_kvevict.policies.selection import least_important
 
     cls, score, req, pos = (np.array(c) for c in zip(*rows)) if rows else [np.zeros(0)] * 4
     score = score.astype(np.float32)

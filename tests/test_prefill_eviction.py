@@ -211,8 +211,8 @@ def test_an_abort_between_prefill_chunks_returns_every_block(llm):
     engine.add_request("abort-me", TokensPrompt(prompt_token_ids=ids), sampling(max_tokens=4))
     for _ in range(200):
         engine.step()
-        log = sched.kv_log.get("abort-me") or next(
-            (v for k, v in sched.kv_log.items() if k.startswith("abort-me")), [])
+        log = sched.kv_book.logs.get("abort-me") or next(
+            (v for k, v in sched.kv_book.logs.items() if k.startswith("abort-me")), [])
         if any(excluded and c < len(ids) // 2 for c, excluded in log):
             break
     else:

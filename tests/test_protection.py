@@ -5,18 +5,19 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvevict.adapter.scheduler import EvictingScheduler
+from vllm_kvevict.adapter.admission import cap_prefix_hit, install_guards
+from vllm_kvevict.adapter.budget import request_budget
 from vllm_kvevict.config import EvictionConfig, parse_config
 
 
 def _protected(config: EvictionConfig, committed: int, bs: int):
-    positions = list(range(math.ceil((committed + 1) / bs)))  # + the next token's block
-    scores = {p: 1.0 for p in positions}
-    sched = SimpleNamespace(kv_block_size=bs)
-    return EvictingScheduler._protected(sched, config, positions, committed, scores), positions
+    """The protection of a decoding request (prompt done) with every block scored."""
+    positions = np.arange(math.ceil((committed + 1) / bs))  # + the next token's block
+    return request_budget(config, committed, committed, bs).protected(positions), positions
 
 
 @settings(max_examples=300, deadline=None)
@@ -70,17 +71,16 @@ def test_per_request_overrides_keep_explicit_fields_explicit():
 def _cap(policy, budget, prompt, hit_blocks, bs=32, groups=1):
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
-    from vllm_kvevict.adapter.scheduler import RequestEviction
+    from vllm_kvevict.adapter.request_state import RequestEviction
     from vllm_kvevict.policies import get_policy
 
     config = parse_config({"policy": policy, "budget": budget})
     empty = KVCacheBlocks(tuple(() for _ in range(groups)))
-    sched = SimpleNamespace(kv_block_size=bs, kv_hybrid=groups > 1, kv_requests={
-        "r": RequestEviction(config=config, policy=get_policy(policy, {}))},
-        kv_cache_manager=SimpleNamespace(empty_kv_cache_blocks=empty))
+    state = RequestEviction(config=config, policy=get_policy(policy, {}))
     request = SimpleNamespace(request_id="r", num_prompt_tokens=prompt)
     blocks = KVCacheBlocks(tuple(list(range(hit_blocks)) for _ in range(groups)))
-    capped, n, boundary = EvictingScheduler._cap_prefix_hit(sched, request, blocks, hit_blocks * bs, 0)
+    capped, n, boundary = cap_prefix_hit(request, (blocks, hit_blocks * bs, 0), state=state,
+                                         block_size=bs, hybrid=groups > 1, empty=empty)
     assert all(len(group) * bs == n for group in capped.blocks) and boundary == 0
     return n
 
@@ -112,7 +112,7 @@ def test_the_prefix_hit_wrapper_takes_vllm_033s_max_cache_hit_length():
 
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
-    from vllm_kvevict.adapter.scheduler import RequestEviction
+    from vllm_kvevict.adapter.request_state import RequestEviction
     from vllm_kvevict.policies import get_policy
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -126,7 +126,7 @@ def test_the_prefix_hit_wrapper_takes_vllm_033s_max_cache_hit_length():
         return KVCacheBlocks((list(range(31)),)), 31 * 32, 0
 
     sched.kv_cache_manager.get_computed_blocks = get_computed_blocks_033
-    sched._install_guards()  # wraps the 0.33-style method as at engine start
+    install_guards(sched)  # wraps the 0.33-style method as at engine start
     config = parse_config({"policy": "snapkv", "budget": 0.1})
     sched.kv_requests["r"] = RequestEviction(config=config, policy=get_policy("snapkv", {}))
     request = SimpleNamespace(request_id="r", num_prompt_tokens=1000)

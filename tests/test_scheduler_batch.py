@@ -16,7 +16,7 @@ BS = bench_scheduler.BLOCK_SIZE
 
 
 def add_request(sched, rid: str, blocks: int, config, rng: random.Random):
-    from vllm_kvevict.adapter.scheduler import RequestEviction
+    from vllm_kvevict.adapter.request_state import RequestEviction
     from vllm_kvevict.policies import get_policy
 
     tokens = blocks * BS
@@ -27,7 +27,7 @@ def add_request(sched, rid: str, blocks: int, config, rng: random.Random):
                               num_in_flight_tokens=0, mm_features=None)
     sched.running.append(request)
     sched.requests[rid] = request
-    sched._note_scores(rid, state, range(blocks), [rng.random() for _ in range(blocks)])
+    sched.kv_decisions.note_scores(rid, state, range(blocks), [rng.random() for _ in range(blocks)])
     return request
 
 
@@ -43,7 +43,7 @@ def test_requests_deciding_together_share_the_recycle_bin_without_overfilling_it
     config = EvictionConfig(policy="snapkv", budget=0.25, recycle_bin_blocks=10)
     for r in range(3):
         add_request(sched, f"r{r}", 40, config, rng)
-    sched._apply_decisions()
+    sched.kv_decisions.apply(sched.running, sched.kv_requests)
     parked = [len(sched.ledger.requests[f"r{r}"].parked) for r in range(3)]
     assert sum(parked) == sched.ledger.num_parked_total() == 12
     assert parked == [10, 2, 0]  # granted in running order
@@ -57,7 +57,7 @@ def test_only_requests_with_fresh_scores_decide_and_each_once():
     config = EvictionConfig(policy="snapkv", budget=0.25)
     for r in range(4):
         add_request(sched, f"r{r}", 32, config, rng)
-    sched._apply_decisions()
+    sched.kv_decisions.apply(sched.running, sched.kv_requests)
     held = {r: len(sched.ledger.resident_array(f"r{r}")) for r in range(4)}
     assert set(held.values()) == {config.keep_blocks(32 * BS, BS)}
     # new scores for r2 only: it decides again, nobody else does
@@ -66,12 +66,12 @@ def test_only_requests_with_fresh_scores_decide_and_each_once():
     sched.ledger.manager.allocate_new_blocks("r2", request.num_computed_tokens,
                                              request.num_computed_tokens)
     positions = sched.ledger.resident_positions("r2")
-    sched._note_scores("r2", sched.kv_requests["r2"], positions,
+    sched.kv_decisions.note_scores("r2", sched.kv_requests["r2"], positions,
                        [rng.random() for _ in positions])
     before = {r: sched.kv_requests[f"r{r}"].evicted_blocks for r in range(4)}
-    sched._apply_decisions()
+    sched.kv_decisions.apply(sched.running, sched.kv_requests)
     after = {r: sched.kv_requests[f"r{r}"].evicted_blocks for r in range(4)}
     assert [after[r] - before[r] for r in range(4)] == [0, 0, after[2] - before[2], 0]
     assert after[2] > before[2]
-    sched._apply_decisions()  # no fresh scores: nothing happens
+    sched.kv_decisions.apply(sched.running, sched.kv_requests)  # no fresh scores: nothing happens
     assert {r: sched.kv_requests[f"r{r}"].evicted_blocks for r in range(4)} == after

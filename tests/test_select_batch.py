@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvevict.policies.base import select_batch, select_blocks, select_tiered
+from vllm_kvevict.policies.selection import select_batch, select_blocks, select_tiered
 
 # few distinct values: ties, zeros of both signs (released outright under release_zero), negatives
 SCORE = st.sampled_from([0.0, -0.0, 0.0, 0.25, 0.5, 0.5, 1.0, 3.0, -0.5])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from vllm_kvevict.kernels import reference as R
 
-from vllm_kvevict import stats
+from vllm_kvevict.policies import common as stats
 
 GQA = [(2, 2), (6, 2)]  # (Hq, Hkv): group sizes 1 and 3
 

@@ -1,5 +1,5 @@
 """The worker's per-layer statistics (through ``kernels.dispatch``; the torch path on CPU) equal
-the dense statistics of ``vllm_kvevict.stats`` on the request's resident tokens — read from the
+the dense statistics of ``vllm_kvevict.kernels.reference`` on the request's resident tokens — read from the
 CPU backend's cache (plain and transposed keys) and from vLLM 0.32's GPU caches in every
 ``KVCacheLayout``, allocated by vLLM's own allocation code and written by a torch twin of the
 GPU backends' cache write."""

@@ -117,10 +117,6 @@ class BlockLedger:
     def num_parked_total(self) -> int:
         return self._parked_total
 
-    def excluded_positions(self, req_id: str) -> set[int]:
-        rb = self.requests.get(req_id)
-        return set() if rb is None else rb.parked | rb.released
-
     def excluded_mask(self, req_id: str) -> np.ndarray:
         """``[n]`` bool by position: parked or released (n = the list's length)."""
         mask = np.zeros(len(self.blocks(req_id)), dtype=bool)

@@ -57,3 +57,5 @@ class BlockScores:
     generation: int
     positions: Any  # [nb] int64 array (or a list), ascending: the request's resident blocks
     scores: Any  # [nb] float32 array (or a list)
+    #: the task's phase: "prefill" (a prompt chunk, the last one included) or "decode"
+    phase: str = "decode"

@@ -113,7 +113,7 @@ class ScoredRequest:
         """The statistics the attention hooks measure for it this step, and so its window
         (the policy's, at most this step's query tokens)."""
         self.hooked = frozenset(names)
-        self.window = (min(getattr(self.policy, "window", None) or 32, self.q_end - self.q_start)
+        self.window = (min(self.policy.schedule.window or 32, self.q_end - self.q_start)
                        if WINDOW_ATTN in self.hooked else 0)
 
     def device_views(self) -> list[torch.Tensor]:
@@ -782,6 +782,7 @@ class WorkerEviction:
                 continue
             self.pending_scores[sr.req_id] = BlockScores(
                 generation=sr.task.generation, positions=sr.positions.cpu().numpy(), scores=scores,
+                phase=sr.task.phase,
             )
 
     def _visual_mask(self, sr: ScoredRequest, positions: torch.Tensor) -> torch.Tensor | None:

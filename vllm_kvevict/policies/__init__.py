@@ -15,12 +15,12 @@ from pydantic import ValidationError
 from vllm_kvevict.policies.base import REGISTRY, EvictionPolicy
 
 #: modules of this package that hold shared code, not a method
-_SHARED_MODULES = frozenset({"base", "common"})
+SHARED_MODULES = frozenset({"base", "common", "scorer", "selection"})
 
 # Every other module is one method that registers itself on import (``@register_policy``): a
 # new policy is its file, found here without a list to keep.
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in _SHARED_MODULES and not _info.name.startswith("_"):
+    if _info.name not in SHARED_MODULES and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 NONE = "none"

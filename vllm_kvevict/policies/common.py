@@ -1,19 +1,23 @@
-"""Helpers shared by the policies: per-block memory across steps, head mixing, and the base of
-the methods that rank blocks once from the prefill's observation window (SnapKV, LaProx).
+"""Helpers shared by the policies: merging query heads into KV groups, token pooling, head
+mixing, per-block memory across steps.
 
-Not a policy module (registers nothing). Everything here is keyed by *positional* block index,
+Not a policy module (registers nothing). The statistics themselves (window/decode attention,
+‖v W_O‖) are defined once, in ``vllm_kvevict.kernels.reference`` beside the Triton kernels
+they check. Everything here is keyed by *positional* block index,
 because the resident block set changes between steps (blocks are released, new ones appear) and
 the per-request ``state`` must survive that.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import AfterValidator, Field
 
-from vllm_kvevict.policies.base import EvictionPolicy, RequestStats, WindowConfig, normalize_mass
+from vllm_kvevict.kernels.reference import kv_group_size
+from vllm_kvevict.policies.base import RequestStats, normalize_mass
 
 
 def _odd(value: int) -> int:
@@ -26,6 +30,41 @@ def _odd(value: int) -> int:
 PoolKernel = Annotated[int, Field(ge=1), AfterValidator(_odd)]
 #: a share, weight or threshold in [0, 1]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def group_heads(x: torch.Tensor, num_kv_heads: int, reduce: str = "mean", dim: int = 0) -> torch.Tensor:
+    """Reduce the query heads of each KV group: ``[.., Hq, ..] -> [.., Hkv, ..]`` along ``dim``.
+
+    A KV head is stored (and evicted) once for its whole group, so per-query-head scores must
+    be merged before they can rank its tokens.
+    """
+    dim = dim % x.dim()
+    g = kv_group_size(x.shape[dim], num_kv_heads)
+    grouped = x.reshape(*x.shape[:dim], num_kv_heads, g, *x.shape[dim + 1:])
+    if reduce == "mean":
+        return grouped.mean(dim + 1)
+    if reduce == "sum":
+        return grouped.sum(dim + 1)
+    if reduce == "max":
+        return grouped.amax(dim + 1)
+    raise ValueError(f"reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
+
+
+def pool_tokens(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average-pool ``[..., T]`` along tokens with an odd ``kernel``, keeping length ``T``.
+
+    SnapKV's smoothing: a token next to an attended token is likely part of the same phrase, so
+    scores are spread over a neighbourhood. Edges are zero-padded and divided by ``kernel``, as in
+    the SnapKV reference code (kvpress does the same), so end tokens are slightly damped.
+    """
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"pooling kernel must be odd and >= 1, got {kernel}")
+    if kernel == 1:
+        return x.float()
+    *lead, t = x.shape
+    flat = x.float().reshape(-1, 1, t)
+    pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(*lead, t)
 
 
 def window_blocks(
@@ -178,63 +217,3 @@ def carry_scores(
     # nothing scored: store back what was there (NaN), i.e. store nothing
     save_blocks(state, key, block_index, torch.where(any_known, scores, old), limit)
     return torch.where(any_known, scores, alone)
-
-
-class WindowRankedConfig(WindowConfig):
-    """Options shared by the methods that rank blocks from the prefill's observation window."""
-
-    pool_kernel: PoolKernel = Field(
-        7, description="average pooling of the received attention along tokens (odd; 1 = none)"
-    )
-    protect_window: bool = Field(True, description="observation-window blocks score highest")
-    decode_refresh: Fraction = Field(
-        0.0,
-        description="weight of the decode-time score blended into the stored score at each "
-        "decode scoring; 0 = the paper (prefill only)",
-    )
-    unscored: Literal["max", "mean"] = Field(
-        "max", description="score of blocks generated after the prefill scoring (refresh 0)"
-    )
-
-
-class WindowRankedPolicy(EvictionPolicy):
-    """Base of the methods that rank blocks by the attention the prompt's observation window
-    pays them (SnapKV, LaProx), once at prefill, and carry that ranking through decoding.
-
-    A subclass says how the attention a token receives from several queries combines
-    (``received``) and how those token scores become block scores (``rank``). At prefill the
-    window's blocks are optionally ranked first (``protect_window``); at decode the newest query's
-    block statistics are ranked (``rank_decode``) and blended in by ``decode_refresh``
-    (:func:`carry_scores`).
-    """
-
-    Config = WindowRankedConfig
-
-    def received(self, window_attn: torch.Tensor) -> torch.Tensor:
-        """[L, Hq, W, T] window attention -> [L, Hq, T] attention each token received."""
-        raise NotImplementedError
-
-    def rank(self, received: torch.Tensor, stats: RequestStats) -> torch.Tensor:
-        """[L, Hq, T] received attention -> [nb] block scores."""
-        raise NotImplementedError
-
-    def rank_decode(self, stats: RequestStats) -> torch.Tensor:
-        """[nb] block scores from the newest query's block statistics (``decode_mass``)."""
-        raise NotImplementedError
-
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
-        prefill = decode = None
-        if stats.phase == "prefill" and stats.window_attn is not None:
-            prefill = self.rank(self.received(stats.window_attn), stats)
-            if self.config.protect_window:
-                w = stats.window_attn.shape[2]
-                win = window_blocks(stats.num_tokens, w, stats.block_size, stats.num_blocks,
-                                    device=stats.block_index.device)
-                prefill = torch.where(win, prefill.max(), prefill)
-        elif stats.decode_mass is not None:
-            decode = self.rank_decode(stats)
-        return carry_scores(
-            state, self.name, stats.block_index, prefill=prefill, decode=decode,
-            refresh=self.config.decode_refresh, unscored=self.config.unscored,
-            limit=stats.position_limit,
-        )

@@ -36,20 +36,26 @@ from vllm_kvevict.policies.base import (
     WINDOW_ATTN,
     EvictionPolicy,
     RequestStats,
+    Schedule,
     WindowConfig,
     normalize_mass,
     register_policy,
     tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import accumulate_blocks, head_mix, recency, window_received
-from vllm_kvevict.stats import group_heads
+from vllm_kvevict.policies.common import (
+    accumulate_blocks,
+    group_heads,
+    head_mix,
+    recency,
+    window_received,
+)
 
 
 @register_policy
 class H2OPolicy(EvictionPolicy):
     name = "h2o"
     needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
-    score_every_step = True
+    schedule = Schedule(every_step=True)
 
     class Config(WindowConfig):
         head_reduce: Literal["mean", "max"] = Field(

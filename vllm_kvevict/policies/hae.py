@@ -47,10 +47,10 @@ from pydantic import Field
 
 from vllm_kvevict.policies.base import (
     DECODE_ATTN,
-    LIVE_FLOOR,
     WINDOW_ATTN,
     EvictionPolicy,
     RequestStats,
+    Schedule,
     WindowConfig,
     normalize_mass,
     register_policy,
@@ -62,14 +62,14 @@ from vllm_kvevict.policies.common import (
     recency,
     window_received,
 )
+from vllm_kvevict.policies.selection import LIVE_FLOOR
 
 
 @register_policy
 class HAEPolicy(EvictionPolicy):
     name = "hae"
     needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
-    select_after_prefill = True
-    release_zero = True  # prefill-pruned blocks
+    schedule = Schedule(select_after_prefill=True, release_zero=True)  # prefill pruning
 
     class Config(WindowConfig):
         layers: Literal["first", "all"] = Field(

@@ -79,10 +79,10 @@ from pydantic import Field
 
 from vllm_kvevict.policies.base import (
     DECODE_ATTN,
-    LIVE_FLOOR,
     WINDOW_ATTN,
     EvictionPolicy,
     RequestStats,
+    Schedule,
     WindowConfig,
     normalize_mass,
     register_policy,
@@ -90,12 +90,13 @@ from vllm_kvevict.policies.base import (
 )
 from vllm_kvevict.policies.common import (
     Fraction,
+    group_heads,
     load_blocks,
     recency,
     save_blocks,
     window_blocks,
 )
-from vllm_kvevict.stats import group_heads
+from vllm_kvevict.policies.selection import LIVE_FLOOR
 
 #: need floor of tokens a static head keeps (a text token with underflowed attention stays)
 KEPT_FLOOR = 1e-9
@@ -153,8 +154,8 @@ def budget_union(need: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 class HybridKVPolicy(EvictionPolicy):
     name = "hybridkv"
     needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
-    score_every_step = True
-    release_zero = True  # blocks no head needs; LIVE_FLOOR: blocks a dynamic head may retrieve
+    # release_zero: blocks no head needs; LIVE_FLOOR: blocks a dynamic head may retrieve
+    schedule = Schedule(every_step=True, release_zero=True)
 
     class Config(WindowConfig):
         classify_by: Literal["auto", "text_mass", "concentration"] = Field(

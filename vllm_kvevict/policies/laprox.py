@@ -45,10 +45,9 @@ from vllm_kvevict.policies.base import (
     WINDOW_ATTN,
     RequestStats,
     register_policy,
-    tokens_to_blocks,
 )
-from vllm_kvevict.policies.common import WindowRankedConfig, WindowRankedPolicy
-from vllm_kvevict.stats import group_heads, pool_tokens
+from vllm_kvevict.policies.common import group_heads, pool_tokens
+from vllm_kvevict.policies.scorer import ScorerConfig, ScorerPolicy
 
 
 def laprox_token_scores(
@@ -66,11 +65,11 @@ def laprox_token_scores(
 
 
 @register_policy
-class LaProxPolicy(WindowRankedPolicy):
+class LaProxPolicy(ScorerPolicy):
     name = "laprox"
     needs = frozenset({WINDOW_ATTN, VALUE_PROJ_NORM, DECODE_ATTN})
 
-    class Config(WindowRankedConfig):
+    class Config(ScorerConfig):
         group_reduce: Literal["sum", "mean", "max"] = Field(
             "sum", description="merge of the query heads of one KV group"
         )
@@ -78,18 +77,23 @@ class LaProxPolicy(WindowRankedPolicy):
             "max", description="reduction over (layer, KV head, tokens of the block)"
         )
 
-    def received(self, window_attn: torch.Tensor) -> torch.Tensor:
-        return window_attn.float().norm(dim=2)  # ‖A_W[:, j]‖₂ over the window queries
+    @property
+    def block_reduce(self) -> str:
+        return self.config.block_reduce
 
-    def rank_decode(self, stats: RequestStats) -> torch.Tensor:
-        share = stats.decode_mass / stats.decode_mass.sum().clamp_min(torch.finfo(torch.float32).tiny)
-        return share.amax(0) if self.config.block_reduce == "max" else share.sum(0)
-
-    def rank(self, received: torch.Tensor, stats: RequestStats) -> torch.Tensor:
-        c = self.config
+    def token_scores(self, stats: RequestStats) -> torch.Tensor:
+        received = stats.window_attn.float().norm(dim=2)  # ‖A_W[:, j]‖₂ over the window
         vnorm = stats.value_proj_norm
         if vnorm is None:  # engine could not provide it: attention factor alone
             vnorm = torch.ones_like(received)
-        s = laprox_token_scores(received, vnorm, stats.num_kv_heads, c.pool_kernel, c.group_reduce)
-        blocks = tokens_to_blocks(s, stats.block_size, stats.num_blocks, c.block_reduce)
-        return blocks.amax(dim=(0, 1)) if c.block_reduce == "max" else blocks.sum(dim=(0, 1))
+        c = self.config
+        return laprox_token_scores(received, vnorm, stats.num_kv_heads, c.pool_kernel,
+                                   c.group_reduce)
+
+    def merge_heads(self, blocks: torch.Tensor) -> torch.Tensor:
+        # model-wide: the layers are already comparable (each sums to 1), no per-row share
+        heads = tuple(range(blocks.dim() - 1))
+        return blocks.amax(dim=heads) if self.block_reduce == "max" else blocks.sum(dim=heads)
+
+    def decode_scores(self, stats: RequestStats) -> torch.Tensor:
+        return stats.decode_mass / stats.decode_mass.sum().clamp_min(torch.finfo(torch.float32).tiny)

@@ -36,35 +36,22 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vllm_kvevict.policies.base import (
-    DECODE_ATTN,
-    WINDOW_ATTN,
-    RequestStats,
-    register_policy,
-    tokens_to_blocks,
-)
-from vllm_kvevict.policies.common import WindowRankedConfig, WindowRankedPolicy, head_mix
-from vllm_kvevict.stats import group_heads, pool_tokens
+from vllm_kvevict.policies.base import DECODE_ATTN, WINDOW_ATTN, RequestStats, register_policy
+from vllm_kvevict.policies.common import group_heads, pool_tokens
+from vllm_kvevict.policies.scorer import ScorerConfig, ScorerPolicy
 
 
 @register_policy
-class SnapKVPolicy(WindowRankedPolicy):
+class SnapKVPolicy(ScorerPolicy):
     name = "snapkv"
     needs = frozenset({WINDOW_ATTN, DECODE_ATTN})
 
-    class Config(WindowRankedConfig):
+    class Config(ScorerConfig):
         head_reduce: Literal["mean", "max"] = Field(
             "max", description="merge of per-(layer, KV head) block scores"
         )
 
-    def received(self, window_attn: torch.Tensor) -> torch.Tensor:
-        return window_attn.sum(2)  # Σ over the window queries
-
-    def rank(self, received: torch.Tensor, stats: RequestStats) -> torch.Tensor:
+    def token_scores(self, stats: RequestStats) -> torch.Tensor:
+        received = stats.window_attn.sum(2)  # [L, Hq, T]: Σ over the window queries
         pooled = pool_tokens(received, self.config.pool_kernel)
-        per_kv = group_heads(pooled, stats.num_kv_heads, "mean", dim=1)
-        blocks = tokens_to_blocks(per_kv, stats.block_size, stats.num_blocks)
-        return head_mix(blocks, self.config.head_reduce)
-
-    def rank_decode(self, stats: RequestStats) -> torch.Tensor:
-        return head_mix(stats.decode_share, self.config.head_reduce)
+        return group_heads(pooled, stats.num_kv_heads, "mean", dim=1)  # [L, Hkv, T]

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-
-import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import bench_quality  # noqa: E402
 import common  # noqa: E402
+import pytest
 import report  # noqa: E402
 
 

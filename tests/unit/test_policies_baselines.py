@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_policies_common import decode_probs, make_stats, one_thread  # noqa: F401 (autouse fixture)
+from policy_stats import decode_probs, make_stats
 
 from vllm_kvevict.policies import get_policy
+
+#: tiny tensors: intra-op threads only add contention (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GQA = [(2, 2), (6, 2)]
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 from types import SimpleNamespace
 
+import bench_granularity as bg  # noqa: E402
 import pytest
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
-import bench_granularity as bg  # noqa: E402
 
 L, HQ, HKV, T, D = 2, 4, 2, 200, 8
 

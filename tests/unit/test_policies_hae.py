@@ -5,42 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_policies_common import decode_probs, make_stats, one_thread  # noqa: F401 (autouse fixture)
+from hae_cases import BS, HIGH, LOW, OPTS, VISUAL, T, W, crafted, stats_for  # noqa: F401
+from policy_stats import decode_probs, make_stats
 
 from vllm_kvevict.policies import get_policy
 from vllm_kvevict.policies.base import RequestStats
 
-T, BS, W = 24, 4, 4  # blocks 0..5; window queries are tokens 20..23 (text)
-VISUAL = torch.zeros(T, dtype=torch.bool)
-VISUAL[4:15] = True  # block 1 (4..7) visual, block 2 (8..11) visual, block 3: 12..14 visual + text 15
-LOW, HIGH = [4, 5, 6, 7, 12, 13, 14], [8, 9, 10, 11]
-OPTS = {"window": W, "global_threshold": 0.05, "individual_threshold": 0.05}
-
-
-def crafted(token5=None, layer1_block1: float | None = None) -> torch.Tensor:
-    """[L=2, Hq=2, W, T] window attention. Per query: 0.01 on each LOW visual token, 0.1 on each
-    HIGH one, the rest on token 0. So g_low = 0.04, g_high = 0.4, Σg = 1.88, θ_g·Σg ≈ 0.094:
-    LOW tokens are prunable, HIGH are not. ``token5`` = (head0 row, head1 row) overrides token 5."""
-    a = torch.zeros(2, 2, W, T)
-    a[..., LOW] = 0.01
-    a[..., HIGH] = 0.1
-    if token5 is not None:
-        a[:, 0, :, 5] = torch.tensor(token5[0])
-        a[:, 1, :, 5] = torch.tensor(token5[1])
-    if layer1_block1 is not None:
-        a[1, :, :, 4:8] = layer1_block1
-    a[..., 0] = 1 - a.sum(-1)
-    return a
-
-
-def stats_for(window_attn, visual=VISUAL, phase="prefill") -> RequestStats:
-    nb = -(-T // BS)
-    return RequestStats(
-        block_size=BS, block_index=torch.arange(nb), num_tokens=T, num_kv_heads=1,
-        parked=torch.zeros(nb, dtype=torch.bool), phase=phase, window_attn=window_attn,
-        visual=visual,
-    )
-
+#: tiny tensors: intra-op threads only add contention (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def pruned_blocks(opts, window_attn, visual=VISUAL) -> list[int]:
     policy = get_policy("hae", {**OPTS, **opts})
@@ -172,7 +144,6 @@ def test_one_retrieving_head_outranks_many_local_ones():
     window attend to the sink and the window's neighbours; the mean merge let them outvote the
     few heads that retrieve the answer (1/12 retrieved at 10 %), the max merge does not (9/12)."""
     from vllm_kvevict.policies import get_policy
-    from vllm_kvevict.policies.base import RequestStats
 
     layers, hq, w, bs, nb = 2, 4, 4, 4, 6
     t = nb * bs

@@ -107,16 +107,11 @@ def test_the_prefix_hit_wrapper_takes_vllm_033s_max_cache_hit_length():
     """vLLM 0.33's scheduler calls ``get_computed_blocks(request, max_cache_hit_length)``
     (0.32: ``(request)``). The plugin's instance wrapper forwards the bound to vLLM's method
     and still caps the hit for a windowed policy (a one-argument wrapper: TypeError)."""
-    import os
-    import sys
-
+    import bench_scheduler
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
     from vllm_kvevict.adapter.request_state import RequestEviction
     from vllm_kvevict.policies import get_policy
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import bench_scheduler
 
     sched = bench_scheduler.build_scheduler(64, 40)
     seen = []

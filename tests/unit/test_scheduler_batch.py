@@ -3,12 +3,8 @@ deciding in the same step share, and the steady-state bookkeeping."""
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 from types import SimpleNamespace
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import bench_scheduler  # noqa: E402
 

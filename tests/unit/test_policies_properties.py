@@ -6,11 +6,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
+from policy_stats import make_stats
 
 from vllm_kvevict.policies import available_policies, get_policy, get_policy_class
 from vllm_kvevict.policies.base import STATISTICS
 from vllm_kvevict.policies.selection import Decision
+
+#: tiny tensors: intra-op threads only add contention (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 POLICIES = [p for p in available_policies() if p != "none"]
 

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
 import bench_natural  # noqa: E402
+import pytest
 import tasks  # noqa: E402
 
 

@@ -3,18 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 from types import SimpleNamespace
 
+import bench_scheduler  # noqa: E402
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
-import bench_scheduler  # noqa: E402
 
 BS = bench_scheduler.BLOCK_SIZE
 

@@ -165,43 +165,6 @@ def hae_run(llm):
     return out, tasks, pruning, finished_log(llm, out.request_id)
 
 
-def test_visual_spans_keep_only_embedded_runs():
-    """No engine: a placeholder range's wrappers are dropped, image-splitting tiles give one span
-    each, and a range without ``is_embed`` is visual as a whole."""
-    from types import SimpleNamespace
-
-    import torch
-    from vllm.multimodal.inputs import PlaceholderRange
-
-    from vllm_kvevict.adapter.visual import visual_spans
-
-    def feature(offset, mask=None, length=None):
-        is_embed = None if mask is None else torch.tensor([c == "x" for c in mask])
-        length = len(mask) if mask is not None else length
-        return SimpleNamespace(mm_position=PlaceholderRange(offset, length, is_embed))
-
-    request = SimpleNamespace(mm_features=[
-        feature(8, "..xxxx."),  # <fake><global-img> 4 x <image> <fake>
-        feature(20, ".xxx.xxx\n..xxx."),  # two tiles and the global image
-        feature(40, length=5),
-        feature(50, "..."),  # nothing embedded
-    ])
-    assert visual_spans(request) == [(10, 4), (21, 3), (25, 3), (31, 3), (40, 5)]
-    assert visual_spans(SimpleNamespace(mm_features=None)) == []
-
-
-def test_visual_token_count_splits_mixed_blocks_by_token():
-    from vllm_kvevict.adapter.visual import visual_token_count
-
-    spans = [(10, 64), (100, 3)]  # tokens 10..73 and 100..102
-    assert visual_token_count(spans, [0], 32) == 22  # 10..31
-    assert visual_token_count(spans, [1], 32) == 32
-    assert visual_token_count(spans, [2], 32) == 10  # 64..73
-    assert visual_token_count(spans, [3], 32) == 3
-    assert visual_token_count(spans, [0, 1, 2, 3, 4], 32) == 67
-    assert visual_token_count([], [0, 1], 32) == 0
-
-
 def test_the_model_prepares_offline(vlm_path):
     """The folder: Idefics3 config (tiny vision tower, 64 tokens per image), tokenizer with the
     image tokens, processor, chat template placing images; the text weights are SmolLM2's."""

@@ -16,15 +16,18 @@ import contextlib
 import traceback
 from typing import Any
 
+import hae_cases as hae_t
+import hybridkv_cases as hkv_t
 import pytest
-import test_policies_hae as hae_t
-import test_policies_hybridkv as hkv_t
 import torch
-from test_policies_common import make_stats, one_thread  # noqa: F401 (autouse fixture)
+from policy_stats import make_stats
 from torch.overrides import TorchFunctionMode
 
 from vllm_kvevict.policies import available_policies, get_policy
 from vllm_kvevict.policies.base import RequestStats
+
+#: tiny tensors: intra-op threads only add contention (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 POLICIES = [p for p in available_policies() if p != "none"]
 STATEFUL = {"h2o", "hae", "hybridkv", "snapkv", "laprox"}  # keep tensors in ``state``

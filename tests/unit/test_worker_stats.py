@@ -15,7 +15,7 @@ from vllm_kvevict.kernels.paged import cpu_kv_view
 
 from vllm_kvevict.adapter.statistics import measured
 from vllm_kvevict.adapter.worker import ScoredRequest, WorkerEviction
-from vllm_kvevict.policies.base import STATISTICS
+from vllm_kvevict.policies.base import STATISTICS, Schedule
 
 HKV, D, WINDOW = 2, 16, 8
 POSITIONS = [0, 1, 3, 4, 5]  # block 2 evicted: positions have a gap
@@ -130,7 +130,7 @@ def _scored_layer(bs, group, phase, layout, packed=False, seed=0, others=(), oth
     worker.runner = SimpleNamespace(get_model=lambda: SimpleNamespace(get_submodule=get_submodule))
     sr = ScoredRequest(
         req_id="r", task=SimpleNamespace(phase=phase),
-        policy=SimpleNamespace(needs=STATISTICS, window=WINDOW),
+        policy=SimpleNamespace(needs=STATISTICS, schedule=Schedule(window=WINDOW)),
         q_start=q_start, q_end=q_start + n_query, block_ids=torch.tensor(BLOCK_IDS),
         positions=torch.tensor(POSITIONS), parked=torch.tensor(PARKED),
         tokens_per_block=tokens_per_block, query_positions=torch.tensor(positions[t - n_query:]),
@@ -287,7 +287,7 @@ def test_a_batch_mixes_requests_with_and_without_their_own_window():
     def request(name, hooked):
         sr = ScoredRequest(
             req_id=name, task=SimpleNamespace(phase="prefill"),
-            policy=SimpleNamespace(needs=STATISTICS, window=4), q_start=0, q_end=8,
+            policy=SimpleNamespace(needs=STATISTICS, schedule=Schedule(window=4)), q_start=0, q_end=8,
             block_ids=torch.tensor([3, 5]), positions=torch.arange(2),
             parked=torch.zeros(2, dtype=torch.bool), tokens_per_block=[4, 4],
             query_positions=torch.arange(8), layers={})

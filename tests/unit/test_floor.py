@@ -10,20 +10,15 @@ pool pressure. The end-to-end check (the demo's chat answered at a 25 % server b
 from __future__ import annotations
 
 import math
-import os
-import sys
 from types import SimpleNamespace
 
+import bench_scheduler  # noqa: E402
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_kvevict.config import DEFAULT_FLOOR_TOKENS, EvictionConfig, parse_config
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
-import bench_scheduler  # noqa: E402
 
 BS = bench_scheduler.BLOCK_SIZE
 

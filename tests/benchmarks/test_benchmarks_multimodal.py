@@ -3,14 +3,8 @@ expands them)."""
 
 from __future__ import annotations
 
-import os
-import sys
-
-import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
 import bench_multimodal  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="module")

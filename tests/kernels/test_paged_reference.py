@@ -12,7 +12,7 @@ pytestmark = pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"]) 
 ATOL = 1e-6
 
 
-def test_paged_references_equal_dense_stats(case):
+def test_paged_references_equal_dense_references(case):
     kv = PagedKV(case.key_cache, case.value_cache)
     bs, hq, d = case.block_size, case.num_heads, case.head_dim
     scale = d**-0.5

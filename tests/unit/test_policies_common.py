@@ -133,3 +133,35 @@ def test_every_policy_module_is_found_and_registers_its_method():
     registered = {cls.__module__.rsplit(".", 1)[-1] for cls in REGISTRY.classes.values()}
     assert modules <= registered, modules - registered
     assert set(policies.available_policies()) >= {"none", "snapkv", "laprox", "hae", "hybridkv"}
+
+
+def test_a_scorer_policy_writes_its_token_scores_and_the_base_does_the_rest():
+    """A ``ScorerPolicy`` that only says "every token scores 1": the base turns that into block
+    scores (a block's tokens summed, the partial last block less), merges heads, ranks the
+    observation window's blocks first and normalises - and remembers the prefill ranking at
+    decode (new blocks get the ``unscored`` fill)."""
+    from typing import Literal
+
+    from vllm_kvevict.policies.scorer import ScorerConfig, ScorerPolicy
+
+    class Flat(ScorerPolicy):  # not registered: a test's own method
+        name = "flat"
+
+        class Config(ScorerConfig):
+            head_reduce: Literal["mean", "max"] = "mean"
+
+        def token_scores(self, stats):
+            return torch.ones(stats.num_layers, stats.num_kv_heads, stats.num_tokens)
+
+    st, _ = make_stats(tokens=22, block_size=4, window=3)  # 6 blocks, the last holds 2 tokens
+    policy, state = Flat(Flat.Config(window=3, protect_window=False)), {}
+    scores = policy.block_scores(st, state)
+    expected = torch.tensor([4.0, 4, 4, 4, 4, 2])
+    assert torch.allclose(scores, expected / expected.sum())
+    protected = Flat(Flat.Config(window=3)).block_scores(st, {})  # tokens 19..21: blocks 4, 5
+    expected[5] = 4.0
+    assert torch.allclose(protected, expected / expected.sum())
+    decode, _ = make_stats(tokens=26, block_size=4, phase="decode")
+    later = policy.block_scores(decode, state)  # block 6 is new: the max of the stored ones
+    stored = torch.tensor([4.0, 4, 4, 4, 4, 2, 4])
+    assert torch.allclose(later, stored / stored.sum())

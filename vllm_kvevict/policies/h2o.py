@@ -11,7 +11,7 @@ Readings we had to choose:
 * initial accumulation: H2O sums the attention of *all* prompt queries; an engine only
   recomputes the observation window, so the last ``window`` prompt queries stand in for them.
 * steps: H2O adds every decode query. The policy asks to be scored every decode step
-  (``score_every_step``); if the engine scores less often, only the scored steps accumulate.
+  (``schedule.every_step``); if the engine scores less often, only the scored steps accumulate.
 * GQA: mean over the group; one block serves all heads, so per-head heavy-hitter sets become
   ``head_reduce`` (``mean`` share of accumulated mass, or ``max`` over KV heads).
 * layers: the accumulation is per KV head with the layers averaged. At decode the attention

@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import common  # noqa: E402
 
 BLOCK = 32
-POLICIES = ("snapkv", "hae", "hybridkv", "laprox", "h2o", "streamingllm")
 ARMS = {"new": {}, "old": {"sink_tokens": 4, "recent_tokens": 64}}
 DECISIONS: dict[str, dict] = {}
 
@@ -198,7 +197,9 @@ def main() -> None:
     parser.add_argument("--contexts", default="1536,4608")
     parser.add_argument("--prompts", default="12,8", help="prompts per context (comma list)")
     parser.add_argument("--budgets", default="0.1,0.05")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default="",
+                        help="comma-separated registered policies or --variants labels "
+                        "(default: every compared method, common.compared_policies())")
     parser.add_argument("--arms", default="new,old")
     parser.add_argument("--options", default="{}",
                         help='JSON {policy: {option: value}} applied to every request of it')
@@ -221,7 +222,9 @@ def main() -> None:
     counts = [int(c) for c in args.prompts.split(",")]
     counts += [counts[-1]] * (len(contexts) - len(counts))
     budgets = [float(b) for b in args.budgets.split(",")]
-    policies = [p for p in args.policies.split(",") if p]
+    common.check_policies([p for p, _ in variants.values()])
+    policies = (common.check_policies(args.policies, labels=variants)
+                or common.compared_policies())
     arms = [a for a in args.arms.split(",") if a]
     common.engine_env()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")

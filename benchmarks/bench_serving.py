@@ -164,6 +164,7 @@ def main() -> None:
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args.variant, args.policy, cfg)))
         return
+    common.check_policies([args.policy])
     results = {}
     for name in args.variants.split(","):
         env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

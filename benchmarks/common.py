@@ -15,8 +15,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("KVEVICT_BENCH_RESULTS") or HERE / "results")
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
-POLICIES = ("streamingllm", "snapkv", "h2o", "laprox", "hae", "hybridkv")
 FULL = "full"  # the full cache: policy "full", budget 1.0
+#: registered in the plugin but not one of the methods the benchmarks compare: ``attention`` is
+#: the engine's built-in scorer (attention mass of the newest query), the reference its
+#: mechanism is tested with
+REFERENCE_POLICIES = ("attention",)
+#: the order the published tables list the compared methods in; a policy registered later
+#: follows them, in the registry's order
+TABLE_ORDER = ("streamingllm", "snapkv", "h2o", "laprox", "hae", "hybridkv")
 
 # Both quality benchmarks (vLLM + plugin, transformers + kvpress) read the same profile, so
 # they see the same prompts (same seeds) and budgets.
@@ -42,6 +48,36 @@ PROFILES = {
 }
 SEED = 0
 MAX_TOKENS = 10  # the longest answer (7 digits) is 8 tokens: " " + one token per digit
+
+
+def registered_policies() -> list[str]:
+    """The evicting policies of the plugin's registry (``available_policies()`` less ``none``)."""
+    from vllm_kvevict.policies import available_policies
+
+    return [p for p in available_policies() if p != "none"]
+
+
+def check_policies(names, labels=()) -> list[str]:
+    """``names`` (a list, or one comma-separated string) as a list, each a registered evicting
+    policy or one of ``labels`` (names a benchmark defines itself, e.g. bench_natural's
+    ``--variants``); raises ``ValueError`` naming the others and the valid names. A benchmark's
+    own subset goes through here, so a policy renamed or removed fails it at the start."""
+    if isinstance(names, str):
+        names = [p for p in names.split(",") if p]
+    valid = [*registered_policies(), *labels]
+    unknown = [p for p in names if p not in valid]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; valid: {valid}")
+    return list(names)
+
+
+def compared_policies() -> list[str]:
+    """The methods the benchmarks compare by default: every registered evicting policy but
+    ``REFERENCE_POLICIES``, in ``TABLE_ORDER`` (a policy not named there follows, in registry
+    order)."""
+    check_policies([*REFERENCE_POLICIES, *TABLE_ORDER])
+    methods = [p for p in registered_policies() if p not in REFERENCE_POLICIES]
+    return sorted(methods, key=lambda p: TABLE_ORDER.index(p) if p in TABLE_ORDER else len(TABLE_ORDER))
 
 
 def profile_samples(profile: dict):

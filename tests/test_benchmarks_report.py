@@ -226,3 +226,18 @@ def test_prefill_accuracy_and_long_generation_sections_come_from_their_json(resu
     readme = (results / "README.md").read_text()
     assert "| needle | snapkv | 25% | 12/12 | 11/12 | 3/12 |" in readme
     assert "| snapkv | 11 | 10 | 0.8" in readme and "0.010 0.030 | 18 |" in readme
+
+
+def test_benchmark_policies_come_from_the_registry():
+    from vllm_kvevict.policies import available_policies
+
+    registered = [p for p in available_policies() if p != "none"]
+    compared = common.compared_policies()
+    assert sorted(compared) == sorted(set(registered) - set(common.REFERENCE_POLICIES))
+    assert compared[:len(common.TABLE_ORDER)] == list(common.TABLE_ORDER)
+    assert common.check_policies("snapkv,laprox") == ["snapkv", "laprox"]
+    assert common.check_policies("snapkv-max", labels={"snapkv-max": ("snapkv", {})}) == ["snapkv-max"]
+    with pytest.raises(ValueError, match="no-such-policy"):
+        common.check_policies(["snapkv", "no-such-policy"])
+    with pytest.raises(ValueError):
+        common.check_policies("none")  # eviction off is the benchmarks' "full", not a policy

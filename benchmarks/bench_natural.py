@@ -15,7 +15,9 @@ fate and rank are read from the engine itself.
     python benchmarks/bench_natural.py                       # 1536 x 12 and 4608 x 8 prompts
     python benchmarks/bench_natural.py --contexts 1536 --prompts 12 --budgets 0.1,0.05
 
-Writes ``results/natural.json`` (one row per request) and prints the tables.
+Writes ``results/natural.json`` (one row per request) and prints the tables; ``--experiment
+NAME`` folds a one-off run (other policies, ``--variants``, lengths, ``--profile``) into that
+file's ``experiments[NAME]`` instead, where results/natural.md cites it.
 ``--capture DIR`` also saves the prefill statistics of one laprox request per prompt (window
 attention, projected-value norms) for offline diagnosis (benchmarks/diagnose_natural.py).
 """
@@ -210,6 +212,9 @@ def main() -> None:
                         help="measure without the scheduler's prefix-hit cap (a windowed policy "
                              "then sees only the queries the prefix cache leaves to compute)")
     parser.add_argument("--out", default="natural.json")
+    parser.add_argument("--experiment", default="",
+                        help="a one-off run: fold it into --out's experiments[NAME] (the "
+                             "results pages cite it there) instead of replacing the file")
     parser.add_argument("--profile", default="", choices=["", *sorted(common.PROFILES)],
                         help="instead of the natural task: that bench_quality profile's prompts "
                              "(templated tasks), with the same arms and per-request records")
@@ -280,14 +285,14 @@ def main() -> None:
             print(f"  ctx {ctx}: {len(rows)} rows, {time.perf_counter() - t0:.0f} s", flush=True)
         timing[f"ctx_{ctx}"] = time.perf_counter() - t0
         result["rows"], result["summary"] = rows, summarize(rows)
-        common.write_json(args.out, result)
+        common.write_json(args.out, result, args.experiment)
         if captured is not None and ctx == contexts[0]:
             import torch
 
             torch.save(captured, os.path.join(args.capture, "stats.pt"))
             print(f"  captured {len(captured)} prefill stats", flush=True)
     timing["total"] = time.perf_counter() - started
-    common.write_json(args.out, result)
+    common.write_json(args.out, result, args.experiment)
     print(common.markdown_table(
         ["ctx", "policy", "budget", "arm", "correct/n", "95 % CI", "kept", "answer block kept"],
         [[r["context_tokens"], r["policy"], r["budget"], r["arm"], f"{r['correct']}/{r['n']}",

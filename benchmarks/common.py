@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -157,15 +158,33 @@ def machine() -> dict:
 
 
 def command() -> str:
-    """The command that produced a result, as typed from the repository root."""
-    return " ".join(["python", os.path.relpath(sys.argv[0], HERE.parent), *sys.argv[1:]])
+    """The command that produced a result, as typed from the repository root (shell-quoted)."""
+    return shlex.join(["python", os.path.relpath(sys.argv[0], HERE.parent), *sys.argv[1:]])
 
 
-def write_json(name: str, data: dict) -> Path:
+#: key of a benchmark's main JSON that holds its one-off runs (``--experiment NAME``)
+EXPERIMENTS = "experiments"
+
+
+def write_json(name: str, data: dict, experiment: str = "", indent: int = 2) -> Path:
+    """Write ``results/<name>``. ``experiment``: a one-off run of the benchmark, folded into
+    that file's ``experiments[experiment]`` (the rest of the file untouched) instead of a file
+    of its own. Rewriting the main result keeps the experiments already folded in."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
+    if experiment:
+        out = json.loads(path.read_text()) if path.is_file() else {}
+        out.setdefault(EXPERIMENTS, {})[experiment] = data
+    else:
+        out = data
+        try:
+            kept = json.loads(path.read_text()).get(EXPERIMENTS) if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            kept = None
+        if kept and EXPERIMENTS not in data:
+            out = {**data, EXPERIMENTS: kept}
     with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(out, f, indent=indent)
     return path
 
 

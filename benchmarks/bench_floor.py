@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import common  # noqa: E402
 
 FLOORS = (0, 128, 256, 512)
+#: the policies of the published run (results/floor.json), checked against the registry
 POLICIES = ("hae", "laprox", "snapkv")
 BUDGET = 0.25
 SHORT = [  # (question, a word a right answer contains)
@@ -71,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", default=",".join(POLICIES))
     args = parser.parse_args()
+    policies = common.check_policies(args.policies)
     common.engine_env()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import re
@@ -83,7 +85,7 @@ def main() -> None:
                                     "floor_tokens": 256}})
     jobs = prompts()
     runs = [("full", None, {"budget": 1.0})]
-    for policy in args.policies.split(","):
+    for policy in policies:
         runs += [(policy, f, {"policy": policy, "budget": BUDGET, "floor_tokens": f})
                  for f in FLOORS]
     rows = []

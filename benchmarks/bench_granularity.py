@@ -51,7 +51,6 @@ import common  # noqa: E402
 #: name -> (tokens per unit, one kept set per (layer, KV head)?)
 GRANULARITIES = {"block32": (32, False), "block16": (16, False), "token": (1, False),
                  "token/head": (1, True)}
-POLICIES = ("streamingllm", "snapkv", "h2o", "laprox", "hae", "hybridkv")
 BUDGETS = (0.25, 0.1, 0.05)
 WINDOW = 32
 
@@ -253,7 +252,9 @@ def main() -> None:
     parser.add_argument("--natural", default="1536:12", help="CTX:PROMPTS[,CTX:PROMPTS] ('' = none)")
     parser.add_argument("--profile", default="quick", choices=["", *sorted(common.PROFILES)],
                         help="also the templated prompts of that bench_quality profile")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default="",
+                        help="comma-separated registered policies (default: every compared "
+                        "method, common.compared_policies())")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--out", default="granularity.json")
@@ -265,7 +266,7 @@ def main() -> None:
     from bench_natural import depths
     from tasks import make_samples
 
-    policies = [p for p in args.policies.split(",") if p]
+    policies = common.check_policies(args.policies) or common.compared_policies()
     budgets = [float(b) for b in args.budgets.split(",")]
     samples = []
     for part in filter(None, args.natural.split(",")):

@@ -32,6 +32,7 @@ import common  # noqa: E402
 
 BLOCK = 32
 PROMPT_TOKENS, TOKENS, BUDGET_TOKENS = 512, 2048, 256
+#: the policies of the published run (results/longgen.json), checked against the registry
 POLICIES = ("snapkv", "laprox", "streamingllm")
 WINDOW = 256  # drift per window of generated steps
 TOP_K = 10
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--budget-tokens", type=int, default=BUDGET_TOKENS)
     parser.add_argument("--policies", default=",".join(POLICIES))
     args = parser.parse_args()
+    policies = common.check_policies(args.policies)
     common.engine_env()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from bench_quality import drift_steps
@@ -65,7 +67,7 @@ def main() -> None:
     sched.kv_cache_manager.allocate_slots = allocate_slots
     ids = drift_prompt(PROMPT_TOKENS, 0, common.SEED)
     runs = {"full": {"policy": "none"}}
-    runs.update({p: {"policy": p, "budget_tokens": args.budget_tokens} for p in args.policies.split(",")})
+    runs.update({p: {"policy": p, "budget_tokens": args.budget_tokens} for p in policies})
     results = {}
     for name, kv in runs.items():
         held.clear()

@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import common  # noqa: E402
 
-POLICIES = ("streamingllm", "snapkv", "h2o", "laprox", "hae", "hybridkv")
 BUDGETS = (0.5, 0.25, 0.1)
 NOTES = (
     "The museum opens at nine and closes at five.",
@@ -187,7 +186,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--images", type=int, default=10, help="pictures per prompt")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default="",
+                        help="comma-separated registered policies (default: every compared "
+                        "method, common.compared_policies())")
     parser.add_argument("--aligned", action="store_true",
                         help="pad so every picture fills two all-image blocks (no mixed blocks)")
     parser.add_argument("--out", default=None,
@@ -201,7 +202,7 @@ def main() -> None:
 
     out = args.out or ("multimodal_aligned.json" if args.aligned else "multimodal.json")
     budgets = [float(b) for b in args.budgets.split(",")]
-    policies = [p for p in args.policies.split(",") if p]
+    policies = common.check_policies(args.policies) or common.compared_policies()
     image_token_id = json.loads((model_path("smollm2-vlm") / "config.json").read_text())["image_token_id"]
     started = time.perf_counter()
     llm = build_llm()

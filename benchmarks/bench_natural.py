@@ -15,7 +15,9 @@ fate and rank are read from the engine itself.
     python benchmarks/bench_natural.py                       # 1536 x 12 and 4608 x 8 prompts
     python benchmarks/bench_natural.py --contexts 1536 --prompts 12 --budgets 0.1,0.05
 
-Writes ``results/natural.json`` (one row per request) and prints the tables.
+Writes ``results/natural.json`` (one row per request) and prints the tables; ``--experiment
+NAME`` folds a one-off run (other policies, ``--variants``, lengths, ``--profile``) into that
+file's ``experiments[NAME]`` instead, where results/natural.md cites it.
 ``--capture DIR`` also saves the prefill statistics of one laprox request per prompt (window
 attention, projected-value norms) for offline diagnosis (benchmarks/diagnose_natural.py).
 """
@@ -36,7 +38,6 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import common  # noqa: E402
 
 BLOCK = 32
-POLICIES = ("snapkv", "hae", "hybridkv", "laprox", "h2o", "streamingllm")
 ARMS = {"new": {}, "old": {"sink_tokens": 4, "recent_tokens": 64}}
 DECISIONS: dict[str, dict] = {}
 
@@ -205,7 +206,9 @@ def main() -> None:
     parser.add_argument("--contexts", default="1536,4608")
     parser.add_argument("--prompts", default="12,8", help="prompts per context (comma list)")
     parser.add_argument("--budgets", default="0.1,0.05")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default="",
+                        help="comma-separated registered policies or --variants labels "
+                        "(default: every compared method, common.compared_policies())")
     parser.add_argument("--arms", default="new,old")
     parser.add_argument("--options", default="{}",
                         help='JSON {policy: {option: value}} applied to every request of it')
@@ -216,6 +219,9 @@ def main() -> None:
                         help="measure without the scheduler's prefix-hit cap (a windowed policy "
                              "then sees only the queries the prefix cache leaves to compute)")
     parser.add_argument("--out", default="natural.json")
+    parser.add_argument("--experiment", default="",
+                        help="a one-off run: fold it into --out's experiments[NAME] (the "
+                             "results pages cite it there) instead of replacing the file")
     parser.add_argument("--profile", default="", choices=["", *sorted(common.PROFILES)],
                         help="instead of the natural task: that bench_quality profile's prompts "
                              "(templated tasks), with the same arms and per-request records")
@@ -228,7 +234,9 @@ def main() -> None:
     counts = [int(c) for c in args.prompts.split(",")]
     counts += [counts[-1]] * (len(contexts) - len(counts))
     budgets = [float(b) for b in args.budgets.split(",")]
-    policies = [p for p in args.policies.split(",") if p]
+    common.check_policies([p for p, _ in variants.values()])
+    policies = (common.check_policies(args.policies, labels=variants)
+                or common.compared_policies())
     arms = [a for a in args.arms.split(",") if a]
     common.engine_env()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -284,14 +292,14 @@ def main() -> None:
             print(f"  ctx {ctx}: {len(rows)} rows, {time.perf_counter() - t0:.0f} s", flush=True)
         timing[f"ctx_{ctx}"] = time.perf_counter() - t0
         result["rows"], result["summary"] = rows, summarize(rows)
-        common.write_json(args.out, result)
+        common.write_json(args.out, result, args.experiment)
         if captured is not None and ctx == contexts[0]:
             import torch
 
             torch.save(captured, os.path.join(args.capture, "stats.pt"))
             print(f"  captured {len(captured)} prefill stats", flush=True)
     timing["total"] = time.perf_counter() - started
-    common.write_json(args.out, result)
+    common.write_json(args.out, result, args.experiment)
     print(common.markdown_table(
         ["ctx", "policy", "budget", "arm", "correct/n", "95 % CI", "kept", "answer block kept"],
         [[r["context_tokens"], r["policy"], r["budget"], r["arm"], f"{r['correct']}/{r['n']}",

@@ -35,10 +35,13 @@ import common  # noqa: E402
 
 POOL_BLOCKS, BLOCK, MAX_LEN, CHUNK = 64, 32, 7000, 120
 REPEATS = (48, 100, 134)  # pass-key prompts of ~2.3k, ~4.8k and ~6.5k tokens
+#: the policies of the published runs (results/prefill.json, prefill_accuracy.json), checked
+#: against the registry when a run starts
 POLICIES = ("laprox", "snapkv", "attention", "h2o", "streamingllm")
 BUDGETS = (0.25, 0.1)
 KEY = "71432"
 ACC_CONTEXT, ACC_CHUNK, ACC_DEPTHS, ACC_PER_DEPTH = 1024, 256, (0.25, 0.5, 0.75), 4
+#: --accuracy: the two policies its runs compare (checked against the registry when it starts)
 ACC_POLICIES, ACC_BUDGETS = ("snapkv", "laprox"), (0.25, 0.1)
 #: pass key and needle in varied text, and two tasks the question mechanisms were not tuned
 #: on: ordinary text with one access code (natural) and look-alike facts (multifact)
@@ -84,6 +87,7 @@ def accuracy() -> None:
     import tasks
     from engine_helpers import make_llm, shutdown
 
+    common.check_policies(ACC_POLICIES)
     started = time.perf_counter()
     llm = make_llm({"kv_eviction": {"policy": "snapkv", "budget": 0.25}},
                    max_model_len=SMALL_CONTEXT + 64, max_num_batched_tokens=ACC_CHUNK)
@@ -135,6 +139,7 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true",
                         help="accuracy vs budget with prefill eviction on and off instead")
     args = parser.parse_args()
+    policies = common.check_policies(args.policies)
     common.engine_env()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args.accuracy:
@@ -172,7 +177,7 @@ def main() -> None:
     rows = []
     for repeats in REPEATS:
         prompt = passkey_prompt(KEY, repeats=repeats)
-        for policy in args.policies.split(","):
+        for policy in policies:
             for budget in BUDGETS:
                 llm.reset_prefix_cache()
                 peak["blocks"] = 0

@@ -54,7 +54,7 @@ GROUP_TOKENS = 32768  # prompt tokens per prefix-cache group (the pool holds ~90
 WAVE = 48  # requests per generate() call: the scheduler keeps the last 64 eviction logs
 
 
-POLICIES = list(common.POLICIES)  # --policies narrows it
+POLICIES: list[str] = []  # main(): --policies, by default common.compared_policies()
 
 
 def configs() -> list[tuple[str, float]]:
@@ -260,16 +260,17 @@ def main() -> None:
                         help="embedded model (gemma3 writes quality_gemma3.json)")
     parser.add_argument("--no-drift", action="store_true", help="skip the drift measure")
     parser.add_argument("--no-check-prefix-cache", action="store_true")
-    parser.add_argument("--policies", default=",".join(common.POLICIES),
-                        help="comma-separated subset of the evicting policies (default: all)")
+    parser.add_argument("--policies", default="",
+                        help="comma-separated registered policies (default: every compared "
+                        "method, common.compared_policies())")
     parser.add_argument("--server-policy", default="streamingllm",
                         help="the engine's default policy (every request overrides it; a LaProx "
                         "default keeps the projected-value norms per KV slot)")
     args = parser.parse_args()
-    POLICIES[:] = [p for p in args.policies.split(",") if p]
-    unknown = set(POLICIES) - set(common.POLICIES)
-    if unknown:
-        parser.error(f"unknown policies {sorted(unknown)}; valid: {list(common.POLICIES)}")
+    try:
+        POLICIES[:] = common.check_policies(args.policies) or common.compared_policies()
+    except ValueError as exc:
+        parser.error(str(exc))
     common.engine_env()
     os.environ.setdefault("KVEVICT_EVICTION_LOG", "1")  # kept_fraction reads the log
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")

@@ -261,14 +261,16 @@ def cleanup(sched, requests: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    parser.add_argument("--policies", default=",".join(common.POLICIES))
+    parser.add_argument("--policies", default="",
+                        help="comma-separated registered policies (default: every compared "
+                        "method, common.compared_policies(); the first also times pool pressure)")
     args = parser.parse_args()
     common.engine_env()
     import torch
 
     torch.set_num_threads(1)  # the scheduler runs in one thread of the engine core
     repeats = PROFILES[args.profile]["repeats"]
-    policies = [p for p in args.policies.split(",") if p]
+    policies = common.check_policies(args.policies) or common.compared_policies()
     started = time.perf_counter()
     sched = build_scheduler(max(REQUESTS) * (max(BLOCKS) + GROWTH) + 1, max(BLOCKS) + GROWTH)
     setup_s = time.perf_counter() - started

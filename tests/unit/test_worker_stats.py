@@ -34,7 +34,7 @@ def vllm_gpu_caches(layout: str, bs: int) -> dict[str, torch.Tensor]:
     from vllm.v1.kv_cache_layout import KVCacheLayout
     from vllm.v1.worker.utils import allocate_kv_cache
 
-    from vllm_kvevict.adapter.vllm_internals import kv_planning_module
+    from vllm_kvevict.adapter.startup_checks import kv_planning_module
 
     get_kv_cache_config_from_groups = kv_planning_module().get_kv_cache_config_from_groups
     kv_layout = KVCacheLayout[layout]

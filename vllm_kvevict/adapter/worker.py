@@ -236,7 +236,7 @@ class WorkerEviction:
     def check_layers(self) -> None:
         """After vLLM's initialize_kv_cache: refuse (by name) attention layers whose cache the
         statistics cannot read, then hook every layer's forward once."""
-        from vllm_kvevict.adapter.vllm_internals import (
+        from vllm_kvevict.adapter.startup_checks import (
             check_attention_layers,
             check_kv_cache_config,
         )
@@ -919,7 +919,7 @@ def _check_buffer_width(max_model_len: int, block_size: int) -> None:
     """The statistics buffers were sized at load time from the cache config's block size; the
     evicted group's real block size must not need more blocks per request (else a request's
     last blocks would have no statistics)."""
-    from vllm_kvevict.adapter.vllm_internals import UnsupportedConfigError
+    from vllm_kvevict.adapter.startup_checks import UnsupportedConfigError
     from vllm_kvevict.backend import buffers
 
     need = -(-max_model_len // block_size)
@@ -934,7 +934,7 @@ def _check_buffer_width(max_model_len: int, block_size: int) -> None:
 def _fused_backend(layers: dict) -> bool:
     """Whether the evicted group's layers run the plugin's attention backend (all or none:
     a mix is refused by name), and its statistics buffers exist."""
-    from vllm_kvevict.adapter.vllm_internals import UnsupportedConfigError
+    from vllm_kvevict.adapter.startup_checks import UnsupportedConfigError
     from vllm_kvevict.backend import NAME, buffers
 
     ours = [name for name, layer in layers.items() if layer.attn_backend.get_name() == NAME]

@@ -74,6 +74,7 @@ class Counter:
 def install(counter: Counter) -> None:
     from vllm_kvevict.kernels import dispatch, reference
 
+    from vllm_kvevict.adapter import scoring_batch
     from vllm_kvevict.adapter import worker as W
 
     # the hooks' decode statistic on the CPU backend: one twin call per request and layer (on
@@ -94,7 +95,7 @@ def install(counter: Counter) -> None:
 
         setattr(module, name, counted)
 
-    reduce = W._all_reduce_mean
+    reduce = scoring_batch._all_reduce_mean
 
     def all_reduce_mean(scores, sizes, device, **kwargs):
         counter.current["host_bytes"] += 4 * (sum(sizes) + len(sizes))
@@ -102,7 +103,7 @@ def install(counter: Counter) -> None:
         counter.current["blocks"] += sum(sizes)
         return reduce(scores, sizes, device, **kwargs)
 
-    W._all_reduce_mean = all_reduce_mean
+    scoring_batch._all_reduce_mean = all_reduce_mean  # what finish_step calls
 
     from test_policies_device import HostReads
 

@@ -63,7 +63,7 @@ report "serve --help lists --kv-eviction*" "$rc" "$out" "$met"
 stock=$(VLLM_TARGET_DEVICE=cpu vllm serve --help=kv-eviction 2>&1 | grep -o -- '--kv-eviction[a-z-]*' | sort -u | wc -l)
 echo "(stock \`vllm serve --help=kv-eviction\`: $stock --kv-eviction* flags)"
 
-out=$(python3 -c "from vllm_kvevict.adapter.vllm_internals import check_vllm_version, vllm_version; check_vllm_version(); print('vLLM', vllm_version(), 'is supported')" 2>&1)
+out=$(python3 -c "from vllm_kvevict.adapter.startup_checks import check_vllm_version, vllm_version; check_vllm_version(); print('vLLM', vllm_version(), 'is supported')" 2>&1)
 rc=$?
 echo "$out" | tail -1
 report "version check" "$rc" "$out" 1

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from vllm_kvevict.adapter.cli_args import add_flags, merge_into_additional_config
-from vllm_kvevict.adapter.vllm_internals import (
+from vllm_kvevict.adapter.startup_checks import (
     UnsupportedConfigError,
     check_vllm_version,
 )

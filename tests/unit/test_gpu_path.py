@@ -17,9 +17,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from worker_helpers import uploaded
 
+from vllm_kvevict.adapter import scoring_batch
 from vllm_kvevict.adapter import worker as W
-from vllm_kvevict.adapter.vllm_internals import (
+from vllm_kvevict.adapter.startup_checks import (
     UnsupportedConfigError,
     check_attention_layers,
     check_engine_config,
@@ -183,7 +185,7 @@ def _runner(dispatcher, vllm_config, scored, group_lens=None):
         vllm_config=SimpleNamespace(parallel_config=vllm_config.parallel_config,
                                     observability_config=SimpleNamespace(cudagraph_metrics=False)),
     )
-    ev = W.WorkerEviction.__new__(W.WorkerEviction)
+    ev = W.WorkerEviction(runner)
     ev.scored = scored
     ev.group_lens = group_lens
     runner.__dict__["_kvevict"] = ev
@@ -272,7 +274,7 @@ def test_hybrid_full_group_metadata_gets_its_own_lengths():
     )
     built = []
     group = SimpleNamespace(build_metadata=lambda cm, ubatch_idx=0, **kw: built.append(cm) or cm)
-    ev = W.WorkerEviction.__new__(W.WorkerEviction)
+    ev = W.WorkerEviction(runner=None)
     ev._wrap_metadata(group)
     ev._wrap_metadata(group)  # idempotent: wrapped once
     group.build_metadata(shared)
@@ -314,13 +316,11 @@ def test_a_full_only_mode_is_honoured_with_a_warning(caplog):
 
 # -- never silent ---------------------------------------------------------------------------
 def _worker_after_a_step(layers_measured: bool):
-    ev = W.WorkerEviction.__new__(W.WorkerEviction)
-    ev.pending_scores, ev.skipped, ev._warned, ev.policy_state = {}, {}, set(), {}
-    ev.layer_names = ["model.layers.0.attn", "model.layers.1.attn"]
-    ev.runner = SimpleNamespace(
+    ev = W.WorkerEviction(SimpleNamespace(
         device=torch.device("cpu"), input_batch=SimpleNamespace(block_table=[SimpleNamespace(block_size=BS)]),
         model_config=SimpleNamespace(get_num_kv_heads=lambda _: HKV,
-                                     get_num_attention_heads=lambda _: HQ), parallel_config=None)
+                                     get_num_attention_heads=lambda _: HQ), parallel_config=None))
+    ev.layer_names = ["model.layers.0.attn", "model.layers.1.attn"]
     from vllm_kvevict.policies import get_policy
 
     sr = SimpleNamespace(req_id="r1", policy=get_policy("h2o", {}),
@@ -387,9 +387,10 @@ def test_scores_reach_the_communicator_on_the_kv_cache_device(monkeypatch):
         seen.append(t.device)
         return torch.cat([torch.tensor([2.0, 4.0, 6.0]), torch.tensor([2.0])])  # 2 ranks' sum
 
-    monkeypatch.setattr(W, "_tp_world_size", lambda: 2)
+    monkeypatch.setattr(scoring_batch, "_tp_world_size", lambda: 2)
     monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce", all_reduce)
-    scores, ok = W._all_reduce_mean([torch.tensor([1.0, 2.0, 3.0])], [3], device=torch.device("meta"))
+    scores, ok = scoring_batch._all_reduce_mean([torch.tensor([1.0, 2.0, 3.0])], [3],
+                                                device=torch.device("meta"))
     assert seen == [torch.device("meta")]
     assert [s.tolist() for s in scores] == [[1.0, 2.0, 3.0]] and ok == [True]
 
@@ -409,7 +410,7 @@ def _tp_rank(rank: int, world: int, port: int, queue) -> None:
             initialize_model_parallel(tensor_model_parallel_size=world)
             mine = [torch.tensor([1.0, 2.0]) * (rank + 1),
                     None if rank == 1 else torch.tensor([5.0])]
-            queue.put((rank, W._all_reduce_mean(mine, [2, 1], device=torch.device("cpu"))))
+            queue.put((rank, scoring_batch._all_reduce_mean(mine, [2, 1], device=torch.device("cpu"))))
     except Exception as exc:  # reported to the test instead of a silent hang
         queue.put((rank, repr(exc)))
 
@@ -473,8 +474,8 @@ def test_compaction_edits_the_runner_buffers_in_place():
     addresses = {k: v.data_ptr() for k, v in buffers.items()}
     stock_slots = table[0].slot_mapping.gpu[:3].clone()
 
-    ev = W.WorkerEviction.__new__(W.WorkerEviction)
-    ev.runner, ev.plan, ev.scored = runner, StepPlan(offsets={"a": BS}), []
+    ev = W.WorkerEviction(runner)
+    ev.plan = StepPlan(offsets={"a": BS})
     ev.fix_inputs(scheduled)
     assert {k: v.data_ptr() for k, v in buffers.items()} == addresses
     assert runner.seq_lens.tolist() == [4 * BS - 2 - BS, 2 * BS - 4, 0, 0]
@@ -497,22 +498,20 @@ def test_fused_rows_are_scored_from_the_backend_buffers(monkeypatch):
                                       max_blocks=8, max_parked=4, device="cpu")
     buffers.activate(stats)
     try:
-        ev = W.WorkerEviction.__new__(W.WorkerEviction)
-        ev.pending_scores, ev.skipped, ev._warned, ev.policy_state = {}, {}, set(), {}
-        ev.fused, ev.layer_names = True, ["model.layers.0.attn", "model.layers.1.attn"]
-        ev.runner = SimpleNamespace(
+        ev = W.WorkerEviction(SimpleNamespace(
             device=torch.device("cpu"),
             input_batch=SimpleNamespace(block_table=[SimpleNamespace(block_size=BS)]),
             model_config=SimpleNamespace(get_num_kv_heads=lambda _: HKV,
                                          get_num_attention_heads=lambda _: HQ),
-            parallel_config=None)
+            parallel_config=None))
+        ev.fused, ev.layer_names = True, ["model.layers.0.attn", "model.layers.1.attn"]
         policy = get_policy("attention", {})
         task = SimpleNamespace(phase="decode", generation=0, visual_spans=[], policy="attention")
-        sr = W.ScoredRequest(
+        sr = uploaded(scoring_batch.ScoredRequest(
             req_id="r1", task=task, policy=policy, q_start=1, q_end=2,
             block_ids=torch.tensor([5, 9, 2]), positions=torch.tensor([0, 1, 3]),
             parked=torch.tensor([False, True, False]), tokens_per_block=[BS, BS, 3],
-            query_positions=torch.tensor([3 * BS + 2]), layers={}, slot=1, hooked=frozenset())
+            query_positions=torch.tensor([3 * BS + 2]), layers={}, slot=1, hooked=frozenset()))
         assert sr.stat_columns.tolist() == [0, 2, 1]
         ev.scored, ev.plan = [sr], SimpleNamespace(score={"r1": task})
         assert not ev.needs_eager_attention  # a FULL graph may replay this step

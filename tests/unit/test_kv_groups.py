@@ -15,7 +15,7 @@ from vllm.v1.kv_cache_interface import (
     SlidingWindowSpec,
 )
 
-from vllm_kvevict.adapter.vllm_internals import UnsupportedConfigError, check_kv_cache_config
+from vllm_kvevict.adapter.startup_checks import UnsupportedConfigError, check_kv_cache_config
 
 ATTN = dict(block_size=32, num_kv_heads=1, head_size=64, dtype=torch.float32)
 

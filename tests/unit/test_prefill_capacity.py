@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_kvevict.adapter.vllm_internals import UnsupportedConfigError, check_prefill_capacity
+from vllm_kvevict.adapter.startup_checks import UnsupportedConfigError, check_prefill_capacity
 from vllm_kvevict.config import EvictionConfig
 
 BS = 32
@@ -79,7 +79,7 @@ def test_requests_may_not_hold_more_than_the_server_default_with_prefill_evictio
 
 
 def test_prefill_eviction_needs_chunked_prefill():
-    from vllm_kvevict.adapter.vllm_internals import check_engine_config
+    from vllm_kvevict.adapter.startup_checks import check_engine_config
 
     config = SimpleNamespace(
         speculative_config=None, parallel_config=SimpleNamespace(), model_config=None,

@@ -107,12 +107,9 @@ def test_a_laprox_server_scores_with_the_norms_written_with_the_tokens(monkeypat
             compared.append(sr.num_tokens)
 
     monkeypatch.setattr(statistics, "_value_proj_norm", spy)
-    monkeypatch.setattr(statistics, "MEASURED", tuple(
+    monkeypatch.setattr(statistics, "MEASURED", tuple(  # read at every layer call
         statistics.Statistic(s.name, s.fields, spy, prefill_only=True)
         if s.name == "value_proj_norm" else s for s in statistics.MEASURED))
-    from vllm_kvevict.adapter import worker as worker_mod
-
-    monkeypatch.setattr(worker_mod, "STATISTIC_REGISTRY", statistics.MEASURED)
     llm = make_llm({"kv_eviction": {"policy": "laprox", "budget": 0.25}})
     try:
         prompt = passkey_prompt("40404", repeats=12)

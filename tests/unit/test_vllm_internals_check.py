@@ -18,16 +18,14 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_kvevict.adapter.internals_check import SourceTree, check_internal, main
-from vllm_kvevict.adapter.vllm_internals import (
-    KV_PLANNING_MODULES,
-    TOUCHED_INTERNALS,
-    Internal,
+from vllm_kvevict.adapter.startup_checks import (
     UnsupportedConfigError,
     check_engine_config,
     check_prefill_capacity,
     check_vllm_version,
     kv_planning_module,
 )
+from vllm_kvevict.adapter.vllm_internals import KV_PLANNING_MODULES, TOUCHED_INTERNALS, Internal
 
 
 def _installed_vllm() -> Path:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_kvevict.adapter.worker import KeyLayoutError, ScoredRequest, WorkerEviction
+from vllm_kvevict.adapter.layer_hooks import KeyLayoutError
+from vllm_kvevict.adapter.scoring_batch import ScoredRequest
+from vllm_kvevict.adapter.worker import WorkerEviction
 
 BS, HKV, D = 4, 2, 8
 
@@ -35,8 +37,8 @@ def _cache(keys_by_block: dict[int, torch.Tensor], transposed: bool) -> torch.Te
 
 
 def _worker(sr: ScoredRequest) -> WorkerEviction:
-    worker = WorkerEviction.__new__(WorkerEviction)
-    worker.key_layout, worker.scored = None, [sr]
+    worker = WorkerEviction(runner=None)
+    worker.scored = [sr]
     return worker
 
 
@@ -50,12 +52,12 @@ def test_layout_detected_and_gather_exact(transposed):
     newest = keys[5][2]  # the last real token of the last block: what the forward just wrote
     kv = worker._paged_kv(cache, newest[None], "cpu", D)
     assert worker.key_layout == ("cpu_t" if transposed else "cpu")
-    dense, _ = kv.gather(sr.block_table[0], sr.num_tokens)
+    dense, _ = kv.gather(sr.block_ids, sr.num_tokens)
     assert torch.equal(dense, torch.cat([keys[3], keys[5][:3]]))
     # reading with the other layout silently gives different keys: detection is what prevents it
     other = _worker(sr)
     other.key_layout = "cpu" if transposed else "cpu_t"
-    assert not torch.equal(other._paged_kv(cache, newest[None], "cpu", D).gather(sr.block_table[0], 7)[0], dense)
+    assert not torch.equal(other._paged_kv(cache, newest[None], "cpu", D).gather(sr.block_ids, 7)[0], dense)
 
 
 def test_unknown_layout_refuses_instead_of_scoring_garbage():

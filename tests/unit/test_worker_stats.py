@@ -12,9 +12,11 @@ import pytest
 import torch
 from vllm_kvevict.kernels import reference as R
 from vllm_kvevict.kernels.paged import cpu_kv_view
+from worker_helpers import uploaded
 
+from vllm_kvevict.adapter.scoring_batch import ScoredRequest
 from vllm_kvevict.adapter.statistics import measured
-from vllm_kvevict.adapter.worker import ScoredRequest, WorkerEviction
+from vllm_kvevict.adapter.worker import WorkerEviction
 from vllm_kvevict.policies.base import STATISTICS, Schedule
 
 HKV, D, WINDOW = 2, 16, 8
@@ -34,7 +36,7 @@ def vllm_gpu_caches(layout: str, bs: int) -> dict[str, torch.Tensor]:
     from vllm.v1.kv_cache_layout import KVCacheLayout
     from vllm.v1.worker.utils import allocate_kv_cache
 
-    from vllm_kvevict.adapter.vllm_internals import kv_planning_module
+    from vllm_kvevict.adapter.startup_checks import kv_planning_module
 
     get_kv_cache_config_from_groups = kv_planning_module().get_kv_cache_config_from_groups
     kv_layout = KVCacheLayout[layout]
@@ -119,15 +121,14 @@ def _scored_layer(bs, group, phase, layout, packed=False, seed=0, others=(), oth
             weight=codes, input_size_per_partition=hq * D, params_dtype=torch.float32,
             quant_method=SimpleNamespace(apply=lambda layer, x: x @ (codes.float() * scale)),
         )
-    worker = WorkerEviction.__new__(WorkerEviction)
-    worker.key_layout, worker.grams = None, {}
-    worker.readers = {LAYER: "gpu" if gpu else "cpu"}
     def get_submodule(path):
         if packed == "unnamed":  # a model whose output projection has none of the known names
             raise AttributeError(path)
         return o_proj
 
-    worker.runner = SimpleNamespace(get_model=lambda: SimpleNamespace(get_submodule=get_submodule))
+    worker = WorkerEviction(SimpleNamespace(
+        get_model=lambda: SimpleNamespace(get_submodule=get_submodule)))
+    worker.readers = {LAYER: "gpu" if gpu else "cpu"}
     sr = ScoredRequest(
         req_id="r", task=SimpleNamespace(phase=phase),
         policy=SimpleNamespace(needs=STATISTICS, schedule=Schedule(window=WINDOW)),
@@ -147,6 +148,7 @@ def _scored_layer(bs, group, phase, layout, packed=False, seed=0, others=(), oth
     worker.scored = [sr, *extra]
     for one in worker.scored:  # as _resolve_scored sets it (no backend of ours: hooks measure)
         one.set_hooked(s.name for s in measured(one.policy.needs, one.task.phase))
+        uploaded(one)  # as the step's upload before the forward
     layer = SimpleNamespace(impl=SimpleNamespace(num_heads=hq, scale=D**-0.5, head_size=D))
     worker._measure_layer(1, LAYER, layer, query.view(len(query), -1), key.view(len(key), -1), raw)
     dense = SimpleNamespace(keys=torch.stack(keys), values=torch.stack(values),
@@ -213,6 +215,7 @@ def test_old_readers_of_a_gpu_cache_fail(layout, monkeypatch):
     from vllm_kvevict.kernels.paged import PagedKV
 
     from vllm_kvevict.adapter import worker as W
+    from vllm_kvevict.adapter.layer_hooks import KeyLayoutError
 
     sr, dense = _scored_layer(16, 1, "decode", layout)
     want = sr.layers["decode_mass"][0]
@@ -223,7 +226,7 @@ def test_old_readers_of_a_gpu_cache_fail(layout, monkeypatch):
         monkeypatch.setattr(W.WorkerEviction, "_paged_kv", mutant)
         try:
             got, _ = _scored_layer(16, 1, "decode", layout)
-        except (W.KeyLayoutError, ValueError, RuntimeError):
+        except (KeyLayoutError, ValueError, RuntimeError):
             continue  # refused: also a failure of the mutant
         assert not torch.allclose(got.layers["decode_mass"][0], want, equal_nan=True)
 
@@ -280,8 +283,8 @@ def test_a_batch_mixes_requests_with_and_without_their_own_window():
     """A middle chunk scored by its question probe measures no window of its own (window 0)
     but shares the value-norm batch with requests that do: the batch pads its row (length 0)
     instead of failing."""
+    from vllm_kvevict.adapter.scoring_batch import ScoringBatch
     from vllm_kvevict.adapter.statistics import PROBE_WINDOW
-    from vllm_kvevict.adapter.worker import _Batch
     from vllm_kvevict.policies.base import VALUE_PROJ_NORM, WINDOW_ATTN
 
     def request(name, hooked):
@@ -292,12 +295,12 @@ def test_a_batch_mixes_requests_with_and_without_their_own_window():
             parked=torch.zeros(2, dtype=torch.bool), tokens_per_block=[4, 4],
             query_positions=torch.arange(8), layers={})
         sr.set_hooked(hooked)
-        return sr
+        return uploaded(sr)
 
     own = request("own", {WINDOW_ATTN, VALUE_PROJ_NORM})
     probed = request("probed", {PROBE_WINDOW, VALUE_PROJ_NORM})
     assert (own.window, probed.window) == (4, 0)
-    batch = _Batch.of((own, probed))
+    batch = ScoringBatch.of((own, probed))
     assert batch.window_lens.tolist() == [4, 0]
     assert batch.window_index[0].tolist() == [4, 5, 6, 7]
     assert batch.seq_lens.tolist() == [8, 8]

@@ -39,7 +39,7 @@ def _install_engine_config_hook() -> None:
     original = EngineArgs.create_engine_config
 
     def create_engine_config(self, *args, **kwargs):
-        from vllm_kvevict.adapter.vllm_internals import (
+        from vllm_kvevict.adapter.startup_checks import (
             UnsupportedConfigError,
             check_engine_config,
             pin_v1_model_runner,
@@ -92,7 +92,7 @@ def _install_capacity_check() -> None:
         return
 
     def get_kv_cache_configs(vllm_config, *args, **kwargs):
-        from vllm_kvevict.adapter.vllm_internals import check_prefill_capacity, kv_planning_module
+        from vllm_kvevict.adapter.startup_checks import check_prefill_capacity, kv_planning_module
         from vllm_kvevict.config import config_from_additional
 
         config = config_from_additional(getattr(vllm_config, "additional_config", None))

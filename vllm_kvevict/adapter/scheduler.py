@@ -32,8 +32,8 @@ from vllm_kvevict.adapter.request_state import (
     new_request_state,
     request_config,
 )
+from vllm_kvevict.adapter.startup_checks import check_kv_cache_config
 from vllm_kvevict.adapter.step_plan import StepPlanner
-from vllm_kvevict.adapter.vllm_internals import check_kv_cache_config
 from vllm_kvevict.config import CONFIG_KEY, EvictionConfig, config_from_additional
 from vllm_kvevict.metrics import EvictionMetrics
 

@@ -9,18 +9,95 @@ reference in ``kernels.reference`` elsewhere). The worker's hooks run every stat
 measures inside the attention pass (``vllm_kvevict.backend``; the hook's function here is that
 kernel's torch twin). Adding a statistic is one entry here, its kernel and reference, and its
 ``RequestStats`` field.
+
+What a statistic reads of the worker is typed here, on the reading side: one scored request
+(:class:`ScoredRow`) or the step's requests that need it as one paged batch
+(:class:`RowBatch`); the worker's ``adapter.scoring_batch.ScoredRequest`` and ``ScoringBatch``
+are those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 
 from vllm_kvevict.kernels import dispatch, reference
+from vllm_kvevict.kernels.paged import PagedKV
 from vllm_kvevict.policies.base import DECODE_ATTN, VALUE_PROJ_NORM, WINDOW_ATTN
+
+
+class ScoredRow(Protocol):
+    """One request scored this step, as a statistic reads it and records into it.
+
+    Attributes:
+        req_id: the request's id.
+        q_end: end (exclusive) of its query tokens among the step's tokens.
+        block_ids: ``[nb]`` int64 (host), physical ids of its resident blocks, positional order.
+        parked: ``[nb]`` bool (host), the resident blocks out of attention.
+        tokens_per_block: ``nb`` ints, the tokens of each resident block (all full but the last).
+        num_tokens: ``T``, their sum.
+        window: ``W_i``, the observation-window queries measured for it this step (0: none).
+    """
+
+    req_id: str
+    q_end: int
+    block_ids: torch.Tensor
+    parked: torch.Tensor
+    tokens_per_block: list[int]
+    num_tokens: int
+    window: int
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """``[1, nb]`` int32 on the device: the resident blocks as one paged row."""
+        ...
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """``[1]`` int32 on the device: ``T``."""
+        ...
+
+    @property
+    def device_columns(self) -> torch.Tensor:
+        """``[nb]`` int64 on the device: each resident block's column in the decode
+        statistics (attended blocks first in row order, then the parked ones)."""
+        ...
+
+    def record(self, stat: str, value: torch.Tensor) -> None:
+        """Append one layer's value of the ``RequestStats`` field ``stat``."""
+        ...
+
+
+class RowBatch(Protocol):
+    """Scored requests as one paged batch: what one kernel launch reads for all of them.
+
+    Attributes:
+        members: the ``R`` requests, in batch-row order.
+        block_table: ``[R, max_blocks]`` int32 on the device (short rows padded, never read).
+        seq_lens: ``[R]`` int32 on the device, each row's ``T``.
+        window_index: ``[R, W]`` int64 on the device, each request's window query indices in
+            the step's tokens, right-aligned (``W`` = the longest window); None when no member
+            has a window.
+        window_lens: ``[R]`` int32 on the device, each ``W_i``; None with ``window_index``.
+    """
+
+    @property
+    def members(self) -> Sequence[ScoredRow]: ...
+
+    @property
+    def block_table(self) -> torch.Tensor: ...
+
+    @property
+    def seq_lens(self) -> torch.Tensor: ...
+
+    @property
+    def window_index(self) -> torch.Tensor | None: ...
+
+    @property
+    def window_lens(self) -> torch.Tensor | None: ...
 
 
 @dataclass
@@ -35,32 +112,37 @@ class LayerInputs:
             layer's output projection (computed once per layer; None when not found).
         probe: ``(req_id) -> [Hq, W, D]``, the layer's question-probe queries of a request
             (``adapter/probe.py``).
-        value_norms: ``(ScoredRequest) -> [Hq, T]``, the layer's projected-value norms of a
+        value_norms: ``(ScoredRow) -> [Hq, T]``, the layer's projected-value norms of a
             request's resident tokens as written with them (``adapter/value_norms.py``), or
             None where they are not kept (then recomputed from the cache).
     """
 
-    kv: Any  # kernels.paged.PagedKV
+    kv: PagedKV
     queries: torch.Tensor
     scale: float
     gram: Callable[[], torch.Tensor | None]
     probe: Callable[[str], torch.Tensor] | None = None
-    value_norms: Callable[[Any], torch.Tensor] | None = None
+    value_norms: Callable[[ScoredRow], torch.Tensor] | None = None
+
+
+#: how a statistic measures one layer: per request, or for a batch of them
+MeasureRow = Callable[[LayerInputs, ScoredRow], None]
+MeasureBatch = Callable[[LayerInputs, RowBatch], None]
 
 
 @dataclass(frozen=True)
 class Statistic:
     """One statistic.
 
-    ``measure(inputs, target)`` records the layer's value (``sr.record(field, value)``): a
-    batched statistic gets the step's ``_Batch`` of the requests that need it (one call for
+    ``measure(inputs, target)`` records the layer's value (``ScoredRow.record``): a batched
+    statistic gets the step's :class:`RowBatch` of the requests that need it (one call for
     all: one ``[R, max_blocks]`` block table, ``[R]`` lengths) and records into each member; a
-    per-request one gets one ``ScoredRequest``.
+    per-request one gets one :class:`ScoredRow`.
     """
 
     name: str
     fields: tuple[str, ...]  # the RequestStats fields it fills
-    measure: Callable[[LayerInputs, Any], None]
+    measure: MeasureRow | MeasureBatch  # MeasureBatch when ``batched``
     batched: bool = True
     prefill_only: bool = False  # measured only in the step that completes the prompt
     #: measured inside the attention pass by the plugin's backend on its decode rows (then the
@@ -70,7 +152,7 @@ class Statistic:
     reduce: dict[str, str] = field(default_factory=dict)
 
 
-def _decode_attention(inputs: LayerInputs, sr) -> None:
+def _decode_attention(inputs: LayerInputs, sr: ScoredRow) -> None:
     """The attention each resident block got from the newest query, Σ and max over the query
     heads of each KV group (``[Hkv, nb]`` twice, resident order). The torch twin of what the
     plugin's attention backend measures inside its decode pass (``kernels/fused_decode.py``),
@@ -83,40 +165,40 @@ def _decode_attention(inputs: LayerInputs, sr) -> None:
     parked_keys = kv.gather(parked, parked.numel() * bs)[0] if parked.numel() else None
     query = inputs.queries[sr.q_end - 1]
     blocks = reference.dense_block_attention(query, keys, bs, inputs.scale, parked_keys)
-    blocks = blocks[:, sr.device_views()[2]]  # resident order (the step's uploaded columns)
+    blocks = blocks[:, sr.device_columns]  # resident order (the step's uploaded columns)
     grouped = blocks.view(kv.num_kv_heads, -1, blocks.shape[-1])
     sr.record("decode_mass", grouped.sum(1))
     sr.record("decode_peak", grouped.amax(1))
 
 
-def _value_proj_norm(inputs: LayerInputs, b) -> None:
+def _value_proj_norm(inputs: LayerInputs, batch: RowBatch) -> None:
     """‖v W_O^h‖ of every resident token: as written with the token where the worker keeps
     them, else computed from the cache for the whole batch in one call."""
     if inputs.value_norms is not None:
-        for sr in b.members:
+        for sr in batch.members:
             sr.record(VALUE_PROJ_NORM, inputs.value_norms(sr))  # [Hq, T]
         return
     gram = inputs.gram()
     if gram is None:  # no output projection found: not recorded, the task is reported skipped
         return
-    norms = dispatch.value_proj_norm(gram, inputs.kv, b.block_table, b.seq_lens)
-    for i, sr in enumerate(b.members):
+    norms = dispatch.value_proj_norm(gram, inputs.kv, batch.block_table, batch.seq_lens)
+    for i, sr in enumerate(batch.members):
         sr.record(VALUE_PROJ_NORM, norms[i, :, :sr.num_tokens])  # [Hq, T]
 
 
-def _window_attention(inputs: LayerInputs, b) -> None:
+def _window_attention(inputs: LayerInputs, batch: RowBatch) -> None:
     """The last ``window`` prompt queries' attention of every request that needs it, in one
-    call (windows padded to the longest, each request's own length in ``b.window_lens``; the
+    call (windows padded to the longest, each request's own length in ``batch.window_lens``; the
     window queries are the row's last tokens: checked when the request was resolved)."""
-    q_window = inputs.queries[b.window_index].transpose(1, 2)  # [R, Hq, W, D]
-    probs = dispatch.window_attention(q_window, inputs.kv, b.block_table, b.seq_lens,
-                                      inputs.scale, window_lens=b.window_lens).probs
+    q_window = inputs.queries[batch.window_index].transpose(1, 2)  # [R, Hq, W, D]
+    probs = dispatch.window_attention(q_window, inputs.kv, batch.block_table, batch.seq_lens,
+                                      inputs.scale, window_lens=batch.window_lens).probs
     w = q_window.shape[2]
-    for i, sr in enumerate(b.members):
+    for i, sr in enumerate(batch.members):
         sr.record(WINDOW_ATTN, probs[i, :, w - sr.window:, :sr.num_tokens])  # [Hq, W_i, T]
 
 
-def _probe_window_attention(inputs: LayerInputs, sr) -> None:
+def _probe_window_attention(inputs: LayerInputs, sr: ScoredRow) -> None:
     """The observation window of a middle prompt chunk scored by the question probe: the
     probe's queries (the prompt's tail, at its true positions) over every resident token."""
     q = inputs.probe(sr.req_id)[None]  # [1, Hq, W, D]
@@ -161,8 +243,15 @@ def expected_fields(needs, phase: str, in_backend: bool = False) -> set[str]:
 
 
 def combine_layers(name: str, values: list[torch.Tensor]) -> torch.Tensor:
-    """One field's per-layer values as ``RequestStats`` holds them: reduced (``sum``/``max``
-    over layers) or stacked ``[L, ...]``."""
+    """One field's per-layer values as ``RequestStats`` holds them.
+
+    Args:
+        name: the ``RequestStats`` field.
+        values: its ``L`` per-layer values, one shape (``[Hkv, nb]``, ``[Hq, T]``, ...).
+    Returns:
+        Reduced over the layers (``sum`` / ``max`` per :data:`FIELD_REDUCE`: that shape) or
+        stacked ``[L, ...]``.
+    """
     how = FIELD_REDUCE.get(name)
     stacked = torch.stack(values)
     if how == "sum":

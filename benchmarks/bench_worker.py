@@ -7,10 +7,10 @@ Per step it counts:
 * ``host_syncs``: what would stall the host on a GPU — the worker's blocking transfers (every
   host<->device move of its bookkeeping goes through ``adapter/transfers.py``: ``downloads``,
   the one copy of the step's scores, and ``uploads``, one non-blocking copy from pinned
-  memory, counted apart because they do not synchronise; ``tests/test_gpu_path.py`` runs a
+  memory, counted apart because they do not synchronise; ``tests/unit/test_gpu_path.py`` runs a
   step on the ``meta`` device to show nothing else crosses) plus every read of tensor data the
   policies make while scoring (``.item()``/``int()``/``.tolist()``/boolean indexing..., the
-  detector of ``tests/test_policies_device.py`` around ``block_scores``);
+  detector of ``tests/unit/test_policies_device.py`` around ``block_scores``);
 * statistic calls (``kernels.dispatch`` entry points the hooks call, one launch each on NVIDIA,
   and the decode statistic's torch twin, one call per request and layer on the CPU backend;
   on NVIDIA the attention backend measures that one inside its pass, no call at all);

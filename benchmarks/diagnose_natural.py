@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 
 from vllm_kvevict.config import EvictionConfig  # noqa: E402
 from vllm_kvevict.policies import get_policy  # noqa: E402
-from vllm_kvevict.policies.base import RequestStats  # noqa: E402
+from vllm_kvevict.policies.base import RequestStatistics  # noqa: E402
 
 ARMS = {"new": {}, "old": {"sink_tokens": 4, "recent_tokens": 64}}
 VARIANTS = {
@@ -45,11 +45,11 @@ VARIANTS = {
 }
 
 
-def stats_of(c: dict, window: int | None = None) -> RequestStats:
-    fields = {k: v for k, v in c.items() if k in RequestStats.__dataclass_fields__}
+def stats_of(c: dict, window: int | None = None) -> RequestStatistics:
+    fields = {k: v for k, v in c.items() if k in RequestStatistics.__dataclass_fields__}
     if window is not None and window < fields["window_attn"].shape[2]:
         fields["window_attn"] = fields["window_attn"][:, :, -window:]  # rows are per query: exact
-    return RequestStats(**fields)
+    return RequestStatistics(**fields)
 
 
 def protected_mask(arm: str, budget: float, nb: int, committed: int, bs: int) -> torch.Tensor:
@@ -84,7 +84,7 @@ def mass_profile(c: dict) -> dict:
             "inner_top5_blocks": (torch.topk(inner, 5).indices + 1).tolist()}
 
 
-def hybridkv_max_merge(pol, stats: RequestStats) -> torch.Tensor:
+def hybridkv_max_merge(pol, stats: RequestStatistics) -> torch.Tensor:
     """HybridKV's prefill need per (layer, KV head), merged by max instead of its weighted
     mixture (what-if, not an option of the policy)."""
     from vllm_kvevict.policies.base import tokens_to_blocks

@@ -701,12 +701,12 @@ def floor_section(floor: dict | None) -> list[str]:
 
 
 def soak_section(soak: dict | None) -> list[str]:
-    """tests/test_serve.py's soak with ``KVEVICT_SOAK_RESULT``: one row of its figures."""
+    """tests/engine/test_serve.py's soak with ``KVEVICT_SOAK_RESULT``: one row of its figures."""
     if not soak:
         return []
     keys = [k for k, v in soak.items() if k != "command" and isinstance(v, (int, float))]
     return ["## Soak (OpenAI server, mixed traffic)", "",
-            "The last long soak of `tests/test_serve.py` (requests with and without prefill "
+            "The last long soak of `tests/engine/test_serve.py` (requests with and without prefill "
             "eviction, aborted streams, bad options refused with 400; `kv_cache_usage_after` "
             "and `parked_blocks_after`: the KV pool and the recycle bin after the run):", "",
             common.markdown_table(keys, [[f"{soak[k]:g}" for k in keys]]), ""]
@@ -812,7 +812,7 @@ def kvpress_checks_section(kvp: dict) -> list[str]:
 # -- pages ------------------------------------------------------------------------------------
 REPORT = "python benchmarks/report.py"
 SOAK = ("KVEVICT_SOAK_REQUESTS=1000 KVEVICT_SOAK_RESULT=benchmarks/results/soak.json "
-        "bash scripts/test.sh tests/test_serve.py -k soak -s")
+        "bash scripts/test.sh tests/engine/test_serve.py -k soak -s")
 
 #: the results pages beside README.md: file -> (title, what it shows, its files: (files written
 #: together, the command that writes them; None: the command the first JSON records))

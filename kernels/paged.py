@@ -36,7 +36,7 @@ CPU_LAYOUTS = (CPU, CPU_T)
 #: vLLM 0.32's ``KVCacheLayout`` members (``vllm/v1/kv_cache_layout.py``): the physical order
 #: of the logical axes ``[L, B, H, N, C]`` (layer, block, KV head, token in block, content),
 #: outermost first. Copied here so the kernels and their tests need no vLLM; a CPU test checks
-#: the copy against vLLM's enum and its stride code (tests/test_worker_stats.py).
+#: the copy against vLLM's enum and its stride code (tests/unit/test_worker_statistics.py).
 VLLM_KV_LAYOUTS = {
     "LBHNC": (0, 1, 2, 3, 4),
     "LBNHC": (0, 1, 3, 2, 4),

@@ -215,7 +215,7 @@ def test_soak_mixed_traffic_leaves_no_blocks_behind(server):
     if os.environ.get("KVEVICT_SOAK_RESULT"):
         with open(os.environ["KVEVICT_SOAK_RESULT"], "w") as f:
             json.dump({"command": f"KVEVICT_SOAK_REQUESTS={SOAK_REQUESTS} bash scripts/test.sh "
-                       "tests/test_serve.py -k soak -s", "requests": SOAK_REQUESTS,
+                       "tests/engine/test_serve.py -k soak -s", "requests": SOAK_REQUESTS,
                        "concurrency": CONCURRENCY, "seconds": elapsed,
                        **{k: v for k, v in outcome.items() if k != "errors"},
                        "errors_on_valid_requests": len(outcome["errors"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvevict.policies.base import RequestStats
+from vllm_kvevict.policies.base import RequestStatistics
 
 T, BS, W = 24, 4, 4  # blocks 0..5; window queries are tokens 20..23 (text)
 VISUAL = torch.zeros(T, dtype=torch.bool)
@@ -30,9 +30,9 @@ def crafted(token5=None, layer1_block1: float | None = None) -> torch.Tensor:
     return a
 
 
-def stats_for(window_attn, visual=VISUAL, phase="prefill") -> RequestStats:
+def stats_for(window_attn, visual=VISUAL, phase="prefill") -> RequestStatistics:
     nb = -(-T // BS)
-    return RequestStats(
+    return RequestStatistics(
         block_size=BS, block_index=torch.arange(nb), num_tokens=T, num_kv_heads=1,
         parked=torch.zeros(nb, dtype=torch.bool), phase=phase, window_attn=window_attn,
         visual=visual,

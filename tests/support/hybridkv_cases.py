@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvevict.policies.base import RequestStats
+from vllm_kvevict.policies.base import RequestStatistics
 
 T, BS, W = 24, 4, 4  # blocks 0..5; window = tokens 20..23; sink_tokens 4 -> candidates 4..19
 VISUAL = torch.zeros(T, dtype=torch.bool)
@@ -41,11 +41,11 @@ def local_row() -> torch.Tensor:
     return r
 
 
-def crafted_stats(rows, visual=VISUAL) -> RequestStats:
+def crafted_stats(rows, visual=VISUAL) -> RequestStatistics:
     """rows[l][h] -> every window query of (layer l, head h) has that attention row."""
     attn = torch.stack([torch.stack([r.expand(W, T) for r in layer]) for layer in rows])
     nb = T // BS
-    return RequestStats(
+    return RequestStatistics(
         block_size=BS, block_index=torch.arange(nb), num_tokens=T, num_kv_heads=len(rows[0]),
         parked=torch.zeros(nb, dtype=torch.bool), phase="prefill", window_attn=attn,
         visual=visual,

@@ -1,4 +1,4 @@
-"""Realistic ``RequestStats`` for policy tests: random q/k/v/o_proj per layer turned into the
+"""Realistic ``RequestStatistics`` for policy tests: random q/k/v/o_proj per layer turned into the
 statistics a worker would measure, through the reference statistics
 (``vllm_kvevict.kernels.reference``)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from vllm_kvevict.kernels import reference as R
 
-from vllm_kvevict.policies.base import STATISTICS, RequestStats
+from vllm_kvevict.policies.base import STATISTICS, RequestStatistics
 
 
 def make_stats(
@@ -24,7 +24,7 @@ def make_stats(
     block_index: torch.Tensor | None = None,
     needs=STATISTICS,
     seed: int = 0,
-) -> tuple[RequestStats, dict]:
+) -> tuple[RequestStatistics, dict]:
     """Random q/k/v/o_proj per layer turned into the statistics a worker would measure."""
     g = torch.Generator().manual_seed(seed)
     window = max(1, min(window, tokens))
@@ -54,7 +54,7 @@ def make_stats(
     }
     reduce = {"decode_mass": lambda v: torch.stack(v).sum(0),
               "decode_peak": lambda v: torch.stack(v).amax(0)}
-    st = RequestStats(
+    st = RequestStatistics(
         block_size=block_size,
         block_index=block_index,
         num_tokens=tokens,

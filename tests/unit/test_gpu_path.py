@@ -5,7 +5,7 @@ guard: attention layers the statistics cannot read are refused at startup by nam
 Runner V2 (vLLM's default wherever Triton runs) is pinned off; steps that measure attention
 statistics never replay a full CUDA graph (no Python runs inside one); statistics that were
 asked for and not measured are reported, never dropped silently; TP block scores are reduced
-on the KV cache's device in one all-reduce. (The KV layouts: tests/test_worker_stats.py.)
+on the KV cache's device in one all-reduce. (The KV layouts: tests/unit/test_worker_statistics.py.)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from policy_stats import make_stats
 from torch.overrides import TorchFunctionMode
 
 from vllm_kvevict.policies import available_policies, get_policy
-from vllm_kvevict.policies.base import RequestStats
+from vllm_kvevict.policies.base import RequestStatistics
 
 #: tiny tensors: intra-op threads only add contention (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +82,7 @@ def _snapshot(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def _run(name: str, options: dict, steps: list[RequestStats]):
+def _run(name: str, options: dict, steps: list[RequestStatistics]):
     policy = get_policy(name, options)
     state: dict[str, Any] = {}
     out = []
@@ -92,7 +92,7 @@ def _run(name: str, options: dict, steps: list[RequestStats]):
     return out
 
 
-def check_device_follows_input(name: str, options: dict, steps: list[RequestStats]) -> None:
+def check_device_follows_input(name: str, options: dict, steps: list[RequestStatistics]) -> None:
     """Same steps, fresh state: once normally, once with ``meta`` as the default device."""
     for st in steps:  # the proof only means something if the inputs are on the cpu
         assert all(v.device.type == "cpu" for v in vars(st).values() if isinstance(v, torch.Tensor))
@@ -108,7 +108,7 @@ def check_device_follows_input(name: str, options: dict, steps: list[RequestStat
 
 
 # -- scenarios -------------------------------------------------------------------------------
-def text_steps(needs, unmeasured: bool = True) -> list[RequestStats]:
+def text_steps(needs, unmeasured: bool = True) -> list[RequestStatistics]:
     """Prefill, then decode steps: a new block, released blocks + parked ones + new positions,
     and (``unmeasured``) a step on which nothing was measured."""
     common = dict(layers=2, hq=6, hkv=2, block_size=4, window=5, needs=needs)
@@ -123,7 +123,7 @@ def text_steps(needs, unmeasured: bool = True) -> list[RequestStats]:
     return [prefill, grown, released] + ([dropped] if unmeasured else [])
 
 
-def decode_only_steps(needs) -> list[RequestStats]:
+def decode_only_steps(needs) -> list[RequestStatistics]:
     """A request whose prefill was never scored (it fitted the budget): decode steps only."""
     common = dict(layers=2, hq=6, hkv=2, block_size=4, needs=needs, phase="decode")
     first, _ = make_stats(tokens=24, seed=5, **common)
@@ -134,7 +134,7 @@ def decode_only_steps(needs) -> list[RequestStats]:
     return [first, second]
 
 
-def unmeasured_steps() -> list[RequestStats]:
+def unmeasured_steps() -> list[RequestStatistics]:
     """Nothing measured at all (statistics unavailable): the positional fallbacks."""
     a, _ = make_stats(tokens=17, phase="decode", needs=frozenset())
     b, _ = make_stats(tokens=19, phase="decode", needs=frozenset(),
@@ -143,7 +143,7 @@ def unmeasured_steps() -> list[RequestStats]:
     return [a, b]
 
 
-def random_visual_steps(needs) -> list[RequestStats]:
+def random_visual_steps(needs) -> list[RequestStatistics]:
     """A multimodal request from random q/k/v: visual tokens in the middle, text window."""
     visual = torch.zeros(26, dtype=torch.bool)
     visual[4:15] = True
@@ -154,7 +154,7 @@ def random_visual_steps(needs) -> list[RequestStats]:
     return [prefill, decode]
 
 
-def hae_visual_steps(needs) -> list[RequestStats]:
+def hae_visual_steps(needs) -> list[RequestStatistics]:
     """HAE's crafted map (test_policies_hae): block 1 is pruned at prefill. Then decode steps,
     one with only the pruned block resident (the "nothing would be left" guard)."""
     t, bs = hae_t.T, hae_t.BS
@@ -172,7 +172,7 @@ def hae_visual_steps(needs) -> list[RequestStats]:
     return steps
 
 
-def hybridkv_visual_steps(needs, rows) -> list[RequestStats]:
+def hybridkv_visual_steps(needs, rows) -> list[RequestStatistics]:
     """HybridKV's crafted heads (test_policies_hybridkv), then decode steps with retrieval,
     a new block and released/parked blocks."""
     t, bs = hkv_t.T, hkv_t.BS

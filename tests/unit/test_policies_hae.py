@@ -9,7 +9,7 @@ from hae_cases import BS, HIGH, LOW, OPTS, VISUAL, T, W, crafted, stats_for  # n
 from policy_stats import decode_probs, make_stats
 
 from vllm_kvevict.policies import get_policy
-from vllm_kvevict.policies.base import RequestStats
+from vllm_kvevict.policies.base import RequestStatistics
 
 #: tiny tensors: intra-op threads only add contention (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,7 +152,7 @@ def test_one_retrieving_head_outranks_many_local_ones():
     attn[..., 3 * bs + 1] = 0.5  # a neighbourhood the local heads attend to (block 3)
     attn[1, 2, :, 2 * bs + 1] = 0.9  # one head retrieves block 2
     attn[1, 2, :, 0] = attn[1, 2, :, 3 * bs + 1] = 0.05
-    stats = RequestStats(block_size=bs, block_index=torch.arange(nb), num_tokens=t,
+    stats = RequestStatistics(block_size=bs, block_index=torch.arange(nb), num_tokens=t,
                          num_kv_heads=2, parked=torch.zeros(nb, dtype=torch.bool),
                          phase="prefill", window_attn=attn)
     scores = {how: get_policy("hae", {"head_reduce": how}).block_scores(stats, {})

@@ -1,5 +1,5 @@
 """Each statistic is declared once (``adapter.statistics.REGISTRY``) and agrees with what the
-policies may ask for and what ``RequestStats`` carries."""
+policies may ask for and what ``RequestStatistics`` carries."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import dataclasses
 
 from vllm_kvevict.adapter.statistics import BY_NAME, REGISTRY, VARIANTS, expected_fields
 from vllm_kvevict.policies import get_policy
-from vllm_kvevict.policies.base import STATISTICS, RequestStats
+from vllm_kvevict.policies.base import STATISTICS, RequestStatistics
 
 
 def test_every_statistic_a_policy_may_need_is_declared_once_with_its_fields():
     assert {s.name for s in REGISTRY} == STATISTICS and len(REGISTRY) == len(STATISTICS)
-    fields = {f.name for f in dataclasses.fields(RequestStats)}
+    fields = {f.name for f in dataclasses.fields(RequestStatistics)}
     declared = [f for s in REGISTRY for f in s.fields]
     assert len(declared) == len(set(declared)) and set(declared) <= fields
     # a variant measures the same fields as the statistic it stands in for, and is found by name

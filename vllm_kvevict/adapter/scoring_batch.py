@@ -24,7 +24,7 @@ import torch
 from vllm_kvevict.adapter import statistics
 from vllm_kvevict.adapter.protocol import SCORES_ATTR, SKIPPED_ATTR, BlockScores, ScoreTask
 from vllm_kvevict.adapter.transfers import StepTransfers
-from vllm_kvevict.policies.base import WINDOW_ATTN, RequestStats
+from vllm_kvevict.policies.base import WINDOW_ATTN, RequestStatistics
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -287,7 +287,7 @@ class StepScoring:
 
             fields["decode_mass"], fields["decode_peak"] = stat_buffers.active().read(
                 sr.slot, columns)
-        stats = RequestStats(
+        stats = RequestStatistics(
             block_size=self.block_table.block_size,
             block_index=positions,
             num_tokens=sr.num_tokens,
@@ -391,7 +391,7 @@ def _tp_world_size() -> int:
 
 
 def _missing_stats(sr: ScoredRequest, num_layers: int) -> list[str]:
-    """The ``RequestStats`` fields the attention hooks record for this request in this step
+    """The ``RequestStatistics`` fields the attention hooks record for this request in this step
     that were not recorded for every attention layer (sorted names)."""
     expected = {f for name in sr.hooked for f in statistics.BY_NAME[name].fields}
     return sorted(n for n in expected

@@ -1,6 +1,6 @@
 """The statistics the workers measure inside attention, each declared once.
 
-A statistic is a name policies list in ``needs`` (``policies.base``), the ``RequestStats``
+A statistic is a name policies list in ``needs`` (``policies.base``), the ``RequestStatistics``
 fields it fills, when it is measured, and how the attention hooks compute one layer's value
 from the paged KV cache (``kernels.dispatch``: the Triton kernel on NVIDIA GPUs, its torch
 reference in ``kernels.reference`` elsewhere). The worker's hooks run every statistic of
@@ -8,7 +8,7 @@ reference in ``kernels.reference`` elsewhere). The worker's hooks run every stat
 ``in_backend`` statistic on a decode row of the plugin's attention backend, which its kernel
 measures inside the attention pass (``vllm_kvevict.backend``; the hook's function here is that
 kernel's torch twin). Adding a statistic is one entry here, its kernel and reference, and its
-``RequestStats`` field.
+``RequestStatistics`` field.
 
 What a statistic reads of the worker is typed here, on the reading side: one scored request
 (:class:`ScoredRow`) or the step's requests that need it as one paged batch
@@ -67,7 +67,7 @@ class ScoredRow(Protocol):
         ...
 
     def record(self, stat: str, value: torch.Tensor) -> None:
-        """Append one layer's value of the ``RequestStats`` field ``stat``."""
+        """Append one layer's value of the ``RequestStatistics`` field ``stat``."""
         ...
 
 
@@ -141,7 +141,7 @@ class Statistic:
     """
 
     name: str
-    fields: tuple[str, ...]  # the RequestStats fields it fills
+    fields: tuple[str, ...]  # the RequestStatistics fields it fills
     measure: MeasureRow | MeasureBatch  # MeasureBatch when ``batched``
     batched: bool = True
     prefill_only: bool = False  # measured only in the step that completes the prompt
@@ -238,15 +238,15 @@ def measured(needs, phase: str, in_backend: bool = False) -> list[Statistic]:
 
 
 def expected_fields(needs, phase: str, in_backend: bool = False) -> set[str]:
-    """The ``RequestStats`` fields the attention hooks record (see :func:`measured`)."""
+    """The ``RequestStatistics`` fields the attention hooks record (see :func:`measured`)."""
     return {f for s in measured(needs, phase, in_backend) for f in s.fields}
 
 
 def combine_layers(name: str, values: list[torch.Tensor]) -> torch.Tensor:
-    """One field's per-layer values as ``RequestStats`` holds them.
+    """One field's per-layer values as ``RequestStatistics`` holds them.
 
     Args:
-        name: the ``RequestStats`` field.
+        name: the ``RequestStatistics`` field.
         values: its ``L`` per-layer values, one shape (``[Hkv, nb]``, ``[Hq, T]``, ...).
     Returns:
         Reduced over the layers (``sum`` / ``max`` per :data:`FIELD_REDUCE`: that shape) or

@@ -4,7 +4,7 @@ Why: on a GPU every pageable upload and every read of device data stalls the hos
 device catches up. The worker's per-step data goes up in one non-blocking copy from pinned
 memory before the forward (``upload``), and the block scores of all scored requests come down
 in one copy after it (``download``); nothing else in the step moves data between the two (the
-policies run on device tensors and read nothing back at decode, ``tests/test_policies_device.py``).
+policies run on device tensors and read nothing back at decode, ``tests/unit/test_policies_device.py``).
 ``counts`` says what a step did, for ``benchmarks/bench_worker.py`` and the tests.
 """
 

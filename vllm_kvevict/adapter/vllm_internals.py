@@ -422,7 +422,7 @@ TOUCHED_INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.attention.backends.utils", "split_decodes_and_prefills", "function",
              params=("common_attn_metadata", "decode_threshold")),
     Internal("vllm.config.model", "ModelConfig.get_num_attention_heads", "method",
-             params=("parallel_config",), note="this rank's query heads (buffers, RequestStats)"),
+             params=("parallel_config",), note="this rank's query heads (buffers, RequestStatistics)"),
     Internal("vllm.config.model", "ModelConfig.get_head_size", "method",
              note="the buffers' split scratch; selection refuses sizes outside 32-256"),
     *_attributes("vllm.config.scheduler", "SchedulerConfig", "max_num_seqs",

@@ -15,7 +15,7 @@ import torch
 from vllm_kvevict.policies.base import (
     DECODE_ATTN,
     EvictionPolicy,
-    RequestStats,
+    RequestStatistics,
     normalize_mass,
     register_policy,
 )
@@ -26,6 +26,6 @@ class AttentionMassPolicy(EvictionPolicy):
     name = "attention"
     needs = frozenset({DECODE_ATTN})
 
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+    def block_scores(self, stats: RequestStatistics, state: dict[str, Any]) -> torch.Tensor:
         assert stats.decode_mass is not None
         return normalize_mass(stats.decode_mass.sum(0))  # Σ over layers and query heads

@@ -29,7 +29,7 @@ STATISTICS = frozenset({WINDOW_ATTN, DECODE_ATTN, VALUE_PROJ_NORM})
 
 
 @dataclass
-class RequestStats:
+class RequestStatistics:
     """Statistics of one request over its resident tokens (kept + parked blocks).
 
     Token axis ``T``: the tokens of the resident blocks in positional order; the last block may
@@ -177,7 +177,7 @@ class EvictionPolicy:
         if "window" in type(self.config).model_fields:
             self.schedule = replace(self.schedule, window=self.config.window)
 
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+    def block_scores(self, stats: RequestStatistics, state: dict[str, Any]) -> torch.Tensor:
         """One score per resident block ``[nb]``; ``state`` persists per request."""
         raise NotImplementedError
 

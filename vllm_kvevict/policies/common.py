@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, Field
 
 from vllm_kvevict.kernels.reference import kv_group_size
-from vllm_kvevict.policies.base import RequestStats, normalize_mass
+from vllm_kvevict.policies.base import RequestStatistics, normalize_mass
 
 
 def _odd(value: int) -> int:
@@ -105,7 +105,7 @@ def save_blocks(state: dict[str, Any], key: str, block_index: torch.Tensor, valu
     """Store ``values[..., nb]`` under positional block indices in ``state[key]`` (grows).
 
     The store lives on the device of ``values``. Its length (largest position + 1) must be a
-    host int: ``limit`` (``RequestStats.position_limit``, which the worker knows on the host),
+    host int: ``limit`` (``RequestStatistics.position_limit``, which the worker knows on the host),
     else ``block_index.max()`` is read back (a host sync on a GPU).
     """
     store = state.get(key)
@@ -137,7 +137,7 @@ def load_blocks(state: dict[str, Any], key: str, block_index: torch.Tensor) -> t
     return torch.where(inside, store[..., block_index.clamp(max=n - 1)], float("nan"))
 
 
-def window_received(stats: RequestStats) -> torch.Tensor | None:
+def window_received(stats: RequestStatistics) -> torch.Tensor | None:
     """[L, Hq, T] float32 attention each token received from the observation window's queries
     (summed over them), at prefill; None at decode or when it was not measured."""
     if stats.phase == "prefill" and stats.window_attn is not None:

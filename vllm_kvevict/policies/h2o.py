@@ -15,7 +15,7 @@ Readings we had to choose:
 * GQA: mean over the group; one block serves all heads, so per-head heavy-hitter sets become
   ``head_reduce`` (``mean`` share of accumulated mass, or ``max`` over KV heads).
 * layers: the accumulation is per KV head with the layers averaged. At decode the attention
-  pass measures block statistics already summed over layers (``RequestStats.decode_mass``:
+  pass measures block statistics already summed over layers (``RequestStatistics.decode_mass``:
   no per-layer rows are kept on the device), so the prefill window's contribution is averaged
   over layers too; with ``mean`` this equals the per-(layer, head) mean while every head's
   rows have equal totals (no block released yet).
@@ -35,7 +35,7 @@ from vllm_kvevict.policies.base import (
     DECODE_ATTN,
     WINDOW_ATTN,
     EvictionPolicy,
-    RequestStats,
+    RequestStatistics,
     Schedule,
     WindowConfig,
     normalize_mass,
@@ -62,7 +62,7 @@ class H2OPolicy(EvictionPolicy):
             "mean", description="merge of per-(layer, KV head) accumulated block scores"
         )
 
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+    def block_scores(self, stats: RequestStatistics, state: dict[str, Any]) -> torch.Tensor:
         received = window_received(stats)  # [L, Hq, T] at prefill
         step = stats.decode_share  # [Hkv, nb] at decode
         if received is not None:

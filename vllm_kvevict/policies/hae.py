@@ -49,7 +49,7 @@ from vllm_kvevict.policies.base import (
     DECODE_ATTN,
     WINDOW_ATTN,
     EvictionPolicy,
-    RequestStats,
+    RequestStatistics,
     Schedule,
     WindowConfig,
     normalize_mass,
@@ -91,7 +91,7 @@ class HAEPolicy(EvictionPolicy):
             "what the one retrieving head needs (mean lets the local/sink heads outvote it)"
         )
 
-    def prunable_tokens(self, stats: RequestStats) -> torch.Tensor | None:
+    def prunable_tokens(self, stats: RequestStatistics) -> torch.Tensor | None:
         """[T] bool: visual tokens passing both thresholds; None when nothing can be pruned.
 
         Prefill only (once per request), and it reads the device back: whether there is
@@ -112,7 +112,7 @@ class HAEPolicy(EvictionPolicy):
         # the visual positions take the verdicts in order (no nonzero(): no read-back)
         return torch.zeros_like(visual, dtype=torch.bool).masked_scatter_(visual, prunable)
 
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+    def block_scores(self, stats: RequestStatistics, state: dict[str, Any]) -> torch.Tensor:
         bs, nb = stats.block_size, stats.num_blocks
         device = stats.block_index.device
         if stats.phase == "prefill" and stats.window_attn is not None:

@@ -81,7 +81,7 @@ from vllm_kvevict.policies.base import (
     DECODE_ATTN,
     WINDOW_ATTN,
     EvictionPolicy,
-    RequestStats,
+    RequestStatistics,
     Schedule,
     WindowConfig,
     normalize_mass,
@@ -204,7 +204,7 @@ class HybridKVPolicy(EvictionPolicy):
         return math.ceil(self.config.store * keep_blocks)
 
     # -- prefill: classify heads, weigh them, fix the static heads' needs ----------------------
-    def classify(self, stats: RequestStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def classify(self, stats: RequestStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(static [L, Hkv] bool, weights [L, Hkv], per-head token attention [L, Hkv, T]).
 
         Prefill only (once per request); the text-query rows and candidate tokens are selected
@@ -249,7 +249,7 @@ class HybridKVPolicy(EvictionPolicy):
         return a * keep
 
     # -- decode: chunk retrieval for dynamic heads ---------------------------------------------
-    def retrieval_need(self, stats: RequestStats) -> torch.Tensor | None:
+    def retrieval_need(self, stats: RequestStatistics) -> torch.Tensor | None:
         """[L, Hkv, nb]: each KV head's attention on its top blocks, renormalised, else 0 (the
         same for every layer)."""
         if stats.decode_peak is None:
@@ -261,7 +261,7 @@ class HybridKVPolicy(EvictionPolicy):
         need = picked / picked.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         return need.expand(stats.num_layers, *need.shape)
 
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+    def block_scores(self, stats: RequestStatistics, state: dict[str, Any]) -> torch.Tensor:
         bs, nb = stats.block_size, stats.num_blocks
         if stats.phase == "prefill" and stats.window_attn is not None:
             static, weights, a = self.classify(stats)

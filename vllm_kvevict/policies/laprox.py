@@ -43,7 +43,7 @@ from vllm_kvevict.policies.base import (
     DECODE_ATTN,
     VALUE_PROJ_NORM,
     WINDOW_ATTN,
-    RequestStats,
+    RequestStatistics,
     register_policy,
 )
 from vllm_kvevict.policies.common import group_heads, pool_tokens
@@ -81,7 +81,7 @@ class LaProxPolicy(ScorerPolicy):
     def block_reduce(self) -> str:
         return self.config.block_reduce
 
-    def token_scores(self, stats: RequestStats) -> torch.Tensor:
+    def token_scores(self, stats: RequestStatistics) -> torch.Tensor:
         received = stats.window_attn.float().norm(dim=2)  # ‖A_W[:, j]‖₂ over the window
         vnorm = stats.value_proj_norm
         if vnorm is None:  # engine could not provide it: attention factor alone
@@ -95,5 +95,5 @@ class LaProxPolicy(ScorerPolicy):
         heads = tuple(range(blocks.dim() - 1))
         return blocks.amax(dim=heads) if self.block_reduce == "max" else blocks.sum(dim=heads)
 
-    def decode_scores(self, stats: RequestStats) -> torch.Tensor:
+    def decode_scores(self, stats: RequestStatistics) -> torch.Tensor:
         return stats.decode_mass / stats.decode_mass.sum().clamp_min(torch.finfo(torch.float32).tiny)

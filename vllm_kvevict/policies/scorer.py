@@ -27,7 +27,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from vllm_kvevict.policies.base import EvictionPolicy, RequestStats, WindowConfig, tokens_to_blocks
+from vllm_kvevict.policies.base import (
+    EvictionPolicy,
+    RequestStatistics,
+    WindowConfig,
+    tokens_to_blocks,
+)
 from vllm_kvevict.policies.common import (
     Fraction,
     PoolKernel,
@@ -63,7 +68,7 @@ class ScorerPolicy(EvictionPolicy):
     #: an option by overriding the property
     block_reduce: str = "sum"
 
-    def token_scores(self, stats: RequestStats) -> torch.Tensor:
+    def token_scores(self, stats: RequestStatistics) -> torch.Tensor:
         """The method's score of every resident token, at prefill.
 
         Args:
@@ -77,13 +82,13 @@ class ScorerPolicy(EvictionPolicy):
         """``[..., nb]`` per-(layer, KV head) block scores → ``[nb]``."""
         return head_mix(blocks, self.config.head_reduce)
 
-    def decode_scores(self, stats: RequestStats) -> torch.Tensor:
+    def decode_scores(self, stats: RequestStatistics) -> torch.Tensor:
         """``[Hkv, nb]`` the newest query's block statistics that ``decode_refresh`` blends in
         (and that stand alone when the prefill was never scored): by default its attention
         share per KV head."""
         return stats.decode_share
 
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+    def block_scores(self, stats: RequestStatistics, state: dict[str, Any]) -> torch.Tensor:
         prefill = decode = None
         if stats.phase == "prefill" and stats.window_attn is not None:
             tokens = self.token_scores(stats)

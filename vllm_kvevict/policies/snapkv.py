@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vllm_kvevict.policies.base import DECODE_ATTN, WINDOW_ATTN, RequestStats, register_policy
+from vllm_kvevict.policies.base import DECODE_ATTN, WINDOW_ATTN, RequestStatistics, register_policy
 from vllm_kvevict.policies.common import group_heads, pool_tokens
 from vllm_kvevict.policies.scorer import ScorerConfig, ScorerPolicy
 
@@ -51,7 +51,7 @@ class SnapKVPolicy(ScorerPolicy):
             "max", description="merge of per-(layer, KV head) block scores"
         )
 
-    def token_scores(self, stats: RequestStats) -> torch.Tensor:
+    def token_scores(self, stats: RequestStatistics) -> torch.Tensor:
         received = stats.window_attn.sum(2)  # [L, Hq, T]: Σ over the window queries
         pooled = pool_tokens(received, self.config.pool_kernel)
         return group_heads(pooled, stats.num_kv_heads, "mean", dim=1)  # [L, Hkv, T]

@@ -20,7 +20,7 @@ from pydantic import Field
 from vllm_kvevict.policies.base import (
     EvictionPolicy,
     PolicyConfig,
-    RequestStats,
+    RequestStatistics,
     normalize_mass,
     register_policy,
 )
@@ -38,7 +38,7 @@ class StreamingLLMPolicy(EvictionPolicy):
             "covers the paper's 4 sink tokens for any block size >= 4",
         )
 
-    def block_scores(self, stats: RequestStats, state: dict[str, Any]) -> torch.Tensor:
+    def block_scores(self, stats: RequestStatistics, state: dict[str, Any]) -> torch.Tensor:
         scores = recency(stats.block_index)
         sinks = stats.block_index < self.config.sink_blocks
         return normalize_mass(scores.masked_fill(sinks, float(stats.num_blocks + 1)))

@@ -202,8 +202,9 @@ def time_step(sched, policy_name: str, requests: int, blocks: int, rng: random.R
     # a method with a retrieval store (HybridKV) parks and restores at every decision: any
     # request's row may change, none beyond the requests
     stores = get_policy(policy_name).store_blocks(1) > 0
-    rows_ok = (len(deciding) <= len(plan.rows) <= requests) if stores else len(plan.rows) == rows
-    if staggered and requests >= INTERVAL and not (rows_ok and len(plan.score) == due):
+    if staggered and requests >= INTERVAL and not (
+            (len(deciding) <= len(plan.rows) <= requests if stores else len(plan.rows) == rows)
+            and len(plan.score) == due):
         raise RuntimeError(f"{policy_name}: the plan holds {len(plan.rows)} rows and "
                            f"{len(plan.score)} score tasks (expected {rows} and {due})")
     expected = (len(deciding) * (blocks - max(-(-int(BUDGET * tokens) // BLOCK_SIZE), 4))

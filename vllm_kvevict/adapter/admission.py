@@ -19,7 +19,7 @@ import math
 
 from vllm.v1.request import RequestStatus
 
-from vllm_kvevict.adapter.budget import request_budget
+from vllm_kvevict.adapter.budget import keep_blocks_at
 
 
 def install_guards(sched) -> None:
@@ -119,7 +119,7 @@ def cap_prefix_hit(request, found: tuple, *, state, block_size: int, hybrid: boo
     bs, prompt = block_size, request.num_prompt_tokens
     if not window or not num_computed or state.config.below_floor(prompt):
         return found
-    keep_blocks = request_budget(state.config, prompt, prompt, bs).keep_blocks
+    keep_blocks = keep_blocks_at(state.config, prompt, prompt, bs)
     scored = keep_blocks < math.ceil(prompt / bs) or state.policy.schedule.select_after_prefill
     limit = max(prompt - window, 0) // bs * bs
     if not scored or num_computed <= limit:

@@ -3,7 +3,8 @@
 One function, :func:`request_budget`, answers for every caller - the decision after scoring,
 the check whether a prompt chunk leaves the request over budget, prefix-hit capping and pool
 pressure - from the request's lengths at that step alone (nothing is carried from an earlier
-step).
+step). :func:`keep_blocks_at` is its first half, for the over-budget checks that run for every
+scored request at every step and need no protection bounds.
 
 Readings we had to choose:
 
@@ -68,13 +69,20 @@ def request_budget(config: EvictionConfig, committed: int, prompt_tokens: int,
         ``Budget(keep_blocks, lo, hi)``.
     """
     bs = block_size
-    keep_blocks = config.keep_blocks(max(committed, prompt_tokens), bs)
+    keep_blocks = keep_blocks_at(config, committed, prompt_tokens, bs)
     sink_blocks, recent_room = config.protection(keep_blocks, bs)
     recent_start = max(committed - config.recent_tokens, 0) // bs
     full_blocks = committed // bs
     if recent_room is not None:  # shrunk default: at most recent_room full recent blocks
         recent_start = max(recent_start, full_blocks - recent_room)
     return Budget(keep_blocks, sink_blocks, min(recent_start, full_blocks))
+
+
+def keep_blocks_at(config: EvictionConfig, committed: int, prompt_tokens: int,
+                   block_size: int) -> int:
+    """``request_budget(...).keep_blocks`` alone: the check "is the request over budget?" that
+    runs for every request scored at a step (most are not) skips the protection."""
+    return config.keep_blocks(max(committed, prompt_tokens), block_size)
 
 
 def protected_by_bounds(positions: np.ndarray, lo, hi, unscored: np.ndarray | None = None

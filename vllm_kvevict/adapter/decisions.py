@@ -17,7 +17,12 @@ import numpy as np
 import torch
 
 from vllm_kvevict.adapter.accounting import EvictionBook
-from vllm_kvevict.adapter.budget import Budget, protected_by_bounds, request_budget
+from vllm_kvevict.adapter.budget import (
+    Budget,
+    keep_blocks_at,
+    protected_by_bounds,
+    request_budget,
+)
 from vllm_kvevict.adapter.keywords import with_keywords
 from vllm_kvevict.adapter.ledger import BlockLedger
 from vllm_kvevict.adapter.request_state import RequestEviction, committed_tokens
@@ -112,8 +117,7 @@ class Decisions:
     def gather(self, request, state: RequestEviction) -> DecisionInput | None:
         """What a decision needs, as arrays; None when this request has nothing to decide."""
         req_id, bs, ledger = request.request_id, self.block_size, self.ledger
-        committed = committed_tokens(request)
-        budget = request_budget(state.config, committed, request.num_prompt_tokens, bs)
+        committed, prompt = committed_tokens(request), request.num_prompt_tokens
         rb = ledger.requests.get(req_id)
         parked = set(rb.parked) if rb is not None and rb.parked else set()
         schedule = state.policy.schedule
@@ -121,8 +125,10 @@ class Decisions:
         threshold = schedule.select_after_prefill and state.score_phase == "prefill"
         # blocks in attention, O(1): policies scored at every step (H2O, HybridKV) get here at
         # every step, and are within budget at most of them
-        if ledger.num_attended(req_id) <= budget.keep_blocks and not parked and not threshold:
+        if (ledger.num_attended(req_id) <= keep_blocks_at(state.config, committed, prompt, bs)
+                and not parked and not threshold):
             return None
+        budget = request_budget(state.config, committed, prompt, bs)
         pos = ledger.resident_array(req_id)
         if not len(pos):
             return None

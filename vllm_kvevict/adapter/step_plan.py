@@ -14,7 +14,7 @@ next ``schedule``, before the next chunk is allocated.
 
 from __future__ import annotations
 
-from vllm_kvevict.adapter.budget import request_budget
+from vllm_kvevict.adapter.budget import keep_blocks_at
 from vllm_kvevict.adapter.ledger import BlockLedger
 from vllm_kvevict.adapter.probe import QuestionProbes
 from vllm_kvevict.adapter.protocol import ScoreTask, StepPlan
@@ -91,8 +91,8 @@ class StepPlanner:
         rb = self.ledger.requests.get(req_id)
         if state.config.below_floor(max(done, prompt)) and not (rb and rb.parked):
             return None  # never scored nor evicted, whatever the policy (floor_tokens)
-        budget = request_budget(state.config, done, prompt, self.block_size)
-        over = self.ledger.num_attended(req_id) > budget.keep_blocks
+        over = self.ledger.num_attended(req_id) > keep_blocks_at(state.config, done, prompt,
+                                                                self.block_size)
         if middle and not over:
             return None
         schedule = state.policy.schedule

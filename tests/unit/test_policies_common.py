@@ -165,3 +165,16 @@ def test_a_scorer_policy_writes_its_token_scores_and_the_base_does_the_rest():
     later = policy.block_scores(decode, state)  # block 6 is new: the max of the stored ones
     stored = torch.tensor([4.0, 4, 4, 4, 4, 2, 4])
     assert torch.allclose(later, stored / stored.sum())
+
+
+def test_the_readme_walks_through_snapkv_as_it_is():
+    """README's *Writing a policy* shows ``policies/snapkv.py``'s class whole: the example
+    cannot drift from the code."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Writing a policy"):]
+    example = section[section.index("```python\n") + 10:section.index("\n```")]
+    source = (root / "vllm_kvevict" / "policies" / "snapkv.py").read_text()
+    assert source[source.index("@register_policy"):].rstrip() == example.rstrip()

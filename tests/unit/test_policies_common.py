@@ -175,6 +175,7 @@ def test_the_readme_walks_through_snapkv_as_it_is():
     root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     section = readme[readme.index("## Writing a policy"):]
-    example = section[section.index("```python\n") + 10:section.index("\n```")]
+    start = section.index("```python\n") + len("```python\n")
+    example = section[start:section.index("\n```", start)]
     source = (root / "vllm_kvevict" / "policies" / "snapkv.py").read_text()
     assert source[source.index("@register_policy"):].rstrip() == example.rstrip()

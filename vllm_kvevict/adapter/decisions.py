@@ -102,12 +102,13 @@ class Decisions:
         started = time.perf_counter()
         pending = [p for p in (self.gather(r, s) for r, s in deciding) if p is not None]
         self._grant_bin(pending)
+        groups: dict[bool, list[DecisionInput]] = {False: [], True: []}  # by release_zero
         for p in pending:
             if custom_select(p.state.policy):
                 self._select_one(p)
-        pending = [p for p in pending if not custom_select(p.state.policy)]
-        for release_zero in (False, True):
-            group = [p for p in pending if p.release_zero == release_zero]
+            else:
+                groups[p.release_zero].append(p)
+        for release_zero, group in groups.items():
             if group:
                 self._select_batch(group, release_zero)
         share = (time.perf_counter() - started) / len(deciding)
